@@ -1,0 +1,8 @@
+"""musiclib: a music library server and its client, on trio.
+
+The layers point one way: ``cli`` -> ``client``/``server``/``player`` ->
+``protocol``/``library``/``decode`` -> ``errors``. See PROTOCOL.md for the wire
+format and WRITEUP.md for why things are the way they are.
+"""
+
+__version__ = "0.1.0"

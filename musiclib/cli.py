@@ -1,0 +1,275 @@
+"""The ``musiclib`` command: parse the command line, call the library, report.
+
+Each command is one function whose docstring is its help. Logic lives in
+``server``, ``client``, ``fetch`` and ``player``; this module only turns
+their results into output and their errors into one line and an exit code
+(the table is in README.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path, PurePosixPath
+from typing import Annotated
+
+from cyclopts import App, Parameter
+
+from . import __version__
+from .client import DEFAULT_SERVER, open_client
+from .errors import MusiclibError, PlayerNotFound, UsageError, collapse
+from .protocol import TrackInfo
+
+app = App(
+    name="musiclib",
+    help="A music library server and its client: list, save and play tracks over TCP.",
+    version=__version__,
+    backend="trio",
+)
+
+log = logging.getLogger("musiclib")
+
+
+@Parameter(name="*")
+@dataclass
+class ClientOptions:
+    """Options every client command takes."""
+
+    server: Annotated[str, Parameter(env_var="MUSICLIB_SERVER")] = DEFAULT_SERVER
+    """Server address as HOST:PORT."""
+
+    timeout: float = 30.0
+    """Seconds to wait for the server before giving up."""
+
+
+_DEFAULT_CLIENT = ClientOptions()
+
+
+def _setup_logging(level: str, server: bool) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if server else "musiclib: %(message)s"
+    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+
+
+@app.command
+async def serve(
+    *,
+    root: Path = Path("library"),
+    host: str = "127.0.0.1",
+    port: int = 7650,
+    log_level: str = "info",
+) -> int:
+    """Index a folder of media files and serve it until Ctrl-C or SIGTERM.
+
+    Parameters
+    ----------
+    root
+        Folder to index and serve (recursively).
+    host
+        Address to listen on.
+    port
+        TCP port; 0 picks a free one (the log says which).
+    log_level
+        debug, info, warning or error.
+    """
+    from .server import ServerConfig, run_until_signalled
+
+    _setup_logging(log_level, server=True)
+    if not root.is_dir():  # noqa: ASYNC240 - one stat before anything runs
+        raise UsageError(f"--root {root}: not a folder")
+    await run_until_signalled(ServerConfig(root=root, host=host, port=port))
+    return 0
+
+
+@app.command(name="ls")
+async def ls(
+    query: str | None = None,
+    *,
+    json_output: Annotated[bool, Parameter(name="--json", negative="")] = False,
+    options: ClientOptions = _DEFAULT_CLIENT,
+) -> int:
+    """List the library's tracks, optionally only those matching QUERY.
+
+    Parameters
+    ----------
+    query
+        Words that must all appear in the title, artist, album or path.
+    json_output
+        Print a JSON array of track objects instead of a table.
+    """
+    async with open_client(options.server, timeout=options.timeout) as client:
+        tracks, end = await client.list(query)
+    tracks.sort(key=lambda t: t.path)
+    if json_output:
+        print(json.dumps([asdict(t) for t in tracks], indent=2, ensure_ascii=False))
+    else:
+        print(format_table(tracks))
+    if end.scanning:
+        log.warning("the server is still indexing its library; the list may be incomplete")
+    return 0
+
+
+@app.command
+async def get(
+    track: str,
+    *,
+    save: Annotated[bool, Parameter(negative="")] = False,
+    output: Annotated[Path | None, Parameter(name=["--output", "-o"])] = None,
+    options: ClientOptions = _DEFAULT_CLIENT,
+) -> int:
+    """Download a track's original bytes: to a file, or to standard output.
+
+    Saving goes to FILE.part first and is renamed once verified; running the
+    same command again resumes an interrupted download.
+
+    Parameters
+    ----------
+    track
+        Path relative to the library root, a file name, or any unambiguous part of a path.
+    save
+        Save into the current folder under the track's own file name.
+    output
+        Save to this path.
+    """
+    from . import fetch
+
+    if not save and output is None and sys.stdout.isatty():
+        raise UsageError(
+            "refusing to write audio to a terminal: use --save, -o PATH, or redirect the output"
+        )
+    async with open_client(options.server, timeout=options.timeout) as client:
+        if save or output is not None:
+            info = await client.info(track)
+            dest = _destination(info, save, output)
+            outcome = await fetch.save(client, info.path, dest)
+            log.info(
+                "saved %s to %s (%d bytes%s, sha256 verified)",
+                outcome.path,
+                dest,
+                outcome.size,
+                f", resumed at byte {outcome.resumed_from}" if outcome.resumed_from else "",
+            )
+        else:
+            await fetch.pipe(client, track, sys.stdout.buffer)
+    return 0
+
+
+@app.command
+async def play(
+    track: str,
+    *,
+    player: Annotated[str | None, Parameter(env_var="MUSICLIB_PLAYER")] = None,
+    save: Annotated[bool, Parameter(negative="")] = False,
+    output: Annotated[Path | None, Parameter(name=["--output", "-o"])] = None,
+    options: ClientOptions = _DEFAULT_CLIENT,
+) -> int:
+    """Play a track through a media player, optionally saving it at the same time.
+
+    Parameters
+    ----------
+    track
+        Path relative to the library root, a file name, or any unambiguous part of a path.
+    player
+        Player command line; mpv, ffplay, vlc/cvlc and mplayer get the arguments that make them
+        read standard input. Default: the first of mpv, ffplay, cvlc on PATH.
+    save
+        Also save into the current folder under the track's own file name.
+    output
+        Also save to this path.
+    """
+    from . import fetch
+    from .player import open_player, player_command
+
+    argv = player_command(player)
+    if shutil.which(argv[0]) is None:
+        raise PlayerNotFound(
+            f"player {argv[0]!r} not found: install it or choose another with --player"
+        )
+    async with open_client(options.server, timeout=options.timeout) as client:
+        if save or output is not None:
+            info = await client.info(track)
+            dest = _destination(info, save, output)
+            async with open_player(argv) as p:
+                outcome = await fetch.save(client, info.path, dest, player=p)
+            log.info("saved %s to %s (%d bytes, sha256 verified)", outcome.path, dest, outcome.size)
+        else:
+            async with open_player(argv) as p:
+                outcome = await fetch.pipe(client, track, p)
+    if outcome.player_note:
+        log.warning("%s", outcome.player_note)
+    if outcome.player_status:
+        message = p.describe_exit(outcome.player_status)
+        if outcome.saved_to is None:
+            raise MusiclibError(message)
+        log.warning("%s", message)
+    return 0
+
+
+def _destination(info: TrackInfo, save: bool, output: Path | None) -> Path:
+    if output is not None:
+        return output / PurePosixPath(info.path).name if output.is_dir() else output
+    return Path.cwd() / PurePosixPath(info.path).name
+
+
+def format_duration(seconds: float | None) -> str:
+    """``m:ss`` (``h:mm:ss`` past an hour); empty when unknown."""
+    if seconds is None:
+        return ""
+    total = round(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def format_table(tracks: list[TrackInfo]) -> str:
+    """The ``ls`` table: path, title, artist, album, duration, format."""
+    header = ("PATH", "TITLE", "ARTIST", "ALBUM", "TIME", "FORMAT")
+    rows = [
+        (
+            t.path,
+            t.title,
+            t.artist or "",
+            t.album or "",
+            format_duration(t.duration),
+            t.format + (" (unreadable)" if t.error else ""),
+        )
+        for t in tracks
+    ]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = [
+        "  ".join(
+            cell.rjust(w) if i == 4 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in [header, *rows]
+    ]
+    lines.append(f"{len(tracks)} track{'s' if len(tracks) != 1 else ''}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run a command; any musiclib error becomes one line and its exit code."""
+    if not logging.getLogger().handlers:
+        _setup_logging(os.environ.get("MUSICLIB_LOG_LEVEL", "info"), server=False)
+    try:
+        app(argv if argv is not None else sys.argv[1:])
+    except BaseException as raised:  # the boundary: re-raised unless we can say it in a line
+        exc = collapse(raised)
+        if isinstance(exc, MusiclibError):
+            print(f"musiclib: {exc}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        if isinstance(exc, KeyboardInterrupt):
+            print("musiclib: interrupted", file=sys.stderr)
+            sys.exit(130)
+        if isinstance(exc, BrokenPipeError):  # our reader left (e.g. `| head`): not an error
+            with contextlib.suppress(OSError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            sys.exit(0)
+        if isinstance(exc, OSError):
+            print(f"musiclib: {exc.strerror or exc}", file=sys.stderr)
+            sys.exit(1)
+        raise

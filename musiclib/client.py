@@ -1,0 +1,239 @@
+"""The musiclib client: a thin trio shell around :mod:`musiclib.protocol`.
+
+``open_client()`` connects and shakes hands; the :class:`Client` it yields
+has one method per request. A stream is an async context manager that hands
+out an async iterator of payload chunks (never an async generator holding a
+cancel scope across ``yield``, which trio forbids). trio's and the socket's
+exceptions become :mod:`musiclib.errors` here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import TracebackType
+
+import trio
+
+from . import __version__
+from .errors import (
+    ConnectError,
+    ConnectionLost,
+    LocalProtocolError,
+    RemoteProtocolError,
+    Timeout,
+    UsageError,
+    server_error,
+)
+from .protocol import (
+    PROTOCOL_VERSION,
+    Closed,
+    Connection,
+    Data,
+    Error,
+    Event,
+    Hello,
+    InfoReply,
+    InfoRequest,
+    ListEnd,
+    ListRequest,
+    Message,
+    NeedData,
+    Role,
+    State,
+    StreamEnd,
+    StreamRequest,
+    StreamStart,
+    TrackInfo,
+    TrackPage,
+    Welcome,
+)
+
+DEFAULT_SERVER = "127.0.0.1:7650"
+#: bytes asked of the socket per read; data frames are handed out as they arrive
+READ_SIZE = 256 * 1024
+
+
+def parse_address(text: str) -> tuple[str, int]:
+    """``HOST:PORT``, ``[v6]:PORT`` or ``HOST`` (port 7650) -> ``(host, port)``."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or (host.count(":") and not host.startswith("[")):
+        host, port_text = text, "7650"  # no port, or a bare IPv6 address
+    host = host.strip("[]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise UsageError(f"bad server address {text!r}: expected HOST:PORT") from None
+    if not host or not 0 < port < 65536:
+        raise UsageError(f"bad server address {text!r}: expected HOST:PORT")
+    return host, port
+
+
+def _connect_reason(exc: OSError) -> str:
+    """The most telling reason in what ``open_tcp_stream`` raised (it groups the attempts)."""
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host ({exc.strerror or exc})"
+    causes = getattr(exc.__cause__, "exceptions", ())
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.strerror:
+            if len(causes) == 1 and cause.errno == errno.ECONNREFUSED:
+                return "connection refused (is 'musiclib serve' running there?)"
+            return str(cause.strerror).lower()
+    return exc.strerror or str(exc)
+
+
+class Client:
+    """A handshaken connection to a musiclib server; one request at a time."""
+
+    def __init__(self, stream: trio.abc.Stream, *, timeout: float = 30.0) -> None:
+        self._stream = stream
+        self._conn = Connection(Role.CLIENT)
+        self.timeout = timeout
+        self.welcome: Welcome | None = None
+
+    async def handshake(self) -> Welcome:
+        """Send ``hello`` and wait for ``welcome``; a refusal raises its ServerError."""
+        await self._send(Hello(version=PROTOCOL_VERSION, client=f"musiclib/{__version__}"))
+        event = await self._reply_event()
+        if not isinstance(event, Welcome):
+            raise RemoteProtocolError(f"expected welcome, got {type(event).__name__}")
+        self.welcome = event
+        return event
+
+    async def list(self, query: str | None = None) -> tuple[list[TrackInfo], ListEnd]:
+        """Every track matching ``query`` (all when ``None``), and the reply's end marker."""
+        await self._send(ListRequest(query=query or None))
+        tracks: list[TrackInfo] = []
+        while True:
+            event = await self._reply_event()
+            if isinstance(event, TrackPage):
+                tracks.extend(event.tracks)
+            elif isinstance(event, ListEnd):
+                return tracks, event
+            else:
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} in a list reply")
+
+    async def info(self, track: str) -> TrackInfo:
+        """The track ``track`` resolves to (``NotFound``/``Ambiguous`` otherwise)."""
+        await self._send(InfoRequest(track=track))
+        event = await self._reply_event()
+        if not isinstance(event, InfoReply):
+            raise RemoteProtocolError(f"expected track_info, got {type(event).__name__}")
+        return event.track
+
+    def stream(self, track: str, offset: int = 0) -> StreamReader:
+        """Ask for ``track``'s original bytes from ``offset``: ``async with client.stream(...)``."""
+        return StreamReader(self, StreamRequest(track=track, offset=offset))
+
+    async def aclose(self) -> None:
+        """Close the connection (also in the middle of a stream)."""
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(1):
+                await self._stream.aclose()
+
+    # ---- I/O boundary ---------------------------------------------------
+
+    async def _send(self, msg: Message) -> None:
+        if self._conn.state is not State.IDLE and not isinstance(msg, Hello):
+            raise LocalProtocolError(
+                "the previous reply is unfinished; the connection cannot take a request"
+            )
+        data = self._conn.send(msg)
+        try:
+            with trio.fail_after(self.timeout):
+                await self._stream.send_all(data)
+        except trio.TooSlowError:
+            raise Timeout(f"the server did not accept data for {self.timeout:g} s") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionLost(f"connection lost: {exc}") from None
+
+    async def _next_event(self) -> Event:
+        while True:
+            event = self._conn.next_event()
+            if not isinstance(event, NeedData):
+                return event
+            try:
+                with trio.fail_after(self.timeout):
+                    data = await self._stream.receive_some(READ_SIZE)
+            except trio.TooSlowError:
+                raise Timeout(f"the server sent nothing for {self.timeout:g} s") from None
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ConnectionLost(f"connection lost: {exc}") from None
+            self._conn.receive_data(data)
+
+    async def _reply_event(self) -> Event:
+        """The next event of a reply; errors and a closed connection become exceptions."""
+        event = await self._next_event()
+        if isinstance(event, Error):
+            raise server_error(event.code, event.message, event.candidates)
+        if isinstance(event, Closed):
+            raise ConnectionLost("the server closed the connection")
+        return event
+
+
+class StreamReader:
+    """One stream reply: ``start`` once entered, then chunks, then ``end``.
+
+    Leaving the ``async with`` block before the stream ends closes the
+    connection, because the rest of the reply cannot be skipped.
+    """
+
+    def __init__(self, client: Client, request: StreamRequest) -> None:
+        self._client = client
+        self._request = request
+        self.start: StreamStart | None = None
+        self.end: StreamEnd | None = None
+
+    async def __aenter__(self) -> StreamReader:
+        await self._client._send(self._request)
+        event = await self._client._reply_event()
+        if not isinstance(event, StreamStart):
+            raise RemoteProtocolError(f"expected stream_start, got {type(event).__name__}")
+        self.start = event
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self.end is None:
+            await self._client.aclose()
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self.end is not None:
+            raise StopAsyncIteration
+        event = await self._client._reply_event()
+        if isinstance(event, Data):
+            return event.payload
+        if isinstance(event, StreamEnd):
+            self.end = event
+            raise StopAsyncIteration
+        raise RemoteProtocolError(f"unexpected {type(event).__name__} in a stream")
+
+
+@asynccontextmanager
+async def open_client(
+    address: str = DEFAULT_SERVER, *, timeout: float = 30.0
+) -> AsyncIterator[Client]:
+    """Connect to ``HOST:PORT``, shake hands, and yield a :class:`Client`; close on exit."""
+    host, port = parse_address(address)
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(host, port)
+    except trio.TooSlowError:
+        raise ConnectError(f"cannot connect to {address}: timed out after {timeout:g} s") from None
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {address}: {_connect_reason(exc)}") from None
+    client = Client(stream, timeout=timeout)
+    try:
+        await client.handshake()
+        yield client
+    finally:
+        await client.aclose()

@@ -1,0 +1,229 @@
+"""Every exception musiclib raises on purpose, in one tree.
+
+The I/O shells (``server``, ``client``, ``player``) translate foreign
+exceptions (trio's ``BrokenResourceError``, ``OSError``, ``TooSlowError``...)
+into these at one boundary each; the CLI turns any of them into one line on
+standard error and the exit code named on the class. Anything else reaching
+the CLI is a bug and is reported as such.
+
+::
+
+    MusiclibError                      base; ``exit_code`` says how the CLI exits
+    ├── ProtocolError                  the conversation broke the wire protocol
+    │   ├── LocalProtocolError         we misused the protocol object (our bug)
+    │   └── RemoteProtocolError        the peer sent bytes that break the protocol
+    │       └── MessageError           one well-framed message was invalid; the
+    │                                  connection itself is still usable
+    ├── TransportError                 the byte stream under the protocol failed
+    │   ├── ConnectError               could not connect to the server
+    │   ├── ConnectionLost             the peer went away mid-conversation
+    │   └── Timeout                    the peer was silent for too long
+    ├── ServerError                    the server answered a request with an error
+    │   ├── NotFound                   no such track (or it lies outside the root)
+    │   ├── Ambiguous                  the name matches several tracks
+    │   ├── BadRequest                 the request was malformed
+    │   ├── UnsupportedVersion         no protocol version in common
+    │   ├── Busy                       the server is at a capacity limit
+    │   ├── Changed                    the file changed while it was being served
+    │   └── InternalError              the server failed; not the client's fault
+    ├── IntegrityError                 received bytes do not match the server's checksum
+    ├── PlayerError                    the media player could not be used
+    │   └── PlayerNotFound             the player program is not installed
+    ├── OutputError                    a local file could not be written or read
+    └── UsageError                     a command line that cannot work as given
+
+``ServerError`` subclasses carry the wire ``code`` they travel as (see
+PROTOCOL.md); :func:`server_error` rebuilds the right class from a code.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+
+class MusiclibError(Exception):
+    """Base class of every error musiclib raises deliberately."""
+
+    exit_code: int = 1
+
+
+class ProtocolError(MusiclibError):
+    """The conversation does not follow the musiclib wire protocol."""
+
+    exit_code = 3
+
+
+class LocalProtocolError(ProtocolError):
+    """This side tried to send something the protocol does not allow now."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that break the protocol; the connection is unusable."""
+
+
+class MessageError(RemoteProtocolError):
+    """One well-framed message was invalid; the connection can continue."""
+
+
+class TransportError(MusiclibError):
+    """The byte stream carrying the protocol failed."""
+
+    exit_code = 3
+
+
+class ConnectError(TransportError):
+    """The server could not be reached."""
+
+
+class ConnectionLost(TransportError):
+    """The peer closed or reset the connection in the middle of a conversation."""
+
+
+class Timeout(TransportError):
+    """The peer did not send or accept data within the allowed time."""
+
+
+class ServerError(MusiclibError):
+    """The server refused or failed a request; ``code`` is the wire error code."""
+
+    code: str = "internal"
+    exit_code = 4
+
+    def __init__(self, message: str, *, candidates: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.message = message
+        self.candidates: tuple[str, ...] = tuple(candidates)
+
+
+class NotFound(ServerError):
+    """No track matches the name, or the name points outside the library root."""
+
+    code = "not_found"
+
+
+class Ambiguous(ServerError):
+    """The name matches several tracks; ``candidates`` lists them."""
+
+    code = "ambiguous"
+
+
+class BadRequest(ServerError):
+    """The request was well framed but malformed."""
+
+    code = "bad_request"
+    exit_code = 3
+
+
+class UnsupportedVersion(ServerError):
+    """Client and server share no protocol version."""
+
+    code = "unsupported_version"
+    exit_code = 3
+
+
+class Busy(ServerError):
+    """The server is at one of its capacity limits; try again later."""
+
+    code = "busy"
+    exit_code = 3
+
+
+class Changed(ServerError):
+    """The file changed on the server while it was being streamed."""
+
+    code = "changed"
+    exit_code = 5
+
+
+class InternalError(ServerError):
+    """The server failed in a way that is not the client's fault."""
+
+    code = "internal"
+    exit_code = 3
+
+
+class IntegrityError(MusiclibError):
+    """The bytes received do not match the size or checksum the server stated."""
+
+    exit_code = 5
+
+
+class PlayerError(MusiclibError):
+    """The media player could not be started or failed."""
+
+    exit_code = 6
+
+
+class PlayerNotFound(PlayerError):
+    """The player program is not installed or not on PATH."""
+
+
+class OutputError(MusiclibError):
+    """A local file could not be written (disk full, permission denied...)."""
+
+    exit_code = 7
+
+
+class UsageError(MusiclibError):
+    """The command line asks for something that cannot work as given."""
+
+    exit_code = 2
+
+
+_BY_CODE: dict[str, type[ServerError]] = {
+    cls.code: cls
+    for cls in (NotFound, Ambiguous, BadRequest, UnsupportedVersion, Busy, Changed, InternalError)
+}
+
+#: Every error code a server may send, in the order PROTOCOL.md lists them.
+ERROR_CODES: tuple[str, ...] = tuple(_BY_CODE)
+
+
+def server_error(code: str, message: str, candidates: Sequence[str] = ()) -> ServerError:
+    """Rebuild the exception for a wire error ``code``; unknown codes become ``ServerError``."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        err = ServerError(f"{message} (error code {code!r})", candidates=candidates)
+        err.code = code
+        return err
+    return cls(message, candidates=candidates)
+
+
+def _leaves(exc: BaseException) -> Iterator[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            yield from _leaves(inner)
+    else:
+        yield exc
+
+
+def collapse(exc: BaseException) -> BaseException:
+    """The one exception worth reporting from a (possibly nested) exception group.
+
+    trio's nurseries wrap errors in groups; a user should see the error that
+    caused the failure, not the tree. A ``KeyboardInterrupt`` wins, then the
+    first musiclib error, then a lone leaf; anything else stays the group.
+    """
+    leaves = list(_leaves(exc))
+    for wanted in (KeyboardInterrupt, MusiclibError):
+        for leaf in leaves:
+            if isinstance(leaf, wanted):
+                return leaf
+    return leaves[0] if len(leaves) == 1 else exc
+
+
+@contextmanager
+def single_errors() -> Iterator[None]:
+    """Let the one meaningful exception out of a nursery instead of a group (see ``collapse``)."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        leaf = collapse(group)
+        if leaf is group:
+            raise
+        raise leaf from None

@@ -1,0 +1,612 @@
+"""The musiclib wire protocol as a sans-IO state machine.
+
+Nothing here touches a socket, a clock or trio: bytes go in with
+:meth:`Connection.receive_data`, events come out of :meth:`Connection.next_event`,
+and :meth:`Connection.send` turns an event into bytes for the caller to write.
+The same class serves both ends; ``our_role`` says which one we are, and every
+event, sent or received, is checked against one transition table. A mistake
+of ours raises :class:`LocalProtocolError`; anything the peer sends can only
+ever raise :class:`RemoteProtocolError` (or its recoverable child
+:class:`MessageError`). PROTOCOL.md is the normative description; this module
+is its executable form.
+
+Framing: every frame is a 5-byte header, ``kind`` (u8) and ``length``
+(u32, big-endian), followed by ``length`` bytes. ``kind`` 1 is a message (a
+msgpack map with a ``"type"`` key); ``kind`` 2 is raw stream payload. Payload
+travels unwrapped because packing large chunks into msgpack maps measured 3x
+slower (allocator churn), and raw frames let a server use ``sendfile``. The
+length is checked against the receiver's limit before a single body byte is
+buffered, and data frames are handed out as they arrive, so the receive buffer
+never has to hold a whole payload frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import struct
+import types
+import typing
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Final, Union  # Union: for get_origin checks
+
+import msgpack
+
+from .errors import LocalProtocolError, MessageError, ProtocolError, RemoteProtocolError
+
+#: The protocol version this implementation speaks (see "Versions" in PROTOCOL.md).
+PROTOCOL_VERSION: Final = 1
+#: Versions a server built from this module accepts in a ``hello``.
+SUPPORTED_VERSIONS: Final = frozenset({1})
+
+HEADER: Final = struct.Struct(">BI")
+KIND_MESSAGE: Final = 1
+KIND_DATA: Final = 2
+
+#: Default limit on one message frame's body (both directions).
+MAX_MESSAGE_SIZE: Final = 1 << 20
+#: Default limit on one data frame's body; senders should use much less.
+MAX_DATA_SIZE: Final = 1 << 20
+#: Pages of a list reply are kept below this many encoded bytes.
+PAGE_BUDGET: Final = 64 * 1024
+
+
+class Role(enum.Enum):
+    """Which end of the connection a :class:`Connection` object speaks for."""
+
+    CLIENT = "client"
+    SERVER = "server"
+
+
+class State(enum.Enum):
+    """Where the conversation stands; both ends track the same state."""
+
+    AWAIT_HELLO = "await_hello"  # the client must speak first
+    AWAIT_WELCOME = "await_welcome"  # the server accepts or refuses
+    IDLE = "idle"  # the client may send a request
+    LISTING = "listing"  # the server sends pages, then list_end
+    INFO = "info"  # the server sends track_info (or an error)
+    STREAM_HEAD = "stream_head"  # the server sends stream_start (or an error)
+    STREAMING = "streaming"  # data frames, then stream_end
+    CLOSED = "closed"  # a fatal error or end of file; nothing more may pass
+    ERROR = "error"  # the peer broke the framing; the connection is dead
+
+
+class NeedData:
+    """Sentinel type: :meth:`Connection.next_event` needs more bytes."""
+
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA: Final = NeedData()
+
+
+# --------------------------------------------------------------------------
+# Messages. Each is a frozen dataclass; ``TYPE`` is its wire name. Fields
+# without a default are required on the wire; ``None`` values are left out.
+# Unknown keys in a received map are ignored so that minor additions stay
+# compatible (PROTOCOL.md, "Versions").
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class TrackInfo:
+    """One library entry as it travels in a list reply.
+
+    ``path`` is relative to the library root and ``/``-separated; ``error`` is
+    set when the file could not be parsed (it is still listed and served).
+    """
+
+    path: str
+    title: str
+    format: str
+    size: int
+    artist: str | None = None
+    album: str | None = None
+    track: int | None = None
+    duration: float | None = None
+    codec: str | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    bitrate: int | None = None
+    sha256: str | None = None
+    error: str | None = None
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this track; ``None`` fields are left out."""
+        return _to_wire(self)
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> TrackInfo:
+        """Validate a received map; raises :class:`MessageError` when it is not a track."""
+        return _from_wire(cls, data)
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """Base of every message that travels in a kind-1 frame."""
+
+    TYPE: ClassVar[str] = ""
+    SENDER: ClassVar[Role]
+
+    def problem(self) -> str | None:
+        """Why the field values are invalid, or ``None``; types are checked separately."""
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class Hello(Message):
+    """First message of a connection: the client's protocol version and name."""
+
+    TYPE: ClassVar[str] = "hello"
+    SENDER: ClassVar[Role] = Role.CLIENT
+    version: int
+    client: str = ""
+
+    def problem(self) -> str | None:
+        return "version must be positive" if self.version < 1 else None
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome(Message):
+    """The server accepts the connection and states what it has."""
+
+    TYPE: ClassVar[str] = "welcome"
+    SENDER: ClassVar[Role] = Role.SERVER
+    version: int
+    server: str
+    tracks: int = 0
+    scanning: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ListRequest(Message):
+    """Ask for the tracks matching ``query`` (all of them when absent)."""
+
+    TYPE: ClassVar[str] = "list"
+    SENDER: ClassVar[Role] = Role.CLIENT
+    query: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TrackPage(Message):
+    """One page of a list reply; a reply has zero or more pages, then ``ListEnd``."""
+
+    TYPE: ClassVar[str] = "tracks"
+    SENDER: ClassVar[Role] = Role.SERVER
+    tracks: tuple[TrackInfo, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ListEnd(Message):
+    """End of a list reply; ``scanning`` says the library index is still being built."""
+
+    TYPE: ClassVar[str] = "list_end"
+    SENDER: ClassVar[Role] = Role.SERVER
+    count: int
+    scanning: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class InfoRequest(Message):
+    """Ask which track a name resolves to, and its facts."""
+
+    TYPE: ClassVar[str] = "info"
+    SENDER: ClassVar[Role] = Role.CLIENT
+    track: str
+
+
+@dataclass(frozen=True, slots=True)
+class InfoReply(Message):
+    """The track an ``info`` request resolved to."""
+
+    TYPE: ClassVar[str] = "track_info"
+    SENDER: ClassVar[Role] = Role.SERVER
+    track: TrackInfo
+
+
+@dataclass(frozen=True, slots=True)
+class StreamRequest(Message):
+    """Ask for a track's original bytes starting at byte ``offset``."""
+
+    TYPE: ClassVar[str] = "stream"
+    SENDER: ClassVar[Role] = Role.CLIENT
+    track: str
+    offset: int = 0
+
+    def problem(self) -> str | None:
+        return "offset must not be negative" if self.offset < 0 else None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamStart(Message):
+    """Header of a stream: which file, which version of it, and how many bytes follow.
+
+    ``version`` changes whenever the file does (size and modification time),
+    so a client can tell whether a partial download belongs to the same file.
+    ``length`` is the number of payload bytes that follow, or ``None`` when it
+    is not known in advance.
+    """
+
+    TYPE: ClassVar[str] = "stream_start"
+    SENDER: ClassVar[Role] = Role.SERVER
+    path: str
+    size: int
+    version: str
+    offset: int = 0
+    length: int | None = None
+
+    def problem(self) -> str | None:
+        if self.size < 0 or self.offset < 0:
+            return "size and offset must not be negative"
+        if self.length is not None and not 0 <= self.length <= self.size - self.offset:
+            return "length does not fit between offset and size"
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEnd(Message):
+    """End of a stream: the payload byte count and the whole file's sha256 (hex)."""
+
+    TYPE: ClassVar[str] = "stream_end"
+    SENDER: ClassVar[Role] = Role.SERVER
+    sent: int
+    sha256: str | None = None
+
+    def problem(self) -> str | None:
+        if self.sha256 is not None and not _is_sha256(self.sha256):
+            return "sha256 must be 64 lowercase hexadecimal digits"
+        return None if self.sent >= 0 else "sent must not be negative"
+
+
+def _is_sha256(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
+
+
+@dataclass(frozen=True, slots=True)
+class Error(Message):
+    """A typed error. ``fatal`` means the server closes the connection after it."""
+
+    TYPE: ClassVar[str] = "error"
+    SENDER: ClassVar[Role] = Role.SERVER
+    code: str
+    message: str
+    candidates: tuple[str, ...] = ()
+    fatal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """A piece of stream payload (kind-2 frame body, possibly a part of one)."""
+
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Closed:
+    """The peer closed its side at a frame boundary."""
+
+
+Event = Message | Data | Closed
+
+MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
+    cls.TYPE: cls
+    for cls in (
+        Hello,
+        Welcome,
+        ListRequest,
+        TrackPage,
+        ListEnd,
+        InfoRequest,
+        InfoReply,
+        StreamRequest,
+        StreamStart,
+        StreamEnd,
+        Error,
+    )
+}
+
+
+# --------------------------------------------------------------------------
+# Encoding and validation of field values, driven by the dataclass hints.
+# --------------------------------------------------------------------------
+
+
+def _to_wire(obj: Any) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if value is None:
+            continue
+        if isinstance(value, tuple):
+            value = [v.to_wire() if isinstance(v, TrackInfo) else v for v in value]
+        elif isinstance(value, TrackInfo):
+            value = value.to_wire()
+        out[f.name] = value
+    return out
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    return hints
+
+
+def _check_value(hint: Any, value: Any, where: str) -> Any:
+    """Return ``value`` converted to ``hint``, or raise MessageError."""
+    origin = typing.get_origin(hint)
+    if origin is Union or origin is types.UnionType:
+        (inner,) = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _check_value(inner, value, where)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            raise MessageError(f"{where} must be an array")
+        return tuple(_check_value(item, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if hint is TrackInfo:
+        if not isinstance(value, dict):
+            raise MessageError(f"{where} must be a map")
+        return _from_wire(TrackInfo, value, where)
+    if hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not ok:
+            raise MessageError(f"{where} must be a number")
+        return float(value)
+    if hint is int and isinstance(value, bool):
+        raise MessageError(f"{where} must be an integer")
+    if not isinstance(value, hint):
+        raise MessageError(f"{where} must be of type {hint.__name__}")
+    return value
+
+
+_T = typing.TypeVar("_T")
+
+
+def _from_wire(cls: type[_T], data: Mapping[str, Any], where: str = "") -> _T:
+    hints = _hints(cls)
+    kwargs: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        value = data.get(f.name)
+        if value is None:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise MessageError(f"{where or cls.__name__}: missing field {f.name!r}")
+            continue
+        kwargs[f.name] = _check_value(hints[f.name], value, f"{where or cls.__name__}.{f.name}")
+    return cls(**kwargs)
+
+
+def encode_message(msg: Message) -> bytes:
+    """One complete kind-1 frame for ``msg`` (no state checks; see ``Connection.send``)."""
+    body: bytes = msgpack.packb({"type": msg.TYPE, **_to_wire(msg)}, use_bin_type=True)
+    return HEADER.pack(KIND_MESSAGE, len(body)) + body
+
+
+def decode_message(body: bytes) -> Message:
+    """Parse a kind-1 frame body; raises :class:`MessageError` for anything invalid."""
+    try:
+        data = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise MessageError(f"message is not valid msgpack: {exc}") from None
+    if not isinstance(data, dict):
+        raise MessageError("message must be a msgpack map")
+    kind = data.get("type")
+    cls = MESSAGE_TYPES.get(kind) if isinstance(kind, str) else None
+    if cls is None or not isinstance(kind, str):
+        raise MessageError(f"unknown message type {kind!r}")
+    msg = _from_wire(cls, data, kind)
+    problem = msg.problem()
+    if problem:
+        raise MessageError(f"{kind}: {problem}")
+    return msg
+
+
+def paginate(tracks: Iterable[TrackInfo], budget: int = PAGE_BUDGET) -> Iterator[TrackPage]:
+    """Split tracks into pages whose encoded size stays under ``budget`` bytes.
+
+    A track larger than the budget on its own still gets a page of its own;
+    the receiver's ``max_message_size`` is far larger than any real track.
+    """
+    page: list[TrackInfo] = []
+    size = 0
+    for track in tracks:
+        n = len(msgpack.packb(track.to_wire(), use_bin_type=True))
+        if page and size + n > budget:
+            yield TrackPage(tuple(page))
+            page, size = [], 0
+        page.append(track)
+        size += n
+    if page:
+        yield TrackPage(tuple(page))
+
+
+# --------------------------------------------------------------------------
+# The connection state machine.
+# --------------------------------------------------------------------------
+
+# (state, message type) -> next state, for messages that keep the connection open.
+_TRANSITIONS: Final[dict[tuple[State, type[Message]], State]] = {
+    (State.AWAIT_HELLO, Hello): State.AWAIT_WELCOME,
+    (State.AWAIT_WELCOME, Welcome): State.IDLE,
+    (State.IDLE, ListRequest): State.LISTING,
+    (State.IDLE, InfoRequest): State.INFO,
+    (State.IDLE, StreamRequest): State.STREAM_HEAD,
+    (State.IDLE, Error): State.IDLE,  # the answer to a request that was malformed
+    (State.LISTING, TrackPage): State.LISTING,
+    (State.LISTING, ListEnd): State.IDLE,
+    (State.LISTING, Error): State.IDLE,
+    (State.INFO, InfoReply): State.IDLE,
+    (State.INFO, Error): State.IDLE,
+    (State.STREAM_HEAD, StreamStart): State.STREAMING,
+    (State.STREAM_HEAD, Error): State.IDLE,
+    (State.STREAMING, StreamEnd): State.IDLE,
+    (State.STREAMING, Error): State.IDLE,
+}
+
+
+class Connection:
+    """One end of a musiclib conversation, as a pure state machine.
+
+    ``max_message_size`` and ``max_data_size`` bound what the peer may send in
+    one frame; a larger announced length is a :class:`RemoteProtocolError`
+    raised before the body is buffered.
+    """
+
+    def __init__(
+        self,
+        our_role: Role,
+        *,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+        max_data_size: int = MAX_DATA_SIZE,
+    ) -> None:
+        self.our_role = our_role
+        self.their_role = Role.SERVER if our_role is Role.CLIENT else Role.CLIENT
+        self.max_message_size = max_message_size
+        self.max_data_size = max_data_size
+        self.state = State.AWAIT_HELLO
+        self._buf = bytearray()
+        self._eof = False
+        self._frame_left = 0  # payload bytes still to come in the current data frame
+        self._stream_left: int | None = None  # payload bytes still expected, if known
+        self._stream_sent = 0  # payload bytes seen in the current stream
+
+    # ---- receiving ------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes read from the peer; ``b""`` means the peer closed its side."""
+        if self._eof and data:
+            raise LocalProtocolError("received data after end of file")
+        if data:
+            self._buf += data
+        else:
+            self._eof = True
+
+    @property
+    def trailing_data(self) -> tuple[bytes, bool]:
+        """Bytes received but not yet parsed, and whether end of file was seen."""
+        return bytes(self._buf), self._eof
+
+    def next_event(self) -> Event | NeedData:
+        """The next complete event from the peer, or :data:`NEED_DATA`."""
+        if self.state is State.ERROR:
+            raise RemoteProtocolError("the connection already failed")
+        try:
+            return self._next_event()
+        except MessageError:
+            raise
+        except RemoteProtocolError:
+            self.state = State.ERROR
+            raise
+
+    def _next_event(self) -> Event | NeedData:
+        buf = self._buf
+        if self._frame_left:
+            if not buf:
+                return self._need_data("in the middle of a data frame")
+            n = min(self._frame_left, len(buf))
+            payload = bytes(buf[:n])
+            del buf[:n]
+            self._frame_left -= n
+            return Data(payload)
+        if len(buf) < HEADER.size:
+            if not buf and self._eof:
+                self.state = State.CLOSED
+                return Closed()
+            return self._need_data("in a frame header")
+        kind, length = HEADER.unpack_from(buf)
+        if kind == KIND_DATA:
+            self._start_data_frame(length)
+            del buf[: HEADER.size]
+            return self._next_event()
+        if kind != KIND_MESSAGE:
+            raise RemoteProtocolError(f"unknown frame kind {kind}")
+        if length > self.max_message_size:
+            raise RemoteProtocolError(
+                f"message of {length} bytes exceeds the limit of {self.max_message_size}"
+            )
+        if len(buf) < HEADER.size + length:
+            return self._need_data("in a message frame")
+        body = bytes(buf[HEADER.size : HEADER.size + length])
+        del buf[: HEADER.size + length]
+        try:
+            msg = decode_message(body)
+        except MessageError as exc:
+            if self.our_role is Role.SERVER and self.state is State.IDLE:
+                raise  # a bad request: answer it with an error, keep the connection
+            raise RemoteProtocolError(str(exc)) from None
+        self._process(msg, self.their_role)
+        return msg
+
+    def _need_data(self, where: str) -> NeedData:
+        if self._eof:
+            raise RemoteProtocolError(f"connection closed {where}")
+        return NEED_DATA
+
+    def _start_data_frame(self, length: int) -> None:
+        if self.their_role is not Role.SERVER or self.state is not State.STREAMING:
+            raise RemoteProtocolError("data frame outside of a stream")
+        if length == 0:
+            raise RemoteProtocolError("empty data frame")
+        if length > self.max_data_size:
+            raise RemoteProtocolError(
+                f"data frame of {length} bytes exceeds the limit of {self.max_data_size}"
+            )
+        self._count_payload(length, RemoteProtocolError)
+        self._frame_left = length
+
+    def _count_payload(self, n: int, exc: type[ProtocolError]) -> None:
+        if self._stream_left is not None:
+            if n > self._stream_left:
+                raise exc(f"{n} payload bytes exceed the {self._stream_left} announced")
+            self._stream_left -= n
+        self._stream_sent += n
+
+    # ---- sending --------------------------------------------------------
+
+    def send(self, msg: Message) -> bytes:
+        """The frame for ``msg``, after checking that we may send it now."""
+        problem = msg.problem()
+        if problem:
+            raise LocalProtocolError(f"{msg.TYPE}: {problem}")
+        self._process(msg, self.our_role)
+        return encode_message(msg)
+
+    def send_data_header(self, length: int) -> bytes:
+        """Header of a data frame; the caller writes exactly ``length`` payload bytes next.
+
+        Returning only the header lets the shell send the payload straight
+        from its buffer (or with ``sendfile``) instead of copying it here.
+        """
+        if self.our_role is not Role.SERVER or self.state is not State.STREAMING:
+            raise LocalProtocolError("data may only be sent by a server inside a stream")
+        if not 0 < length <= MAX_DATA_SIZE:
+            raise LocalProtocolError(f"data frame length must be 1..{MAX_DATA_SIZE}")
+        self._count_payload(length, LocalProtocolError)
+        return HEADER.pack(KIND_DATA, length)
+
+    # ---- the transition table ------------------------------------------
+
+    def _process(self, msg: Message, sender: Role) -> None:
+        exc = LocalProtocolError if sender is self.our_role else RemoteProtocolError
+        if msg.SENDER is not sender:
+            raise exc(f"a {sender.value} may not send {msg.TYPE!r}")
+        if isinstance(msg, Error) and msg.fatal and self.state is not State.CLOSED:
+            self.state = State.CLOSED
+            return
+        new = _TRANSITIONS.get((self.state, type(msg)))
+        if new is None:
+            raise exc(f"{msg.TYPE!r} is not allowed in state {self.state.value}")
+        if isinstance(msg, StreamStart):
+            self._stream_left = msg.length
+            self._stream_sent = 0
+        elif isinstance(msg, StreamEnd):
+            if self._stream_left:
+                raise exc(f"stream ended {self._stream_left} bytes short")
+            if msg.sent != self._stream_sent:
+                raise exc(f"stream_end says {msg.sent} bytes, {self._stream_sent} were sent")
+        self.state = new
