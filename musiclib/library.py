@@ -1,0 +1,664 @@
+"""The music library: scanning, tags, search, name resolution and confined opening.
+
+Everything here is synchronous; the server runs :meth:`Library.rescan` and
+:func:`read_track` in a worker thread and reads :class:`Library` from the
+event-loop thread.
+
+Why it looks the way it does:
+
+* **mutagen class chosen by extension.** ``mutagen.File`` sniffs by trying
+  every format it knows; opening the likely class first halves the cost for
+  ogg/flac/opus. Only when that class fails do we fall back to sniffing (an
+  ``.ogg`` may hold Opus or FLAC, an ``.mp3`` may really be something else).
+* **A file mutagen cannot parse is still a track.** It is listed with
+  ``error`` set to a one-line reason and can still be served; one bad file
+  never stops a scan. Only a file that vanished raises (``FileNotFoundError``).
+* **Our own RIFF/AIFF chunk walker.** ffmpeg writes WAV tags as a RIFF
+  ``LIST``/``INFO`` chunk and AIFF titles as a ``NAME`` chunk; mutagen reads
+  neither (only ID3 in those containers). The walker reads chunk headers and
+  small text chunks only, seeks over the audio, and gives up quietly on
+  anything odd. ID3 values win; INFO/NAME fill the gaps.
+* **Immutable snapshots.** Readers (event-loop thread) never lock: the library
+  is one attribute bound to an immutable :class:`_Snapshot`, and the scanning
+  thread publishes progress by rebinding that attribute (atomic under the
+  GIL). Nothing a reader holds is ever mutated. During a rescan the published
+  view is "old tracks plus those found so far", so nothing disappears while
+  the scan runs; the final snapshot is exactly what the scan found.
+* **Confinement by real path.** Symlinks are followed only when their real
+  path stays inside the real root, both when scanning and when opening.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import re
+import stat
+import struct
+import threading
+import time
+import unicodedata
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import mutagen
+from mutagen.aac import AAC
+from mutagen.aiff import AIFF
+from mutagen.flac import FLAC
+from mutagen.id3 import ID3
+from mutagen.mp3 import MP3
+from mutagen.mp4 import MP4, MP4Tags
+from mutagen.oggflac import OggFLAC
+from mutagen.oggopus import OggOpus
+from mutagen.oggspeex import OggSpeex
+from mutagen.oggvorbis import OggVorbis
+from mutagen.wave import WAVE
+from mutagen.wavpack import WavPack
+
+from .errors import Ambiguous, NotFound
+from .protocol import TrackInfo
+
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "Library",
+    "fold",
+    "open_confined",
+    "read_track",
+    "scan",
+]
+
+log = logging.getLogger("musiclib.library")
+
+#: File extensions (lowercase, no dot) that are scanned; matched case-insensitively.
+SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
+    {"wav", "mp3", "ogg", "oga", "opus", "flac", "m4a", "mp4", "aac", "aif", "aiff", "wv"}
+)
+
+# The mutagen class to try first for each extension.
+_CLASS_BY_EXT: dict[str, Any] = {
+    "mp3": MP3,
+    "ogg": OggVorbis,
+    "oga": OggVorbis,
+    "opus": OggOpus,
+    "flac": FLAC,
+    "m4a": MP4,
+    "mp4": MP4,
+    "aac": AAC,
+    "wav": WAVE,
+    "aif": AIFF,
+    "aiff": AIFF,
+    "wv": WavPack,
+}
+
+_CODEC_BY_CLASS: tuple[tuple[Any, str], ...] = (
+    (OggVorbis, "vorbis"),
+    (OggOpus, "opus"),
+    (FLAC, "flac"),
+    (OggFLAC, "flac"),
+    (OggSpeex, "speex"),
+    (WavPack, "wavpack"),
+    (AAC, "aac"),
+)
+
+# WAVE fmt tag -> codec; PCM variants are refined by bits per sample.
+_WAVE_FORMATS = {3: "pcm_f{bits}le", 6: "pcm_alaw", 7: "pcm_mulaw", 0x55: "mp3"}
+
+_FIELDS = ("title", "artist", "album", "track")
+# Tag keys per tag flavour, in the order of _FIELDS.
+_ID3_KEYS = ("TIT2", "TPE1", "TALB", "TRCK")
+_MP4_KEYS = ("\xa9nam", "\xa9ART", "\xa9alb", "trkn")
+_VORBIS_KEYS = ("title", "artist", "album", "tracknumber")  # APEv2 uses "track"
+
+#: Tag values longer than this are cut (a list reply must stay small).
+MAX_TAG_CHARS = 1024
+#: At most this many candidates travel in an :class:`Ambiguous` error.
+MAX_CANDIDATES = 50
+
+# RIFF/AIFF walker bounds: text chunks larger than this are skipped, and at
+# most this many chunk headers are read per container.
+_MAX_TEXT_CHUNK = 64 * 1024
+_MAX_CHUNKS = 1024
+_INFO_FIELDS = {
+    b"INAM": "title",
+    b"IART": "artist",
+    b"IPRD": "album",
+    b"IPRT": "track",
+    b"ITRK": "track",
+}
+_AIFF_FIELDS = {b"NAME": "title", b"AUTH": "artist"}
+_IFF_EXTS = frozenset({"wav", "aif", "aiff"})
+
+
+# --------------------------------------------------------------------------- reading one file
+
+
+def read_track(root: Path, relpath: str) -> TrackInfo:
+    """Read the facts of ``root/relpath`` (a ``/``-separated path from :func:`scan`).
+
+    Never raises for a file that cannot be parsed: the result then has
+    ``error`` set. Raises ``FileNotFoundError`` if the file does not exist.
+    """
+    full = os.path.join(root, *relpath.split("/"))
+    name = relpath.rsplit("/", 1)[-1]
+    ext = _extension(name)
+    stem = name[: -len(ext) - 1] if ext else name
+    st = os.stat(full)  # FileNotFoundError propagates: the file vanished
+    base: dict[str, Any] = {"path": relpath, "title": stem, "format": ext, "size": st.st_size}
+
+    if not stat.S_ISREG(st.st_mode):
+        return TrackInfo(**base, error="not a regular file")
+    if st.st_size == 0:
+        return TrackInfo(**base, error="empty file")
+
+    facts: dict[str, Any] = {}
+    error: str | None = None
+    try:
+        audio = _load(full, ext)
+        facts = _stream_facts(audio, st.st_size)
+        tags = _tag_fields(audio.tags)
+        facts.update({k: v for k, v in tags.items() if v is not None})
+    except Exception as exc:  # mutagen raises many kinds on hostile input
+        if not os.path.exists(full):
+            raise FileNotFoundError(f"file vanished while reading: {relpath}") from exc
+        facts, error = {}, _reason(exc, ext, full, relpath)
+
+    if ext in _IFF_EXTS and not all(facts.get(k) for k in _FIELDS):
+        for key, value in _iff_text_fields(full).items():
+            facts.setdefault(key, value)
+    if isinstance(facts.get("track"), str):
+        facts["track"] = _parse_track(facts["track"])
+    base.update({k: v for k, v in facts.items() if v is not None})
+    return TrackInfo(**base, error=error)
+
+
+def _extension(name: str) -> str:
+    stem, dot, ext = name.rpartition(".")
+    return ext.lower() if dot and stem else ""
+
+
+def _load(path: str, ext: str) -> Any:
+    """The mutagen object for ``path``: the extension's class first, then sniffing."""
+    errors: list[Exception] = []
+    cls = _CLASS_BY_EXT.get(ext)
+    if cls is not None:
+        try:
+            return cls(path)
+        except Exception as exc:  # hostile input raises anything
+            errors.append(exc)
+    try:
+        audio = mutagen.File(path)
+    except Exception as exc:
+        errors.append(exc)
+        audio = None
+    if audio is None:  # report the extension's class failure: it is the likelier story
+        raise errors[0] if errors else ValueError("unknown audio format")
+    return audio
+
+
+def _reason(exc: BaseException, ext: str, full: str, relpath: str) -> str:
+    """A short one-line reason, without the server's absolute paths."""
+    # mutagen re-raises an OSError as its own error, with the OSError as context
+    cause = exc if isinstance(exc, OSError) else exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        return f"cannot read file: {cause.strerror}"
+    lines = str(exc).replace(full, relpath).strip().splitlines()
+    detail = lines[0] if lines else type(exc).__name__
+    return f"not a valid {ext.upper() or 'audio'} file: {detail}"[:200]
+
+
+def _stream_facts(audio: Any, size: int) -> dict[str, Any]:
+    info = audio.info
+    duration = getattr(info, "length", None)
+    if not isinstance(duration, (int, float)) or not math.isfinite(duration) or duration < 0:
+        duration = None
+    sample_rate = _positive_int(getattr(info, "sample_rate", None))
+    if sample_rate is None and isinstance(audio, OggOpus):
+        sample_rate = 48000  # Opus always decodes at 48 kHz; mutagen has no field for it
+    bitrate = _positive_int(getattr(info, "bitrate", None))
+    if bitrate is None and duration:
+        bitrate = int(size * 8 / duration)
+    return {
+        "duration": float(duration) if duration is not None else None,
+        "codec": _codec(audio),
+        "sample_rate": sample_rate,
+        # WavPack reports mono as ``True``; the wire refuses bools, so int() it.
+        "channels": _positive_int(getattr(info, "channels", None)),
+        "bitrate": bitrate,
+    }
+
+
+def _positive_int(value: object) -> int | None:
+    if isinstance(value, (int, float)) and math.isfinite(value) and value > 0:
+        return int(value)
+    return None
+
+
+def _codec(audio: Any) -> str | None:
+    info = audio.info
+    bits = getattr(info, "bits_per_sample", 0) or 16
+    if isinstance(audio, MP3):
+        layer = getattr(info, "layer", 3)
+        return "mp3" if layer == 3 else f"mp{layer}"
+    if isinstance(audio, MP4):
+        codec = str(getattr(info, "codec", "") or "").lower()
+        if codec.startswith("mp4a.40"):
+            return "aac"
+        if codec in ("mp4a.69", "mp4a.6b"):
+            return "mp3"
+        return codec or None
+    if isinstance(audio, WAVE):
+        fmt = getattr(info, "audio_format", 1)
+        if fmt in (1, 0xFFFE):  # PCM, WAVE_FORMAT_EXTENSIBLE (almost always PCM)
+            return "pcm_u8" if bits == 8 else f"pcm_s{bits}le"
+        return _WAVE_FORMATS.get(fmt, "pcm").format(bits=bits)
+    if isinstance(audio, AIFF):
+        return f"pcm_s{bits}be"
+    for cls, name in _CODEC_BY_CLASS:
+        if isinstance(audio, cls):
+            return name
+    return type(audio).__name__.lower()
+
+
+def _tag_fields(tags: Any) -> dict[str, Any]:
+    """title/artist/album/track from any mutagen tag object (``None``: no tags)."""
+    if tags is None:
+        return {}
+    if isinstance(tags, ID3):
+        keys: tuple[str, ...] = _ID3_KEYS
+    elif isinstance(tags, MP4Tags):
+        keys = _MP4_KEYS
+    else:
+        keys = _VORBIS_KEYS
+    out: dict[str, Any] = {}
+    for field, key in zip(_FIELDS, keys, strict=True):
+        value = tags.get(key)
+        if value is None and key == "tracknumber":
+            value = tags.get("track")  # APEv2
+        out[field] = _first_value(value)
+    if isinstance(out["track"], tuple):  # MP4 trkn: (number, total)
+        out["track"] = out["track"][0] if out["track"] else None
+    if out["track"] is not None:
+        out["track"] = _parse_track(out["track"])
+    return out
+
+
+def _first_value(value: Any) -> Any:
+    """The first value of a tag: ID3 frames, lists, APEv2 values, plain strings."""
+    if value is None:
+        return None
+    if hasattr(value, "text") and not isinstance(value, str):  # ID3 text frame
+        value = value.text
+    if isinstance(value, list):
+        value = value[0] if value else None
+    if value is None or isinstance(value, tuple):
+        return value
+    if not isinstance(value, str):
+        value = str(value)  # APETextValue and friends
+    return _clean_text(value)
+
+
+def _clean_text(value: str) -> str | None:
+    value = value.split("\0", 1)[0].strip()
+    return value[:MAX_TAG_CHARS] or None
+
+
+_TRACK_RE = re.compile(r"\s*(\d{1,9})")
+
+
+def _parse_track(value: object) -> int | None:
+    """``3``, ``"3"``, ``"03/10"`` -> 3; anything else (or 0) -> None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        number = value
+    else:
+        match = _TRACK_RE.match(str(value))
+        if not match:
+            return None
+        number = int(match.group(1))
+    return number if 0 < number < 2**31 else None
+
+
+# --------------------------------------------------------------------------- RIFF / AIFF text
+
+
+def _iff_text_fields(path: str) -> dict[str, str]:
+    """Tags from a WAV ``LIST/INFO`` chunk or AIFF ``NAME``/``AUTH`` chunks; ``{}`` if none.
+
+    Reads the 12-byte header, chunk headers and small text chunks only.
+    """
+    out: dict[str, str] = {}
+    try:
+        with open(path, "rb", buffering=0) as f:
+
+            def read_at(pos: int, n: int) -> bytes:
+                f.seek(pos)
+                return f.read(n)
+
+            head = read_at(0, 12)
+            if head[:4] in (b"RIFF", b"RF64", b"BW64") and head[8:12] == b"WAVE":
+                for cid, pos, size in _walk_chunks(read_at, 12, "<"):
+                    if cid == b"LIST" and 4 <= size <= _MAX_TEXT_CHUNK:
+                        data = read_at(pos, size)
+                        if data[:4] == b"INFO":
+                            _collect_info(data, out)
+            elif head[:4] == b"FORM" and head[8:12] in (b"AIFF", b"AIFC"):
+                for cid, pos, size in _walk_chunks(read_at, 12, ">"):
+                    field = _AIFF_FIELDS.get(cid)
+                    if field and size <= _MAX_TEXT_CHUNK and field not in out:
+                        value = read_at(pos, size)
+                        text = _decode_text(value) if len(value) == size else None
+                        if text:
+                            out[field] = text
+    except OSError as exc:
+        log.debug("cannot read RIFF/AIFF chunks of %s: %s", path, exc)
+    return out
+
+
+def _collect_info(data: bytes, out: dict[str, str]) -> None:
+    def read_at(pos: int, n: int) -> bytes:
+        return data[pos : pos + n]
+
+    for cid, pos, size in _walk_chunks(read_at, 4, "<"):
+        field = _INFO_FIELDS.get(cid)
+        value = data[pos : pos + size]
+        if field and field not in out and len(value) == size:  # a cut-off value is dropped
+            text = _decode_text(value)
+            if text:
+                out[field] = text
+
+
+def _walk_chunks(
+    read_at: Callable[[int, int], bytes], pos: int, order: str
+) -> Iterator[tuple[bytes, int, int]]:
+    """Yield ``(chunk id, data offset, data size)`` for the IFF chunks from ``pos`` on.
+
+    Chunks are padded to an even size; writers that forget the pad byte are
+    tolerated. Stops at the first header that is short or not a printable id.
+    """
+    odd = False
+    for _ in range(_MAX_CHUNKS):
+        header = read_at(pos, 9 if odd else 8)
+        if odd and header[:1] == b"\0":  # the standard pad byte
+            pos, header = pos + 1, header[1:]
+        elif odd and not _is_chunk_id(header[:4]) and _is_chunk_id(header[1:5]):
+            pos, header = pos + 1, header[1:]  # a non-zero pad byte
+        if len(header) < 8 or not _is_chunk_id(header[:4]):
+            return
+        (size,) = struct.unpack(order + "I", header[4:8])
+        yield header[:4], pos + 8, size
+        pos += 8 + size
+        odd = bool(size & 1)
+
+
+def _is_chunk_id(cid: bytes) -> bool:
+    return len(cid) == 4 and all(0x20 <= b <= 0x7E for b in cid)
+
+
+def _decode_text(raw: bytes) -> str | None:
+    raw = raw.split(b"\0", 1)[0]
+    try:
+        text = raw.decode("utf-8")  # what ffmpeg writes
+    except UnicodeDecodeError:
+        text = raw.decode("latin-1")  # what the RIFF spec assumes
+    return _clean_text(text)
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def _inside(real: str, real_root: str) -> bool:
+    prefix = real_root if real_root.endswith(os.sep) else real_root + os.sep
+    return real == real_root or real.startswith(prefix)
+
+
+def _surrogates(name: str) -> bool:
+    """True for a name that was not valid UTF-8 on disk (``os`` escapes such bytes)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def scan(root: Path) -> Iterator[TrackInfo]:
+    """Yield a :class:`TrackInfo` for every supported file under ``root``.
+
+    Hidden names (leading ``.``), ``*.part`` files and names that are not
+    printable UTF-8 (they could not travel in a reply) are skipped. Symlinks
+    are followed only when their real path stays inside the real root; each
+    real directory is listed once, plain directories before symlinked ones so
+    that files keep their canonical path. Unreadable directories are skipped.
+    Within a directory, files come in name order, then subdirectories.
+    """
+    real_root = os.path.realpath(root)
+    visited: set[str] = set()
+    plain: list[tuple[str, str]] = [(real_root, "")]  # (directory, relative prefix): a stack
+    linked: list[tuple[str, str]] = []  # symlinked directories, walked after the plain ones
+    while plain or linked:
+        directory, prefix = plain.pop() if plain else linked.pop(0)
+        real = os.path.realpath(directory)
+        if real in visited or not _inside(real, real_root):
+            continue
+        visited.add(real)
+        try:
+            with os.scandir(directory) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError as exc:
+            log.debug("skipping unreadable directory %s: %s", directory, exc)
+            continue
+        subdirs: list[tuple[str, str]] = []
+        for entry in entries:
+            if entry.name.startswith(".") or entry.name.endswith(".part"):
+                continue
+            if not entry.name.isprintable() or _surrogates(entry.name):
+                log.debug("skipping %r: the name cannot travel as UTF-8 text", entry.path)
+                continue
+            relpath = prefix + entry.name
+            try:
+                is_link = entry.is_symlink()
+                if entry.is_dir():
+                    (linked if is_link else subdirs).append((entry.path, relpath + "/"))
+                    continue
+                if not entry.is_file() or _extension(entry.name) not in SUPPORTED_EXTENSIONS:
+                    continue
+                if is_link and not _inside(os.path.realpath(entry.path), real_root):
+                    continue
+                info = read_track(Path(real_root), relpath)
+            except OSError as exc:  # vanished or unreadable meanwhile
+                log.debug("skipping %s: %s", entry.path, exc)
+                continue
+            yield info
+        plain.extend(reversed(subdirs))
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _split_name(name: str) -> list[str]:
+    """Components of a user-supplied relative name; refuses unsafe names with NotFound."""
+    if not name or "\0" in name or name.startswith("/"):
+        raise NotFound(f"invalid track name {name!r}")
+    parts = [p for p in name.split("/") if p not in ("", ".")]
+    if not parts or ".." in parts:
+        raise NotFound(f"invalid track name {name!r}")
+    return parts
+
+
+def open_confined(root: Path, relpath: str) -> BinaryIO:
+    """Open ``root/relpath`` for binary reading if its real path is inside the real root.
+
+    A path that leaves the root (``..``, absolute, or through a symlink), a
+    missing file and a non-regular file all raise :class:`NotFound`. Other
+    ``OSError`` (permission denied...) propagate.
+    """
+    parts = _split_name(relpath)
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(real_root, *parts))
+    if not _inside(real, real_root) or real == real_root:
+        raise NotFound(f"no track {relpath!r}")
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
+    try:
+        fd = os.open(real, flags)  # O_NONBLOCK: opening a FIFO must not hang
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
+        raise NotFound(f"no track {relpath!r}") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # replaced by a symlink since the check
+            raise NotFound(f"no track {relpath!r}") from exc
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise NotFound(f"no track {relpath!r}")
+        os.set_blocking(fd, True)
+        return open(fd, "rb", buffering=0)
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+# --------------------------------------------------------------------------- the library
+
+
+def fold(text: str) -> str:
+    """Case- and accent-insensitive form: NFKD, combining marks dropped, casefolded."""
+    decomposed = unicodedata.normalize("NFKD", text)
+    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
+
+
+class _Snapshot:
+    """An immutable view of the library; the sorted and folded views are built on first use.
+
+    Two threads may build a lazy view at once; both build the same value, so
+    the race is harmless.
+    """
+
+    __slots__ = ("_haystacks", "_sorted", "by_path")
+
+    def __init__(self, by_path: Mapping[str, TrackInfo]) -> None:
+        self.by_path = by_path
+        self._sorted: tuple[TrackInfo, ...] | None = None
+        self._haystacks: tuple[tuple[str, TrackInfo], ...] | None = None
+
+    @property
+    def ordered(self) -> tuple[TrackInfo, ...]:
+        if self._sorted is None:
+            self._sorted = tuple(self.by_path[p] for p in sorted(self.by_path))
+        return self._sorted
+
+    @property
+    def haystacks(self) -> tuple[tuple[str, TrackInfo], ...]:
+        if self._haystacks is None:
+            self._haystacks = tuple(
+                (fold("\n".join(filter(None, (t.title, t.artist, t.album, t.path)))), t)
+                for t in self.ordered
+            )
+        return self._haystacks
+
+
+class Library:
+    """The tracks under one root directory, safe to read while another thread rescans."""
+
+    #: Publish progress after at least this many new tracks...
+    PUBLISH_EVERY = 64
+    #: ...and once ``1/PUBLISH_FRACTION`` of the tracks found so far are new, or
+    #: ``PUBLISH_SECONDS`` have passed: publishing copies the table, so a fixed
+    #: step would make a big scan quadratic.
+    PUBLISH_FRACTION = 16
+    PUBLISH_SECONDS = 1.0
+
+    def __init__(self, root: Path) -> None:
+        try:
+            resolved = Path(root).resolve(strict=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"library root does not exist: {root}") from None
+        if not resolved.is_dir():
+            raise NotADirectoryError(f"library root is not a directory: {root}")
+        self._root = resolved
+        self.scanning: bool = False
+        self._snapshot = _Snapshot({})
+        self._scan_lock = threading.Lock()
+
+    @property
+    def root(self) -> Path:
+        """The resolved library root."""
+        return self._root
+
+    def rescan(self) -> int:
+        """Scan the root again (blocking; run it in a worker thread); return the track count.
+
+        Readers see tracks as they are found; tracks not found again are
+        dropped only at the end.
+        """
+        with self._scan_lock:
+            self.scanning = True
+            try:
+                old = self._snapshot.by_path
+                found: dict[str, TrackInfo] = {}
+                new = 0
+                last = time.monotonic()
+                for info in scan(self._root):
+                    found[info.path] = info
+                    new += 1
+                    if new >= self.PUBLISH_EVERY and (
+                        new * self.PUBLISH_FRACTION >= len(found)
+                        or time.monotonic() - last >= self.PUBLISH_SECONDS
+                    ):
+                        self._snapshot = _Snapshot({**old, **found})
+                        new, last = 0, time.monotonic()
+                self._snapshot = _Snapshot(found)  # found is never touched again
+                return len(found)
+            finally:
+                self.scanning = False
+
+    def tracks(self) -> tuple[TrackInfo, ...]:
+        """Every track of the current snapshot, sorted by path."""
+        return self._snapshot.ordered
+
+    def search(self, query: str | None) -> list[TrackInfo]:
+        """Tracks whose title, artist, album or path contain every word of ``query``.
+
+        Matching ignores case and accents; no query (or a blank one) lists all.
+        """
+        snapshot = self._snapshot
+        words = fold(query or "").split()
+        if not words:
+            return list(snapshot.ordered)
+        return [t for hay, t in snapshot.haystacks if all(w in hay for w in words)]
+
+    def resolve(self, name: str) -> TrackInfo:
+        """The one track a user means by ``name``.
+
+        Tried in order: the exact relative path; paths ending with ``/name``;
+        paths containing ``name`` ignoring case. The first stage with any match
+        decides: one match is the answer, several raise :class:`Ambiguous`.
+        Absolute names, ``..`` components, NUL and empty names raise
+        :class:`NotFound`, as does a name matching nothing.
+        """
+        key = "/".join(_split_name(name))
+        snapshot = self._snapshot
+        exact = snapshot.by_path.get(key)
+        if exact is not None:
+            return exact
+        suffix = "/" + key
+        lowered = key.casefold()
+        stages: tuple[Callable[[str], bool], ...] = (
+            lambda p: p.endswith(suffix),
+            lambda p: lowered in p.casefold(),
+        )
+        for matches in stages:
+            hits = [t for t in snapshot.ordered if matches(t.path)]
+            if len(hits) == 1:
+                return hits[0]
+            if hits:
+                raise Ambiguous(
+                    f"{name!r} matches {len(hits)} tracks",
+                    candidates=[t.path for t in hits[:MAX_CANDIDATES]],
+                )
+        raise NotFound(f"no track matches {name!r}")
+
+    def open_track(self, track: TrackInfo) -> BinaryIO:
+        """Open ``track`` for binary reading, confined to the root (see :func:`open_confined`)."""
+        return open_confined(self._root, track.path)

@@ -1,0 +1,557 @@
+"""Tests for musiclib.library: tags, broken files, scanning, symlinks, resolve, search, rescan."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import struct
+import subprocess
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import imageio_ffmpeg
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mutagen.id3 import TIT2
+from mutagen.wave import WAVE
+
+from musiclib import library as lib_mod
+from musiclib.errors import Ambiguous, NotFound
+from musiclib.library import (
+    SUPPORTED_EXTENSIONS,
+    Library,
+    fold,
+    open_confined,
+    read_track,
+    scan,
+)
+from musiclib.protocol import TrackInfo
+
+TAGS = {"title": "Tëst Song", "artist": "Thé Artist", "album": "Some Album", "track": "3/10"}
+
+# extension -> (extra ffmpeg args, codec, sample rate)
+FORMATS: dict[str, tuple[list[str], str, int]] = {
+    "mp3": ([], "mp3", 44100),
+    "ogg": ([], "vorbis", 44100),
+    "opus": ([], "opus", 48000),
+    "flac": ([], "flac", 44100),
+    "m4a": ([], "aac", 44100),
+    "wav": ([], "pcm_s16le", 44100),
+    "aiff": (["-write_id3v2", "1"], "pcm_s16be", 44100),
+    "wv": ([], "wavpack", 44100),
+}
+
+
+def ffmpeg(out: Path, *args: str, seconds: float = 1.0, tags: dict[str, str] | None = None) -> Path:
+    """Encode a sine wave into ``out`` (format from its extension)."""
+    meta = [a for k, v in (tags or {}).items() for a in ("-metadata", f"{k}={v}")]
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y",
+        "-f", "lavfi", "-i", f"sine=frequency=440:duration={seconds}",
+        *meta, *args, str(out),
+    ]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tagged file per format, plus a few special ones; generated once."""
+    d = tmp_path_factory.mktemp("media")
+    for ext, (args, _, _) in FORMATS.items():
+        ffmpeg(d / f"tagged.{ext}", *args, tags=TAGS)
+    ffmpeg(d / "plain.aiff", tags={"title": "Named Chunk"})  # AIFF NAME chunk, no ID3
+    ffmpeg(d / "Untagged Song.flac", "-map_metadata", "-1", seconds=0.5)
+    ffmpeg(d / "stereo.mp3", "-ac", "2", "-ar", "22050", seconds=2.0)
+    ffmpeg(d / "opus-inside.ogg", "-c:a", "libopus", tags={"title": "Opus In Ogg"})
+    ffmpeg(d / "alac.m4a", "-c:a", "alac")
+    return d
+
+
+def put(src: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    return dest
+
+
+def paths(tracks: Iterator[TrackInfo] | tuple[TrackInfo, ...] | list[TrackInfo]) -> list[str]:
+    return [t.path for t in tracks]
+
+
+# --------------------------------------------------------------------------- tags
+
+
+@pytest.mark.parametrize("ext", sorted(FORMATS))
+def test_tags_and_stream_facts_per_format(media: Path, ext: str) -> None:
+    info = read_track(media, f"tagged.{ext}")
+    _, codec, rate = FORMATS[ext]
+    assert info.error is None
+    assert info.path == f"tagged.{ext}"
+    assert info.format == ext
+    assert (info.title, info.artist, info.album, info.track) == (
+        "Tëst Song", "Thé Artist", "Some Album", 3,
+    )  # fmt: skip
+    assert info.codec == codec
+    assert info.sample_rate == rate
+    assert info.channels == 1
+    assert type(info.channels) is int  # mutagen's WavPack says True for mono
+    assert info.duration == pytest.approx(1.0, abs=0.1)
+    assert info.bitrate is not None and info.bitrate > 0
+    assert info.size == (media / f"tagged.{ext}").stat().st_size
+    # survives the wire
+    assert TrackInfo.from_wire(info.to_wire()) == info
+
+
+def test_stream_facts_stereo_mp3(media: Path) -> None:
+    info = read_track(media, "stereo.mp3")
+    assert (info.channels, info.sample_rate, info.codec) == (2, 22050, "mp3")
+    assert info.duration == pytest.approx(2.0, abs=0.1)
+
+
+def test_untagged_file_is_titled_by_its_name(media: Path) -> None:
+    info = read_track(media, "Untagged Song.flac")
+    assert info.error is None
+    assert info.title == "Untagged Song"
+    assert (info.artist, info.album, info.track) == (None, None, None)
+    assert info.duration == pytest.approx(0.5, abs=0.05)
+
+
+def test_aiff_name_chunk(media: Path) -> None:
+    info = read_track(media, "plain.aiff")
+    assert info.error is None
+    assert info.title == "Named Chunk"
+
+
+def test_ogg_holding_opus_falls_back_to_sniffing(media: Path) -> None:
+    info = read_track(media, "opus-inside.ogg")
+    assert info.error is None
+    assert (info.format, info.codec, info.title) == ("ogg", "opus", "Opus In Ogg")
+
+
+def test_alac_codec(media: Path) -> None:
+    info = read_track(media, "alac.m4a")
+    assert info.codec == "alac"
+    assert info.bitrate is not None and info.bitrate > 0
+
+
+def test_wav_id3_wins_over_riff_info_field_by_field(media: Path, tmp_path: Path) -> None:
+    wav = put(media / "tagged.wav", tmp_path / "both.wav")
+    wave_cls: Any = WAVE  # mutagen is untyped
+    frame_cls: Any = TIT2
+    audio = wave_cls(wav)
+    audio.add_tags()
+    audio.tags.add(frame_cls(encoding=3, text=["ID3 Title"]))
+    audio.save()
+    info = read_track(tmp_path, "both.wav")
+    assert info.title == "ID3 Title"  # from ID3
+    assert (info.artist, info.album, info.track) == ("Thé Artist", "Some Album", 3)  # from INFO
+
+
+def riff(*chunks: bytes) -> bytes:
+    body = b"WAVE" + b"".join(chunks)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def chunk(cid: bytes, data: bytes, pad: bool = True) -> bytes:
+    return cid + struct.pack("<I", len(data)) + data + (b"\0" if pad and len(data) % 2 else b"")
+
+
+FMT = chunk(b"fmt ", struct.pack("<HHIIHH", 1, 2, 8000, 32000, 4, 16))
+
+
+def test_riff_info_without_pad_bytes_and_latin1(tmp_path: Path) -> None:
+    # odd-sized chunks with the pad byte forgotten; a Latin-1 value; LIST after the audio
+    info_list = chunk(
+        b"LIST",
+        b"INFO"
+        + chunk(b"INAM", b"Odd", pad=False)
+        + chunk(b"IART", "Caf\xe9".encode("latin-1"), pad=False)
+        + chunk(b"ITRK", b"07"),
+        pad=False,
+    )
+    (tmp_path / "odd.wav").write_bytes(riff(FMT, chunk(b"data", b"\0" * 32000), info_list))
+    info = read_track(tmp_path, "odd.wav")
+    assert info.error is None
+    assert (info.title, info.artist, info.track) == ("Odd", "Café", 7)
+    assert info.duration == pytest.approx(1.0)
+    assert (info.sample_rate, info.channels, info.codec) == (8000, 2, "pcm_s16le")
+
+
+def test_riff_walker_is_bounded_and_tolerant(tmp_path: Path) -> None:
+    # a LIST bigger than the cap is skipped, not read
+    huge = b"LIST" + struct.pack("<I", 10_000_000) + b"INFO" + chunk(b"INAM", b"Nope")
+    (tmp_path / "huge.wav").write_bytes(riff(FMT, huge))
+    assert read_track(tmp_path, "huge.wav").title == "huge"
+    # a truncated LIST still yields what is complete
+    full = riff(FMT, chunk(b"LIST", b"INFO" + chunk(b"INAM", b"Kept") + chunk(b"IART", b"Lost")))
+    (tmp_path / "cut.wav").write_bytes(full[:-3])
+    cut = read_track(tmp_path, "cut.wav")
+    assert (cut.title, cut.artist) == ("Kept", None)
+    # garbage after the header ends the walk quietly
+    (tmp_path / "junk.wav").write_bytes(riff(FMT) + b"\x01\x02\x03\x04\xff\xff\xff\xff")
+    assert read_track(tmp_path, "junk.wav").title == "junk"
+
+
+def test_track_number_forms() -> None:
+    parse = lib_mod._parse_track
+    assert [parse(v) for v in ("3", "03/10", " 7 ", 5, "x", "", 0, "0/4", True)] == [
+        3, 3, 7, 5, None, None, None, None, None,
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- broken files
+
+
+def make_broken(d: Path, media: Path) -> dict[str, str]:
+    """Broken files in ``d``; returns name -> the phrase its error must contain."""
+    (d / "random.mp3").write_bytes(random.Random(0).randbytes(4096))
+    (d / "empty.flac").write_bytes(b"")
+    (d / "text.wav").write_text("this is not a wave file\n")
+    (d / "truncated.m4a").write_bytes((media / "tagged.m4a").read_bytes()[:2000])
+    return {
+        "random.mp3": "not a valid MP3 file",
+        "empty.flac": "empty",
+        "text.wav": "not a valid WAV file",
+        "truncated.m4a": "not a valid M4A file",
+    }
+
+
+def test_broken_files_get_an_error_not_an_exception(media: Path, tmp_path: Path) -> None:
+    expected = make_broken(tmp_path, media)
+    for name, phrase in expected.items():
+        info = read_track(tmp_path, name)
+        assert info.error is not None, name
+        assert phrase in info.error
+        assert "\n" not in info.error and len(info.error) <= 200
+        assert str(tmp_path) not in info.error
+        assert info.title == name.rsplit(".", 1)[0]
+        assert info.format == name.rsplit(".", 1)[1]
+        assert info.size == (tmp_path / name).stat().st_size
+        assert info.duration is None and info.codec is None
+
+
+def test_broken_files_do_not_stop_the_scan(media: Path, tmp_path: Path) -> None:
+    expected = make_broken(tmp_path, media)
+    put(media / "tagged.mp3", tmp_path / "b" / "good.mp3")
+    put(media / "tagged.flac", tmp_path / "z" / "good.flac")
+    found = {t.path: t for t in scan(tmp_path)}
+    assert set(found) == set(expected) | {"b/good.mp3", "z/good.flac"}
+    assert all(found[n].error for n in expected)
+    assert found["b/good.mp3"].error is None and found["z/good.flac"].error is None
+
+
+def test_read_track_of_a_missing_file_raises(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        read_track(tmp_path, "gone.mp3")
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def test_scan_skips_hidden_part_and_unsupported(media: Path, tmp_path: Path) -> None:
+    mp3 = media / "tagged.mp3"
+    for rel in (
+        "a.mp3",
+        "Loud.MP3",
+        "sub/deeper/c.ogg",
+        ".hidden.mp3",
+        ".dir/x.mp3",
+        "sub/.y.mp3",
+        "down.mp3.part",
+        "notes.txt",
+        "cover.jpg",
+        "noext",
+    ):
+        put(mp3, tmp_path / rel)
+    (tmp_path / "dir.mp3").mkdir()  # a directory with an audio name is not a track
+    found = sorted(paths(scan(tmp_path)))
+    assert found == ["Loud.MP3", "a.mp3", "sub/deeper/c.ogg"]
+    required = {"wav", "mp3", "ogg", "oga", "opus", "flac", "m4a", "mp4", "aac", "aif", "aiff"}
+    assert required | {"wv"} <= SUPPORTED_EXTENSIONS
+
+
+def test_scan_skips_names_that_are_not_utf8_text(media: Path, tmp_path: Path) -> None:
+    data = (media / "tagged.mp3").read_bytes()
+    for raw in (b"caf\xe9.mp3", b"new\nline.mp3", b"ok\xc3\xa9.mp3"):
+        (Path(os.fsdecode(bytes(tmp_path) + b"/" + raw))).write_bytes(data)
+    assert paths(scan(tmp_path)) == ["ok\xe9.mp3"]
+
+
+def test_scan_is_deterministic(media: Path, tmp_path: Path) -> None:
+    for rel in ("b/2.mp3", "a/1.mp3", "c.mp3", "a/0.mp3"):
+        put(media / "tagged.mp3", tmp_path / rel)
+    first = paths(scan(tmp_path))
+    assert first == paths(scan(tmp_path))
+    assert sorted(first) == ["a/0.mp3", "a/1.mp3", "b/2.mp3", "c.mp3"]
+
+
+@pytest.fixture
+def linked_tree(media: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """root/ with symlinks inside and to the outside; returns (root, outside)."""
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    put(media / "tagged.mp3", root / "real" / "song.mp3")
+    put(media / "tagged.flac", root / "other" / "piece.flac")
+    put(media / "tagged.ogg", outside / "secret.ogg")
+    put(media / "tagged.ogg", outside / "dir" / "private.ogg")
+    (root / "alias.mp3").symlink_to(root / "real" / "song.mp3")
+    (root / "aaa-link").symlink_to(root / "other")  # sorts before "other"
+    (root / "hidden-link").symlink_to(root / ".stash")
+    put(media / "tagged.opus", root / ".stash" / "stashed.opus")
+    (root / "escape.ogg").symlink_to(outside / "secret.ogg")
+    (root / "escape-dir").symlink_to(outside / "dir")
+    (root / "real" / "loop").symlink_to(root)
+    (root / "dangling.mp3").symlink_to(root / "nowhere.mp3")
+    return root, outside
+
+
+def test_symlinks_followed_only_inside_root(linked_tree: tuple[Path, Path]) -> None:
+    root, _ = linked_tree
+    found = sorted(paths(scan(root)))
+    # the directory link to "other" is not walked twice: the real name wins;
+    # a link into a hidden directory is followed (its target is inside the root)
+    assert found == [
+        "alias.mp3", "hidden-link/stashed.opus", "other/piece.flac", "real/song.mp3",
+    ]  # fmt: skip
+
+
+def test_open_track_confined(linked_tree: tuple[Path, Path]) -> None:
+    root, outside = linked_tree
+    lib = Library(root)
+    lib.rescan()
+    with lib.open_track(lib.resolve("alias.mp3")) as f:
+        assert f.read() == (root / "real" / "song.mp3").read_bytes()
+    for rel in (
+        "escape.ogg",
+        "escape-dir/private.ogg",
+        "../outside/secret.ogg",
+        str(outside / "secret.ogg"),
+        "dangling.mp3",
+        "real",
+        "nope.mp3",
+        "a\0b",
+    ):
+        with pytest.raises(NotFound):
+            lib.open_track(TrackInfo(path=rel, title="x", format="ogg", size=1))
+    with pytest.raises(NotFound):
+        open_confined(root, "real/../../outside/secret.ogg")
+
+
+def test_open_track_of_a_vanished_file(media: Path, tmp_path: Path) -> None:
+    put(media / "tagged.mp3", tmp_path / "a.mp3")
+    lib = Library(tmp_path)
+    lib.rescan()
+    track = lib.resolve("a.mp3")
+    (tmp_path / "a.mp3").unlink()
+    with pytest.raises(NotFound):
+        lib.open_track(track)
+
+
+def test_open_confined_refuses_fifo(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.mp3")
+    with pytest.raises(NotFound):
+        open_confined(tmp_path, "pipe.mp3")  # must not hang waiting for a writer
+    assert paths(scan(tmp_path)) == []
+
+
+def test_unreadable_directory_is_skipped(
+    media: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    put(media / "tagged.mp3", tmp_path / "locked" / "x.mp3")
+    put(media / "tagged.mp3", tmp_path / "open" / "y.mp3")
+    real_scandir = os.scandir
+
+    def scandir(path: str) -> object:
+        if os.path.basename(path) == "locked":
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    assert paths(scan(tmp_path)) == ["open/y.mp3"]
+
+
+# --------------------------------------------------------------------------- Library
+
+
+def test_library_root_must_be_a_directory(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        Library(tmp_path / "missing")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="not a directory"):
+        Library(tmp_path / "file")
+    (tmp_path / "link").symlink_to(tmp_path)
+    assert Library(tmp_path / "link").root == tmp_path.resolve()
+
+
+@pytest.fixture
+def music(media: Path, tmp_path: Path) -> Library:
+    layout = {
+        "Beyoncé/Lemonade/01 Formation.mp3": "tagged.mp3",
+        "Beyoncé/Lemonade/02 Sorry.flac": "tagged.flac",
+        "Björk/Homogenic/track.mp3": "tagged.mp3",
+        "Other/Album/track.mp3": "tagged.mp3",
+        "Other/Album/Intro.ogg": "tagged.ogg",
+        "Other/Live/Intro.ogg": "tagged.ogg",
+        "single.wav": "tagged.wav",
+        "Untagged Song.flac": "Untagged Song.flac",
+    }
+    for rel, src in layout.items():
+        put(media / src, tmp_path / rel)
+    lib = Library(tmp_path)
+    assert lib.rescan() == len(layout)
+    return lib
+
+
+def test_tracks_sorted_by_path(music: Library) -> None:
+    got = paths(music.tracks())
+    assert got == sorted(got)
+    assert len(got) == 8
+
+
+def test_resolve_stages(music: Library) -> None:
+    assert music.resolve("Other/Album/track.mp3").path == "Other/Album/track.mp3"  # exact
+    assert music.resolve("./Other//Album/track.mp3").path == "Other/Album/track.mp3"
+    assert music.resolve("02 Sorry.flac").path == "Beyoncé/Lemonade/02 Sorry.flac"  # bare name
+    assert music.resolve("Album/Intro.ogg").path == "Other/Album/Intro.ogg"  # suffix
+    assert music.resolve("homogenic").path == "Björk/Homogenic/track.mp3"  # substring, any case
+    assert music.resolve("single.wav").path == "single.wav"
+    # a suffix must stop at a component boundary: "ack.mp3" is only a substring match
+    with pytest.raises(Ambiguous):
+        music.resolve("ack.mp3")
+
+
+def test_resolve_ambiguous_lists_candidates(music: Library) -> None:
+    with pytest.raises(Ambiguous) as err:
+        music.resolve("track.mp3")
+    assert err.value.candidates == ("Björk/Homogenic/track.mp3", "Other/Album/track.mp3")
+    assert "'track.mp3' matches 2 tracks" in str(err.value)
+    with pytest.raises(Ambiguous) as err:
+        music.resolve("intro")
+    assert err.value.candidates == ("Other/Album/Intro.ogg", "Other/Live/Intro.ogg")
+
+
+def test_resolve_not_found_and_refused(music: Library) -> None:
+    with pytest.raises(NotFound, match="no track matches 'nothing here'"):
+        music.resolve("nothing here")
+    for bad in (
+        "",
+        "/single.wav",
+        "../single.wav",
+        "Other/../single.wav",
+        "sin\0gle.wav",
+        "/",
+        "./",
+    ):
+        with pytest.raises(NotFound):
+            music.resolve(bad)
+
+
+def test_search(music: Library) -> None:
+    def search(q: str | None) -> list[str]:
+        return paths(music.search(q))
+
+    assert search(None) == search("") == search("   ") == paths(music.tracks())
+    assert search("beyonce") == [
+        "Beyoncé/Lemonade/01 Formation.mp3",
+        "Beyoncé/Lemonade/02 Sorry.flac",
+    ]
+    assert search("BJORK") == ["Björk/Homogenic/track.mp3"]
+    assert search("sorry LEMONADE") == ["Beyoncé/Lemonade/02 Sorry.flac"]
+    assert search("sorry live") == []
+    # tags count as well as paths: every tagged fixture says "Thé Artist"
+    assert len(search("the artist")) == 7
+    assert search("untagged") == ["Untagged Song.flac"]
+
+
+def test_fold() -> None:
+    assert fold("Beyoncé ÅNGSTRÖM Straße ﬁ") == "beyonce angstrom strasse fi"
+
+
+def test_rescan_picks_up_added_and_deleted(music: Library, media: Path) -> None:
+    root = music.root
+    (root / "Other" / "Live" / "Intro.ogg").unlink()
+    put(media / "tagged.opus", root / "New" / "fresh.opus")
+    assert music.rescan() == 8
+    got = paths(music.tracks())
+    assert "Other/Live/Intro.ogg" not in got
+    assert "New/fresh.opus" in got
+    assert music.resolve("intro").path == "Other/Album/Intro.ogg"  # no longer ambiguous
+
+
+def test_rescan_publishes_progress_and_sets_scanning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lib = Library(tmp_path)
+    old = TrackInfo(path="old.mp3", title="old", format="mp3", size=1)
+    lib._snapshot = lib_mod._Snapshot({old.path: old})
+    seen: list[tuple[bool, int, bool]] = []
+    step = Library.PUBLISH_EVERY
+
+    def fake_scan(root: Path) -> Iterator[TrackInfo]:
+        for i in range(3 * step):
+            if i % step == 0:
+                visible = paths(lib.tracks())
+                seen.append((lib.scanning, len(visible), "old.mp3" in visible))
+            yield TrackInfo(path=f"t{i:04}.mp3", title=str(i), format="mp3", size=1)
+
+    monkeypatch.setattr(lib_mod, "scan", fake_scan)
+    assert not lib.scanning
+    assert lib.rescan() == 3 * step
+    # readers saw tracks appear while the old one stayed until the end
+    assert seen == [(True, 1, True), (True, step + 1, True), (True, 2 * step + 1, True)]
+    assert not lib.scanning
+    assert len(lib.tracks()) == 3 * step and lib.search("old") == []
+
+
+def test_scanning_is_reset_when_the_scan_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def failing_scan(root: Path) -> Iterator[TrackInfo]:
+        raise RuntimeError("boom")
+        yield  # pragma: no cover
+
+    monkeypatch.setattr(lib_mod, "scan", failing_scan)
+    lib = Library(tmp_path)
+    with pytest.raises(RuntimeError):
+        lib.rescan()
+    assert lib.scanning is False
+
+
+def test_readers_during_a_threaded_rescan(media: Path, tmp_path: Path) -> None:
+    for i in range(150):
+        put(media / "tagged.mp3", tmp_path / f"d{i % 7}" / f"{i:03}.mp3")
+    lib = Library(tmp_path)
+    worker = threading.Thread(target=lib.rescan)
+    worker.start()
+    while worker.is_alive():  # reads never fail and always see sorted, consistent views
+        got = paths(lib.tracks())
+        assert got == sorted(got)
+        assert len(lib.search("thé")) <= 150
+    worker.join()
+    assert len(lib.tracks()) == 150
+    assert not lib.scanning
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ext=st.sampled_from(sorted(FORMATS)),
+    cut=st.floats(min_value=0.0, max_value=1.0),
+    flip=st.integers(min_value=0, max_value=10_000),
+)
+def test_mangled_files_never_raise(
+    media: Path, tmp_path: Path, ext: str, cut: float, flip: int
+) -> None:
+    data = bytearray((media / f"tagged.{ext}").read_bytes())
+    data = data[: int(len(data) * cut)]
+    if data:
+        data[flip % len(data)] ^= 0xFF
+    (tmp_path / f"m.{ext}").write_bytes(bytes(data))
+    info = read_track(tmp_path, f"m.{ext}")
+    assert info.size == len(data)
+    assert info.error is None or "\n" not in info.error
+    TrackInfo.from_wire(info.to_wire())  # always valid on the wire

@@ -1,0 +1,605 @@
+"""The sans-IO protocol: framing, every message, every limit, the state machine.
+
+Every conversation is fed three ways (whole, one byte at a time, and with
+trailing bytes of the next frame), as h11's tests do; hypothesis checks that
+peer bytes can only ever raise RemoteProtocolError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+from collections.abc import Callable, Iterable
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from musiclib.errors import LocalProtocolError, MessageError, RemoteProtocolError
+from musiclib.protocol import (
+    HEADER,
+    KIND_DATA,
+    KIND_MESSAGE,
+    MAX_DATA_SIZE,
+    NEED_DATA,
+    PAGE_BUDGET,
+    Closed,
+    Connection,
+    Data,
+    Error,
+    Event,
+    Hello,
+    InfoReply,
+    InfoRequest,
+    ListEnd,
+    ListRequest,
+    Message,
+    NeedData,
+    Role,
+    State,
+    StreamEnd,
+    StreamRequest,
+    StreamStart,
+    TrackInfo,
+    TrackPage,
+    Welcome,
+    decode_message,
+    encode_message,
+    paginate,
+)
+
+TRACK = TrackInfo(
+    path="Ärtist/Album/01 - Song.flac",
+    title="Song",
+    format="flac",
+    size=1234,
+    artist="Ärtist",
+    album="Album",
+    track=1,
+    duration=12.5,
+    codec="flac",
+    sample_rate=44100,
+    channels=2,
+    bitrate=789000,
+)
+SHA = hashlib.sha256(b"x").hexdigest()
+
+ALL_MESSAGES: list[Message] = [
+    Hello(version=1, client="test/1"),
+    Welcome(version=1, server="musiclib/0", tracks=3, scanning=True),
+    ListRequest(query="song"),
+    ListRequest(),
+    TrackPage(tracks=(TRACK, TrackInfo(path="a.wav", title="a", format="wav", size=0))),
+    ListEnd(count=2, scanning=False),
+    InfoRequest(track="song"),
+    InfoReply(track=TRACK),
+    StreamRequest(track="a/b.mp3", offset=10),
+    StreamStart(path="a/b.mp3", size=100, version="64-1", offset=10, length=90),
+    StreamEnd(sent=90, sha256=SHA),
+    Error(code="ambiguous", message="2 tracks", candidates=("a", "b")),
+    Error(code="bad_request", message="no", fatal=True),
+]
+
+
+def events(conn: Connection) -> list[Event]:
+    """Every event available now, coalescing Data pieces."""
+    out: list[Event] = []
+    while True:
+        event = conn.next_event()
+        if isinstance(event, NeedData):
+            return out
+        if isinstance(event, Data) and out and isinstance(out[-1], Data):
+            out[-1] = Data(out[-1].payload + event.payload)
+        else:
+            out.append(event)
+        if isinstance(event, Closed):
+            return out
+
+
+Feeder = Callable[[Connection, bytes], list[Event]]
+
+
+def feed_whole(conn: Connection, data: bytes) -> list[Event]:
+    conn.receive_data(data)
+    return events(conn)
+
+
+def feed_bytewise(conn: Connection, data: bytes) -> list[Event]:
+    out: list[Event] = []
+    for i in range(len(data)):
+        conn.receive_data(data[i : i + 1])
+        for event in events(conn):
+            if isinstance(event, Data) and out and isinstance(out[-1], Data):
+                out[-1] = Data(out[-1].payload + event.payload)
+            else:
+                out.append(event)
+    return out
+
+
+FEEDERS = [pytest.param(feed_whole, id="whole"), pytest.param(feed_bytewise, id="bytewise")]
+
+
+# A transcript: (sender, what) where ``what`` is a message or a data payload.
+Step = tuple[Role, Message | bytes]
+
+TRANSCRIPT: list[Step] = [
+    (Role.CLIENT, Hello(version=1, client="t")),
+    (Role.SERVER, Welcome(version=1, server="s", tracks=1)),
+    (Role.CLIENT, ListRequest(query="x")),
+    (Role.SERVER, TrackPage(tracks=(TRACK,))),
+    (Role.SERVER, ListEnd(count=1)),
+    (Role.CLIENT, InfoRequest(track="x")),
+    (Role.SERVER, Error(code="not_found", message="no")),
+    (Role.CLIENT, StreamRequest(track="a", offset=2)),
+    (Role.SERVER, StreamStart(path="a", size=10, version="v", offset=2, length=8)),
+    (Role.SERVER, b"abcde"),
+    (Role.SERVER, b"fgh"),
+    (Role.SERVER, StreamEnd(sent=8, sha256=SHA)),
+    (Role.CLIENT, ListRequest()),
+    (Role.SERVER, ListEnd(count=0, scanning=True)),
+]
+
+
+def _send(conn: Connection, what: Message | bytes) -> bytes:
+    if isinstance(what, bytes):
+        return conn.send_data_header(len(what)) + what
+    return conn.send(what)
+
+
+def replay(receiver: Role, feed: Feeder, group: bool = False) -> tuple[list[Event], list[Event]]:
+    """Play TRANSCRIPT into a fresh ``receiver``; return (events seen, events expected).
+
+    The sender's bytes come from a real Connection of the other role; the
+    receiver sends its own side itself, so both state machines stay in step.
+    With ``group``, consecutive frames from the peer arrive in one read.
+    """
+    sender = Connection(Role.SERVER if receiver is Role.CLIENT else Role.CLIENT)
+    conn = Connection(receiver)
+    got: list[Event] = []
+    expected: list[Event] = []
+    pending = b""
+    for who, what in TRANSCRIPT:
+        if who is receiver:
+            if pending:
+                got.extend(feed(conn, pending))
+                pending = b""
+            sender.receive_data(_send(conn, what))
+            events(sender)
+            continue
+        data = _send(sender, what)
+        expected.append(Data(what) if isinstance(what, bytes) else what)
+        if group:
+            pending += data
+        else:
+            got.extend(feed(conn, data))
+    if pending:
+        got.extend(feed(conn, pending))
+    return _merge(got), _merge(expected)
+
+
+def _merge(evs: list[Event]) -> list[Event]:
+    merged: list[Event] = []
+    for event in evs:
+        if isinstance(event, Data) and merged and isinstance(merged[-1], Data):
+            merged[-1] = Data(merged[-1].payload + event.payload)
+        else:
+            merged.append(event)
+    return merged
+
+
+# ---- round trips -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("msg", ALL_MESSAGES, ids=lambda m: type(m).__name__)
+def test_every_message_round_trips(msg: Message) -> None:
+    frame = encode_message(msg)
+    kind, length = HEADER.unpack_from(frame)
+    assert (kind, length) == (KIND_MESSAGE, len(frame) - HEADER.size)
+    assert decode_message(frame[HEADER.size :]) == msg
+
+
+def test_track_info_round_trips_and_leaves_out_none() -> None:
+    wire = TRACK.to_wire()
+    assert "sha256" not in wire and "error" not in wire
+    assert TrackInfo.from_wire(wire) == TRACK
+    assert TrackInfo.from_wire({**wire, "future_field": [1, 2]}) == TRACK
+
+
+@pytest.mark.parametrize("group", [False, True], ids=["frame-by-frame", "with-trailing"])
+@pytest.mark.parametrize("feed", FEEDERS)
+@pytest.mark.parametrize("receiver", [Role.CLIENT, Role.SERVER], ids=lambda r: r.value)
+def test_whole_conversation(receiver: Role, feed: Feeder, group: bool) -> None:
+    got, expected = replay(receiver, feed, group)
+    assert got == expected
+    assert len(expected) > 3
+
+
+def test_trailing_bytes_stay_buffered_for_the_next_event() -> None:
+    server = Connection(Role.SERVER)
+    hello = encode_message(Hello(version=1))
+    request = encode_message(ListRequest(query="q"))
+    server.receive_data(hello + request[:3])
+    assert server.next_event() == Hello(version=1)
+    assert server.next_event() is NEED_DATA
+    assert server.trailing_data == (request[:3], False)
+    server.send(Welcome(version=1, server="s"))
+    server.receive_data(request[3:])
+    assert server.next_event() == ListRequest(query="q")
+
+
+def test_request_split_across_reads_and_two_requests_in_one_read() -> None:
+    server = Connection(Role.SERVER)
+    data = encode_message(Hello(version=1)) + encode_message(ListRequest())
+    server.receive_data(data[:2])
+    assert server.next_event() is NEED_DATA
+    server.receive_data(data[2:])
+    assert server.next_event() == Hello(version=1)
+    server.send(Welcome(version=1, server="s"))
+    assert server.next_event() == ListRequest()
+
+
+def test_data_frames_are_handed_out_as_they_arrive() -> None:
+    client = _client_in_stream(length=10)
+    client.receive_data(HEADER.pack(KIND_DATA, 10) + b"abc")
+    assert client.next_event() == Data(b"abc")
+    assert client.next_event() is NEED_DATA
+    client.receive_data(b"defghij")
+    assert client.next_event() == Data(b"defghij")
+    client.receive_data(encode_message(StreamEnd(sent=10)))
+    assert client.next_event() == StreamEnd(sent=10)
+    assert client.state is State.IDLE
+
+
+def test_unknown_length_stream() -> None:
+    client = _client_in_stream(length=None)
+    client.receive_data(HEADER.pack(KIND_DATA, 3) + b"abc" + encode_message(StreamEnd(sent=3)))
+    assert events(client) == [Data(b"abc"), StreamEnd(sent=3)]
+
+
+def _client_in_stream(length: int | None, size: int = 10) -> Connection:
+    client = Connection(Role.CLIENT)
+    client.send(Hello(version=1))
+    client.receive_data(encode_message(Welcome(version=1, server="s")))
+    assert isinstance(client.next_event(), Welcome)
+    client.send(StreamRequest(track="a"))
+    client.receive_data(
+        encode_message(StreamStart(path="a", size=size, version="v", length=length))
+    )
+    assert isinstance(client.next_event(), StreamStart)
+    return client
+
+
+# ---- limits --------------------------------------------------------------
+
+
+def test_oversized_message_is_refused_before_its_body_arrives() -> None:
+    server = Connection(Role.SERVER, max_message_size=100)
+    server.receive_data(HEADER.pack(KIND_MESSAGE, 101))  # header only, no body
+    with pytest.raises(RemoteProtocolError, match="exceeds the limit"):
+        server.next_event()
+    assert server.state is State.ERROR
+    with pytest.raises(RemoteProtocolError):
+        server.next_event()
+
+
+def test_message_at_exactly_the_limit_is_accepted() -> None:
+    msg = Hello(version=1, client="x" * 50)
+    frame = encode_message(msg)
+    server = Connection(Role.SERVER, max_message_size=len(frame) - HEADER.size)
+    server.receive_data(frame)
+    assert server.next_event() == msg
+
+
+def test_oversized_data_frame_is_refused_before_its_body_arrives() -> None:
+    client = _client_in_stream(length=None)
+    client.max_data_size = 1000
+    client.receive_data(HEADER.pack(KIND_DATA, 1001))
+    with pytest.raises(RemoteProtocolError, match="exceeds the limit"):
+        client.next_event()
+
+
+def test_giant_length_prefix() -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(HEADER.pack(KIND_MESSAGE, 0xFFFFFFFF))
+    with pytest.raises(RemoteProtocolError):
+        server.next_event()
+
+
+def test_more_payload_than_announced_is_refused() -> None:
+    client = _client_in_stream(length=4)
+    client.receive_data(HEADER.pack(KIND_DATA, 5) + b"12345")
+    with pytest.raises(RemoteProtocolError, match="exceed"):
+        client.next_event()
+
+
+def test_stream_end_short_or_miscounted_is_refused() -> None:
+    client = _client_in_stream(length=4)
+    client.receive_data(HEADER.pack(KIND_DATA, 3) + b"123" + encode_message(StreamEnd(sent=3)))
+    with pytest.raises(RemoteProtocolError, match="short"):
+        events(client)
+    client = _client_in_stream(length=None)
+    client.receive_data(HEADER.pack(KIND_DATA, 3) + b"123" + encode_message(StreamEnd(sent=4)))
+    with pytest.raises(RemoteProtocolError, match="says 4 bytes"):
+        events(client)
+
+
+def test_empty_data_frame_is_refused() -> None:
+    client = _client_in_stream(length=4)
+    client.receive_data(HEADER.pack(KIND_DATA, 0))
+    with pytest.raises(RemoteProtocolError, match="empty"):
+        client.next_event()
+
+
+def test_pages_respect_the_budget_and_keep_every_track() -> None:
+    tracks = [
+        TrackInfo(path=f"artist/album/{i:05d}.flac", title="t" * 50, format="flac", size=i)
+        for i in range(3000)
+    ]
+    pages = list(paginate(tracks))
+    assert len(pages) > 1
+    assert [t for p in pages for t in p.tracks] == tracks
+    for page in pages:
+        assert len(encode_message(page)) <= PAGE_BUDGET + 64
+    assert list(paginate([])) == []
+
+
+# ---- the state machine ----------------------------------------------------
+
+
+def test_local_misuse_raises_local_errors() -> None:
+    client = Connection(Role.CLIENT)
+    with pytest.raises(LocalProtocolError, match="not allowed"):
+        client.send(ListRequest())  # before hello
+    with pytest.raises(LocalProtocolError, match="may not send"):
+        client.send(Welcome(version=1, server="s"))
+    with pytest.raises(LocalProtocolError):
+        client.send_data_header(10)
+    with pytest.raises(LocalProtocolError, match="offset"):
+        client.send(StreamRequest(track="a", offset=-1))
+    server = Connection(Role.SERVER)
+    with pytest.raises(LocalProtocolError):
+        server.send(Welcome(version=1, server="s"))  # before hello arrived
+
+
+def test_server_may_not_send_more_payload_than_announced() -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(encode_message(Hello(version=1)) + encode_message(StreamRequest("a")))
+    assert isinstance(server.next_event(), Hello)
+    server.send(Welcome(version=1, server="s"))
+    assert isinstance(server.next_event(), StreamRequest)
+    server.send(StreamStart(path="a", size=4, version="v", length=4))
+    server.send_data_header(4)
+    with pytest.raises(LocalProtocolError):
+        server.send_data_header(1)
+    with pytest.raises(LocalProtocolError, match="says 3"):
+        server.send(StreamEnd(sent=3))
+    server.send(StreamEnd(sent=4))
+    assert server.state is State.IDLE
+
+
+def test_peer_speaking_out_of_turn_raises_remote_errors() -> None:
+    client = Connection(Role.CLIENT)
+    client.send(Hello(version=1))
+    client.receive_data(encode_message(ListEnd(count=0)))  # before welcome
+    with pytest.raises(RemoteProtocolError, match="not allowed"):
+        client.next_event()
+    server = Connection(Role.SERVER)
+    server.receive_data(encode_message(Welcome(version=1, server="s")))
+    with pytest.raises(RemoteProtocolError, match="may not send"):
+        server.next_event()
+
+
+def test_bad_request_keeps_the_connection_usable() -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(encode_message(Hello(version=1)))
+    server.next_event()
+    server.send(Welcome(version=1, server="s"))
+    bad = msgpack.packb({"type": "stream", "track": 42})
+    unknown = msgpack.packb({"type": "dance"})
+    garbage = b"\xc1\xc1"
+    for body in (bad, unknown, garbage, msgpack.packb([1, 2])):
+        server.receive_data(HEADER.pack(KIND_MESSAGE, len(body)) + body)
+        with pytest.raises(MessageError):
+            server.next_event()
+        assert server.state is State.IDLE
+        server.send(Error(code="bad_request", message="bad"))
+    server.receive_data(encode_message(ListRequest()))
+    assert server.next_event() == ListRequest()
+
+
+def test_a_bad_hello_is_fatal() -> None:
+    server = Connection(Role.SERVER)
+    body = msgpack.packb({"type": "hello", "version": "one"})
+    server.receive_data(HEADER.pack(KIND_MESSAGE, len(body)) + body)
+    with pytest.raises(RemoteProtocolError) as info:
+        server.next_event()
+    assert not isinstance(info.value, MessageError)
+
+
+def test_unknown_frame_kind_is_fatal() -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(b"LIST\r\n")
+    with pytest.raises(RemoteProtocolError, match="frame kind"):
+        server.next_event()
+    assert server.state is State.ERROR
+
+
+def test_data_from_a_client_is_fatal() -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(HEADER.pack(KIND_DATA, 1) + b"x")
+    with pytest.raises(RemoteProtocolError, match="outside of a stream"):
+        server.next_event()
+
+
+def test_fatal_error_closes_and_an_error_ends_a_stream() -> None:
+    client = _client_in_stream(length=10)
+    client.receive_data(HEADER.pack(KIND_DATA, 2) + b"ab" + encode_message(Error("changed", "x")))
+    assert events(client) == [Data(b"ab"), Error("changed", "x")]
+    assert client.state is State.IDLE
+    client.send(ListRequest())
+    client.receive_data(encode_message(Error("internal", "bye", fatal=True)))
+    assert events(client) == [Error("internal", "bye", fatal=True)]
+    assert client.state is State.CLOSED
+    with pytest.raises(LocalProtocolError):
+        client.send(ListRequest())
+
+
+def test_end_of_file() -> None:
+    client = Connection(Role.CLIENT)
+    client.send(Hello(version=1))
+    client.receive_data(b"")
+    assert client.next_event() == Closed()
+    assert client.state is State.CLOSED
+    with pytest.raises(LocalProtocolError):
+        client.receive_data(b"more")
+    partial = Connection(Role.CLIENT)
+    partial.send(Hello(version=1))
+    partial.receive_data(encode_message(Welcome(version=1, server="s"))[:4])
+    partial.receive_data(b"")
+    with pytest.raises(RemoteProtocolError, match="closed in a frame header"):
+        partial.next_event()
+    mid = _client_in_stream(length=10)
+    mid.receive_data(HEADER.pack(KIND_DATA, 10) + b"abc")
+    mid.receive_data(b"")
+    assert mid.next_event() == Data(b"abc")
+    with pytest.raises(RemoteProtocolError, match="middle of a data frame"):
+        mid.next_event()
+
+
+def test_data_header_bounds() -> None:
+    server = Connection(Role.SERVER)
+    server.receive_data(encode_message(Hello(version=1)) + encode_message(StreamRequest("a")))
+    server.next_event()
+    server.send(Welcome(version=1, server="s"))
+    server.next_event()
+    server.send(StreamStart(path="a", size=2 * MAX_DATA_SIZE, version="v", length=None))
+    with pytest.raises(LocalProtocolError):
+        server.send_data_header(0)
+    with pytest.raises(LocalProtocolError):
+        server.send_data_header(MAX_DATA_SIZE + 1)
+    assert len(server.send_data_header(MAX_DATA_SIZE)) == HEADER.size
+
+
+@pytest.mark.parametrize(
+    "msg",
+    [
+        StreamStart(path="a", size=10, version="v", offset=5, length=6),
+        StreamStart(path="a", size=-1, version="v"),
+        StreamEnd(sent=1, sha256="ABC"),
+        StreamEnd(sent=-1),
+        Hello(version=0),
+    ],
+)
+def test_invalid_field_values(msg: Message) -> None:
+    assert msg.problem()
+    with pytest.raises(MessageError):
+        decode_message(encode_message(msg)[HEADER.size :])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"type": "hello", "version": True},
+        {"type": "hello", "version": 1.0},
+        {"type": "hello"},
+        {"type": "tracks", "tracks": "nope"},
+        {"type": "tracks", "tracks": [{"path": "a"}]},
+        {"type": "tracks", "tracks": [[1]]},
+        {"type": "error", "code": "x", "message": "y", "candidates": [1]},
+        {"type": 7},
+        {"no_type": 1},
+    ],
+)
+def test_wrong_field_types(data: dict[str, object]) -> None:
+    with pytest.raises(MessageError):
+        decode_message(msgpack.packb(data))
+
+
+def test_trailing_bytes_inside_a_message_body_are_refused() -> None:
+    body = msgpack.packb({"type": "list"}) + b"\x00"
+    with pytest.raises(MessageError):
+        decode_message(body)
+
+
+# ---- properties ------------------------------------------------------------
+
+messages = st.sampled_from(ALL_MESSAGES)
+
+
+def _feed_all(conn: Connection, chunks: Iterable[bytes]) -> list[Event]:
+    out: list[Event] = []
+    for chunk in chunks:
+        if chunk:  # b"" would mean end of file
+            conn.receive_data(chunk)
+            out.extend(events(conn))
+    return _merge(out)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=2048), st.sampled_from([Role.CLIENT, Role.SERVER]))
+def test_random_bytes_only_raise_remote_errors(data: bytes, role: Role) -> None:
+    conn = Connection(role)
+    if role is Role.CLIENT:
+        conn.send(Hello(version=1))
+    try:
+        conn.receive_data(data)
+        conn.receive_data(b"")
+        for _ in range(len(data) + 2):
+            if isinstance(conn.next_event(), (Closed, NeedData)):
+                break
+    except RemoteProtocolError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data(), st.sampled_from([Role.CLIENT, Role.SERVER]))
+def test_any_split_of_a_valid_stream_gives_the_same_events(
+    data: st.DataObject, receiver: Role
+) -> None:
+    def feed_split(conn: Connection, chunk: bytes) -> list[Event]:
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(chunk)), max_size=6)))
+        pieces = [chunk[a:b] for a, b in zip([0, *cuts], [*cuts, len(chunk)], strict=True)]
+        return _feed_all(conn, pieces)
+
+    got, expected = replay(receiver, feed_split, group=True)
+    assert got == expected
+
+
+text = st.text(max_size=40)
+opt_int = st.none() | st.integers(0, 2**40)
+tracks = st.builds(
+    TrackInfo,
+    path=text,
+    title=text,
+    format=text,
+    size=st.integers(0, 2**53),
+    artist=st.none() | text,
+    duration=st.none() | st.floats(0, 1e6, allow_nan=False),
+    sample_rate=opt_int,
+)
+generated_messages = st.one_of(
+    st.builds(Hello, version=st.integers(1, 2**31), client=text),
+    st.builds(ListRequest, query=st.none() | text),
+    st.builds(TrackPage, tracks=st.lists(tracks, max_size=5).map(tuple)),
+    st.builds(StreamRequest, track=text, offset=st.integers(0, 2**62)),
+    st.builds(Error, code=text, message=text, candidates=st.lists(text, max_size=4).map(tuple)),
+    st.builds(InfoReply, track=tracks),
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(generated_messages)
+def test_generated_messages_round_trip(msg: Message) -> None:
+    assert decode_message(encode_message(msg)[HEADER.size :]) == msg
+
+
+def test_protocol_module_imports_no_io_libraries() -> None:
+    code = (
+        "import sys, musiclib.protocol; "
+        "bad = [m for m in ('trio', 'socket', 'asyncio', 'musiclib.server', 'musiclib.client') "
+        "if m in sys.modules]; print(bad)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
