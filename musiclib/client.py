@@ -176,8 +176,9 @@ class Client:
 class StreamReader:
     """One stream reply: ``start`` once entered, then chunks, then ``end``.
 
-    Leaving the ``async with`` block before the stream ends closes the
-    connection, because the rest of the reply cannot be skipped.
+    Leaving the ``async with`` block before the reply ends closes the
+    connection, because the rest of the reply cannot be skipped; a reply that
+    ended (also with an error) leaves the connection usable.
     """
 
     def __init__(self, client: Client, request: StreamRequest) -> None:
@@ -200,7 +201,7 @@ class StreamReader:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self.end is None:
+        if self._client._conn.state is not State.IDLE:  # reply unfinished: cannot skip it
             await self._client.aclose()
 
     def __aiter__(self) -> AsyncIterator[bytes]:

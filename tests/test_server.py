@@ -1,0 +1,317 @@
+"""The server and client shells over trio.testing memory streams: no port, no wall time.
+
+Each test wires a real :class:`Server` handler to a real :class:`Client`
+through an in-memory stream pair, so everything but the socket is exercised;
+timeouts run on pytest-trio's ``autojump_clock``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgpack
+import pytest
+import trio
+import trio.testing
+
+from musiclib.client import Client
+from musiclib.errors import (
+    Ambiguous,
+    BadRequest,
+    Changed,
+    ConnectionLost,
+    InternalError,
+    NotFound,
+    UnsupportedVersion,
+)
+from musiclib.library import Library
+from musiclib.protocol import (
+    HEADER,
+    KIND_MESSAGE,
+    Connection,
+    Error,
+    Hello,
+    Role,
+    Welcome,
+    encode_message,
+)
+from musiclib.server import Server, ServerConfig
+
+CONTENT = {
+    "Artist/Album/01 - One.mp3": os.urandom(700_000),
+    "Artist/Album/02 - Two.flac": os.urandom(1000),
+    "Other/three.ogg": b"",
+}
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    for rel, data in CONTENT.items():
+        path = tmp_path / "lib" / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    return tmp_path / "lib"
+
+
+@pytest.fixture
+def server(root: Path) -> Server:
+    library = Library(root)
+    library.rescan()
+    return Server(library, ServerConfig(root=root, chunk_size=64 * 1024))
+
+
+@asynccontextmanager
+async def connected(server: Server, *, handshake: bool = True) -> AsyncIterator[Client]:
+    """A Client talking to ``server.handle`` through a memory stream pair."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle, server_stream, "memory")
+        client = Client(client_stream, timeout=60)
+        if handshake:
+            await client.handshake()
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
+
+async def download(client: Client, track: str, offset: int = 0) -> tuple[bytes, str | None]:
+    async with client.stream(track, offset) as stream:
+        data = b"".join([chunk async for chunk in stream])
+        assert stream.end is not None
+        return data, stream.end.sha256
+
+
+async def test_handshake_states_the_library(server: Server) -> None:
+    async with connected(server) as client:
+        assert client.welcome == Welcome(
+            version=1, server=client.welcome.server if client.welcome else "", tracks=3
+        )
+        assert client.welcome is not None and client.welcome.server.startswith("musiclib/")
+
+
+async def test_list_and_query(server: Server) -> None:
+    async with connected(server) as client:
+        tracks, end = await client.list()
+        assert [t.path for t in tracks] == sorted(CONTENT)
+        assert end.count == 3 and not end.scanning
+        sizes = {t.path: t.size for t in tracks}
+        assert sizes == {k: len(v) for k, v in CONTENT.items()}
+        assert all(t.error for t in tracks)  # random bytes: listed with a reason
+        tracks, end = await client.list("album")
+        assert [t.path for t in tracks] == sorted(CONTENT)[:2]
+
+
+async def test_stream_whole_file_and_several_requests_on_one_connection(server: Server) -> None:
+    async with connected(server) as client:
+        for name, data in CONTENT.items():
+            got, sha = await download(client, name)
+            assert got == data
+            assert sha == hashlib.sha256(data).hexdigest()
+        tracks, _ = await client.list()
+        assert len(tracks) == 3
+
+
+async def test_stream_from_an_offset_reports_the_whole_file_checksum(server: Server) -> None:
+    data = CONTENT["Artist/Album/01 - One.mp3"]
+    async with connected(server) as client:
+        async with client.stream("One", 123_457) as stream:
+            assert stream.start is not None
+            assert (stream.start.offset, stream.start.length) == (123_457, len(data) - 123_457)
+            got = b"".join([c async for c in stream])
+        assert got == data[123_457:]
+        assert stream.end is not None
+        assert stream.end.sha256 == hashlib.sha256(data).hexdigest()
+        got, _ = await download(client, "One", len(data) + 10)  # past the end: nothing
+        assert got == b""
+
+
+async def test_name_errors_leave_the_connection_usable(server: Server) -> None:
+    async with connected(server) as client:
+        with pytest.raises(NotFound):
+            await client.info("nothing like it")
+        with pytest.raises(Ambiguous) as info:
+            await client.info("Artist/Album")
+        assert info.value.candidates == tuple(sorted(CONTENT)[:2])
+        with pytest.raises(NotFound):
+            await download(client, "../lib/Other/three.ogg")
+        with pytest.raises(NotFound):
+            await download(client, "/etc/passwd")
+        track = await client.info("two.flac")
+        assert track.path == "Artist/Album/02 - Two.flac"
+
+
+async def test_malformed_request_gets_bad_request_and_the_connection_goes_on(
+    server: Server,
+) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle, server_stream, "memory")
+        conn = Connection(Role.CLIENT)
+        await client_stream.send_all(conn.send(Hello(version=1)))
+        body = msgpack.packb({"type": "stream", "track": 17})
+        await client_stream.send_all(HEADER.pack(KIND_MESSAGE, len(body)) + body)
+        events = await _read_events(client_stream, conn, 2)
+        assert isinstance(events[0], Welcome)
+        assert isinstance(events[1], Error) and events[1].code == "bad_request"
+        assert not events[1].fatal
+        # the server's state went back to idle: a valid request is served
+        client = Client(client_stream)
+        client._conn = conn
+        tracks, _ = await client.list()
+        assert len(tracks) == 3
+        await client.aclose()
+
+
+async def _read_events(stream: trio.abc.Stream, conn: Connection, n: int) -> list[object]:
+    out: list[object] = []
+    while len(out) < n:
+        event = conn.next_event()
+        if type(event).__name__ == "NeedData":
+            conn.receive_data(await stream.receive_some(65536))
+        else:
+            out.append(event)
+    return out
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"LIST\r\n",
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
+        HEADER.pack(KIND_MESSAGE, 0xFFFFFFF0),
+        HEADER.pack(2, 5) + b"hello",
+    ],
+    ids=["course-text-protocol", "http", "giant-length", "data-from-client"],
+)
+async def test_garbage_gets_a_fatal_error_and_a_closed_connection(
+    server: Server, garbage: bytes
+) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle, server_stream, "memory")
+        await client_stream.send_all(garbage)
+        received = b""
+        with trio.fail_after(5):
+            while chunk := await client_stream.receive_some(65536):
+                received += chunk
+    conn = Connection(Role.CLIENT)
+    conn.send(Hello(version=1))
+    conn.receive_data(received)
+    event = conn.next_event()
+    assert isinstance(event, Error) and event.fatal and event.code == "bad_request"
+
+
+async def test_unsupported_version_is_refused(server: Server) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle, server_stream, "memory")
+        client = Client(client_stream)
+        await client._stream.send_all(encode_message(Hello(version=99)))
+        client._conn.send(Hello(version=99))
+        with pytest.raises(UnsupportedVersion, match="version 99"):
+            await client._reply_event()
+
+
+async def test_idle_and_handshake_timeouts(server: Server, autojump_clock: object) -> None:
+    server.config.idle_timeout = 30
+    server.config.handshake_timeout = 5
+    async with connected(server) as client:
+        start = trio.current_time()
+        await trio.sleep(31)
+        with pytest.raises(ConnectionLost):
+            await client.list()
+        assert trio.current_time() - start >= 30
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(server.handle, server_stream, "memory")
+        start = trio.current_time()
+        assert await client_stream.receive_some(10) == b""  # closed without a hello
+        assert 5 <= trio.current_time() - start < 6
+
+
+async def test_a_reader_that_stops_is_dropped_after_the_send_timeout(
+    server: Server, autojump_clock: object
+) -> None:
+    server.config.send_timeout = 10
+    client_stream, server_stream = trio.testing.lockstep_stream_pair()
+    done = trio.Event()
+
+    async def serve_one() -> None:
+        await server.handle(server_stream, "memory")
+        done.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve_one)
+        client = Client(client_stream)
+        await client.handshake()
+        async with client.stream("One") as stream:
+            await stream.__anext__()  # one chunk, then stop reading
+            start = trio.current_time()
+            await done.wait()
+            assert trio.current_time() - start >= 10
+
+
+async def test_a_file_that_shrinks_mid_stream_ends_with_changed(server: Server) -> None:
+    path = server.library.root / "Artist/Album/01 - One.mp3"
+    async with connected(server) as client:
+        with pytest.raises(Changed, match="shrank"):
+            async with client.stream("One") as stream:
+                async for _ in stream:
+                    os.truncate(path, 100_000)
+        got, _ = await download(client, "Two")  # the connection is still usable
+        assert got == CONTENT["Artist/Album/02 - Two.flac"]
+
+
+async def test_a_bug_in_a_handler_reaches_the_client_as_internal_error(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(query: str | None) -> list[object]:
+        raise RuntimeError("boom")
+
+    async with connected(server) as good:
+        monkeypatch.setattr(server.library, "search", broken)
+        async with connected(server) as victim:
+            with pytest.raises(InternalError):
+                await victim.list()
+        monkeypatch.undo()
+        tracks, _ = await good.list()  # everyone else is still served
+        assert len(tracks) == 3
+
+
+async def test_clients_are_served_concurrently(server: Server) -> None:
+    data = CONTENT["Artist/Album/01 - One.mp3"]
+    results: list[bytes] = []
+
+    async def fetch() -> None:
+        async with connected(server) as client:
+            results.append((await download(client, "One"))[0])
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(5):
+            nursery.start_soon(fetch)
+    assert results == [data] * 5
+
+
+async def test_stop_closes_idle_connections_and_lets_streams_finish(server: Server) -> None:
+    data = CONTENT["Artist/Album/01 - One.mp3"]
+    async with connected(server) as idle, connected(server) as busy:
+        async with busy.stream("One") as stream:
+            first = await stream.__anext__()
+            server.stop()
+            rest = b"".join([c async for c in stream])
+        assert first + rest == data  # the running stream finished
+        with pytest.raises(ConnectionLost):
+            await idle.list()
+
+
+async def test_bad_request_error_class(server: Server) -> None:
+    async with connected(server) as client:
+        await client._stream.send_all(HEADER.pack(KIND_MESSAGE, 1) + b"\xc1")
+        client._conn.send(__import__("musiclib.protocol").protocol.ListRequest())
+        with pytest.raises(BadRequest):
+            await client._reply_event()
