@@ -16,14 +16,18 @@ import shutil
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from cyclopts import App, Parameter
 
 from . import __version__
 from .client import DEFAULT_SERVER, open_client
-from .errors import MusiclibError, PlayerNotFound, UsageError, collapse
+from .errors import MusiclibError, PlayerError, PlayerNotFound, UsageError, collapse
 from .protocol import TrackInfo
+
+if TYPE_CHECKING:
+    from . import fetch
+    from .fetch import Decoding
 
 app = App(
     name="musiclib",
@@ -48,6 +52,58 @@ class ClientOptions:
 
 
 _DEFAULT_CLIENT = ClientOptions()
+
+
+@Parameter(name="*")
+@dataclass
+class DecodeOptions:
+    """Options of decoded streams (``--decode``)."""
+
+    decode: Annotated[bool, Parameter(negative="")] = False
+    """Stream decoded samples (through the server's ffmpeg) instead of the original bytes."""
+
+    format: Literal["wav", "s16le", "f32le"] = "wav"
+    """With --decode: a WAV file, or bare interleaved samples (s16le, f32le)."""
+
+    sample_format: Literal["s16le", "f32le"] = "s16le"
+    """With --decode --format wav: 16-bit PCM or 32-bit IEEE float samples."""
+
+    rate: int | None = None
+    """With --decode: sample rate in Hz (default: the source's)."""
+
+    channels: int | None = None
+    """With --decode: channel count (default: the source's)."""
+
+    start: float = 0.0
+    """With --decode: start this many seconds into the track."""
+
+    duration: float | None = None
+    """With --decode: stop after this many seconds."""
+
+    realtime: Annotated[bool, Parameter(negative="")] = False
+    """With --decode: a short burst, then playback speed, like a live source."""
+
+    def decoding(self) -> Decoding | None:
+        """The Decoding asked for, or None; decode options without --decode are refused."""
+        from .fetch import Decoding
+
+        if not self.decode:
+            if self != DecodeOptions():
+                raise UsageError("--format, --rate, --channels, --start, --duration and "
+                                 "--realtime need --decode")
+            return None
+        return Decoding(
+            output=self.format,
+            sample_format=self.sample_format,
+            sample_rate=self.rate,
+            channels=self.channels,
+            start=self.start,
+            duration=self.duration,
+            realtime=self.realtime,
+        )
+
+
+_DEFAULT_DECODE = DecodeOptions()
 
 
 def _setup_logging(level: str, server: bool) -> None:
@@ -119,24 +175,28 @@ async def get(
     *,
     save: Annotated[bool, Parameter(negative="")] = False,
     output: Annotated[Path | None, Parameter(name=["--output", "-o"])] = None,
+    audio: DecodeOptions = _DEFAULT_DECODE,
     options: ClientOptions = _DEFAULT_CLIENT,
 ) -> int:
-    """Download a track's original bytes: to a file, or to standard output.
+    """Download a track: its original bytes, or decoded samples with --decode.
 
     Saving goes to FILE.part first and is renamed once verified; running the
-    same command again resumes an interrupted download.
+    same command again resumes an interrupted download of original bytes.
+    Without --save or -o the stream goes to standard output.
 
     Parameters
     ----------
     track
         Path relative to the library root, a file name, or any unambiguous part of a path.
     save
-        Save into the current folder under the track's own file name.
+        Save into the current folder under the track's own name (with --decode, its new
+        extension).
     output
-        Save to this path.
+        Save to this path (a folder: under the track's own name).
     """
     from . import fetch
 
+    decoding = audio.decoding()
     if not save and output is None and sys.stdout.isatty():
         raise UsageError(
             "refusing to write audio to a terminal: use --save, -o PATH, or redirect the output"
@@ -144,18 +204,23 @@ async def get(
     async with open_client(options.server, timeout=options.timeout) as client:
         if save or output is not None:
             info = await client.info(track)
-            dest = _destination(info, save, output)
-            outcome = await fetch.save(client, info.path, dest)
-            log.info(
-                "saved %s to %s (%d bytes%s, sha256 verified)",
-                outcome.path,
-                dest,
-                outcome.size,
-                f", resumed at byte {outcome.resumed_from}" if outcome.resumed_from else "",
-            )
+            dest = _destination(info, output, decoding)
+            outcome = await fetch.save(client, info.path, dest, decoding=decoding)
+            _report_saved(outcome, dest)
         else:
-            await fetch.pipe(client, track, sys.stdout.buffer)
+            await fetch.pipe(client, track, sys.stdout.buffer, decoding=decoding)
     return 0
+
+
+def _report_saved(outcome: fetch.Outcome, dest: Path) -> None:
+    if outcome.frames is not None:
+        log.info("saved %s to %s (%d sample frames)", outcome.path, dest, outcome.frames)
+    else:
+        resumed = f", resumed at byte {outcome.resumed_from}" if outcome.resumed_from else ""
+        log.info(
+            "saved %s to %s (%d bytes%s, sha256 verified)", outcome.path, dest, outcome.size,
+            resumed,
+        )
 
 
 @app.command
@@ -165,26 +230,34 @@ async def play(
     player: Annotated[str | None, Parameter(env_var="MUSICLIB_PLAYER")] = None,
     save: Annotated[bool, Parameter(negative="")] = False,
     output: Annotated[Path | None, Parameter(name=["--output", "-o"])] = None,
+    audio: DecodeOptions = _DEFAULT_DECODE,
     options: ClientOptions = _DEFAULT_CLIENT,
 ) -> int:
     """Play a track through a media player, optionally saving it at the same time.
+
+    With --decode the player gets a WAV stream decoded by the server (so aplay
+    and paplay work too).
 
     Parameters
     ----------
     track
         Path relative to the library root, a file name, or any unambiguous part of a path.
     player
-        Player command line; mpv, ffplay, vlc/cvlc and mplayer get the arguments that make them
-        read standard input. Default: the first of mpv, ffplay, cvlc on PATH.
+        Player command line; mpv, ffplay, vlc/cvlc and mplayer (and, with --decode, aplay
+        and paplay) get the arguments that make them read standard input.
+        Default: the first of mpv, ffplay, cvlc on PATH.
     save
-        Also save into the current folder under the track's own file name.
+        Also save into the current folder under the track's own name.
     output
         Also save to this path.
     """
     from . import fetch
     from .player import open_player, player_command
 
-    argv = player_command(player)
+    decoding = audio.decoding()
+    if decoding is not None and decoding.output != "wav":
+        raise UsageError("play feeds the player WAV; for raw samples use get --decode --format")
+    argv = player_command(player, decoded=decoding is not None)
     if shutil.which(argv[0]) is None:
         raise PlayerNotFound(
             f"player {argv[0]!r} not found: install it or choose another with --player"
@@ -192,27 +265,30 @@ async def play(
     async with open_client(options.server, timeout=options.timeout) as client:
         if save or output is not None:
             info = await client.info(track)
-            dest = _destination(info, save, output)
+            dest = _destination(info, output, decoding)
             async with open_player(argv) as p:
-                outcome = await fetch.save(client, info.path, dest, player=p)
-            log.info("saved %s to %s (%d bytes, sha256 verified)", outcome.path, dest, outcome.size)
+                outcome = await fetch.save(client, info.path, dest, player=p, decoding=decoding)
+            _report_saved(outcome, dest)
         else:
             async with open_player(argv) as p:
-                outcome = await fetch.pipe(client, track, p)
+                outcome = await fetch.pipe(client, track, p, decoding=decoding)
     if outcome.player_note:
         log.warning("%s", outcome.player_note)
     if outcome.player_status:
         message = p.describe_exit(outcome.player_status)
         if outcome.saved_to is None:
-            raise MusiclibError(message)
+            raise PlayerError(message)
         log.warning("%s", message)
     return 0
 
 
-def _destination(info: TrackInfo, save: bool, output: Path | None) -> Path:
-    if output is not None:
-        return output / PurePosixPath(info.path).name if output.is_dir() else output
-    return Path.cwd() / PurePosixPath(info.path).name
+def _destination(info: TrackInfo, output: Path | None, decoding: Decoding | None) -> Path:
+    name = PurePosixPath(info.path).name
+    if decoding is not None:
+        name = f"{PurePosixPath(name).stem}.{decoding.extension}"
+    if output is None:
+        return Path.cwd() / name
+    return output / name if output.is_dir() else output
 
 
 def format_duration(seconds: float | None) -> str:

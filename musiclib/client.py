@@ -127,6 +127,34 @@ class Client:
         """Ask for ``track``'s original bytes from ``offset``: ``async with client.stream(...)``."""
         return StreamReader(self, StreamRequest(track=track, offset=offset))
 
+    def decode(
+        self,
+        track: str,
+        *,
+        sample_format: str = "s16le",
+        sample_rate: int | None = None,
+        channels: int | None = None,
+        start: float = 0.0,
+        duration: float | None = None,
+        realtime: bool = False,
+    ) -> StreamReader:
+        """Ask for ``track`` decoded to interleaved samples; rate and channels default to
+        the source's. ``async with client.decode(...) as s``: ``s.start`` states the format.
+        """
+        return StreamReader(
+            self,
+            StreamRequest(
+                track=track,
+                mode="decoded",
+                sample_format=sample_format,
+                sample_rate=sample_rate,
+                channels=channels,
+                start=start,
+                duration=duration,
+                pacing="realtime" if realtime else "none",
+            ),
+        )
+
     async def aclose(self) -> None:
         """Close the connection (also in the middle of a stream)."""
         with trio.CancelScope(shield=True):

@@ -1,8 +1,10 @@
 """What ``get`` and ``play`` do with a stream: save it, pipe it, or both at once.
 
-Saving is atomic: bytes go to ``PATH.part``, are checked against the size and
-sha256 the server states at the end of the stream, and only then renamed to
-``PATH``. A ``.part`` left by an interrupted run is resumed from its length.
+Saving is atomic: bytes go to ``PATH.part`` and are renamed to ``PATH`` only
+once verified (original bytes: size and sha256 from the server; decoded
+samples: the frame count the protocol checks, and the WAV header patched to
+the real length). A ``.part`` left by an interrupted original download is
+resumed from its length; decoded output is always written from the start.
 
 Saving and playing at once uses the ``.part`` file itself as the buffer
 between the network and the player: the download writes at network speed and
@@ -22,6 +24,7 @@ import errno
 import hashlib
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -29,8 +32,10 @@ from typing import BinaryIO
 import trio
 
 from .client import Client, StreamReader
-from .errors import IntegrityError, OutputError, single_errors
+from .errors import IntegrityError, OutputError, UsageError, single_errors
 from .player import Player
+from .protocol import SAMPLE_FORMATS, StreamStart
+from .wav import patch_sizes, wav_header
 
 log = logging.getLogger("musiclib.client")
 
@@ -38,6 +43,53 @@ log = logging.getLogger("musiclib.client")
 PLAYER_QUEUE_CHUNKS = 8
 #: bytes read back from a ``.part`` file per write to the player
 PLAYER_READ_SIZE = 64 * 1024
+#: output formats of decoded streams
+OUTPUT_FORMATS = ("wav", *SAMPLE_FORMATS)
+
+
+@dataclass(frozen=True)
+class Decoding:
+    """A decoded stream as the user asked for it, and how to write it out."""
+
+    output: str = "wav"  # "wav", or a raw sample format
+    sample_format: str = "s16le"  # of the samples (also inside a WAV)
+    sample_rate: int | None = None
+    channels: int | None = None
+    start: float = 0.0
+    duration: float | None = None
+    realtime: bool = False
+
+    def __post_init__(self) -> None:
+        if self.output not in OUTPUT_FORMATS:
+            raise UsageError(f"--format must be one of {', '.join(OUTPUT_FORMATS)}")
+        if self.sample_format not in SAMPLE_FORMATS:
+            raise UsageError(f"--sample-format must be one of {', '.join(SAMPLE_FORMATS)}")
+        if self.output != "wav" and self.output != self.sample_format:
+            object.__setattr__(self, "sample_format", self.output)
+
+    @property
+    def extension(self) -> str:
+        """File extension for ``--save``: ``wav``, or the raw format's name."""
+        return self.output
+
+    def open(self, client: Client, track: str) -> StreamReader:
+        """The stream request for ``track``."""
+        return client.decode(
+            track,
+            sample_format=self.sample_format,
+            sample_rate=self.sample_rate,
+            channels=self.channels,
+            start=self.start,
+            duration=self.duration,
+            realtime=self.realtime,
+        )
+
+    def header(self, start: StreamStart, data_bytes: int | None) -> bytes:
+        """What precedes the samples: a WAV header, or nothing for raw output."""
+        if self.output != "wav":
+            return b""
+        assert start.sample_format and start.sample_rate and start.channels
+        return wav_header(start.sample_format, start.sample_rate, start.channels, data_bytes)
 
 
 @dataclass
@@ -48,6 +100,7 @@ class Outcome:
     size: int
     received: int = 0
     resumed_from: int = 0
+    frames: int | None = None
     saved_to: Path | None = None
     player_status: int | None = None
     player_note: str | None = None
@@ -58,16 +111,26 @@ def part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
-def _output_error(exc: OSError, path: Path) -> OutputError:
+def _output_error(exc: OSError, path: Path | str) -> OutputError:
     reasons = {
         errno.ENOSPC: "the disk is full",
+        errno.EDQUOT: "the disk quota is exceeded",
         errno.EACCES: "permission denied",
+        errno.EPERM: "permission denied",
         errno.EROFS: "the file system is read-only",
         errno.ENOENT: "the folder does not exist",
         errno.EISDIR: "it is a directory",
     }
     reason = reasons.get(exc.errno or 0, exc.strerror or str(exc))
     return OutputError(f"cannot write {path}: {reason}")
+
+
+async def _in_thread(path: Path | str, fn: Callable[..., object], *args: object) -> None:
+    """Run a blocking file operation in a worker thread; OSError becomes OutputError."""
+    try:
+        await trio.to_thread.run_sync(fn, *args)
+    except OSError as exc:
+        raise _output_error(exc, path) from None
 
 
 class _Progress:
@@ -91,63 +154,78 @@ class _Progress:
         await self._event.wait()
 
 
+# ---- saving ---------------------------------------------------------------
+
+
 async def save(
     client: Client,
     track: str,
     dest: Path,
     *,
     player: Player | None = None,
+    decoding: Decoding | None = None,
 ) -> Outcome:
-    """Download ``track`` to ``dest`` (resuming ``dest.part``), feeding ``player`` as it goes.
+    """Save ``track`` to ``dest`` through ``dest.part``, feeding ``player`` as it goes.
 
-    A resumed download whose checksum fails is restarted from zero once, since
-    the ``.part`` file may have come from an older version of the track.
+    Original bytes resume an existing ``.part``; a resumed download whose
+    checksum fails is restarted from zero once, since the ``.part`` may have
+    come from an older version of the track.
     """
     part = part_path(dest)
-    try:
-        offset = part.stat().st_size
-    except FileNotFoundError:
-        offset = 0
-    except OSError as exc:
-        raise _output_error(exc, part) from None
+    offset = 0
+    if decoding is None:
+        try:
+            offset = part.stat().st_size
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise _output_error(exc, part) from None
     try:
         with single_errors():
-            return await _save_once(client, track, dest, part, offset, player)
+            return await _save_once(client, track, dest, offset, player, decoding)
     except IntegrityError:
         if offset == 0:
             raise
         log.warning("the resumed download of %s failed its checksum; starting over", track)
     with single_errors():
-        return await _save_once(client, track, dest, part, 0, player)
+        return await _save_once(client, track, dest, 0, player, decoding)
 
 
 async def _save_once(
-    client: Client, track: str, dest: Path, part: Path, offset: int, player: Player | None
+    client: Client,
+    track: str,
+    dest: Path,
+    offset: int,
+    player: Player | None,
+    decoding: Decoding | None,
 ) -> Outcome:
+    part = part_path(dest)
     try:
-        f = await trio.to_thread.run_sync(_open_part, part)
+        f = await trio.to_thread.run_sync(_open_part, part, decoding is not None)
     except OSError as exc:
         raise _output_error(exc, part) from None
     with f:
-        async with client.stream(track, offset) as stream:
-            assert stream.start is not None
+        request = decoding.open(client, track) if decoding else client.stream(track, offset)
+        async with request as stream:
             start = stream.start
-            if start.offset != offset:  # the .part is longer than the file now is
-                await trio.to_thread.run_sync(f.truncate, start.offset)
-            digest = await trio.to_thread.run_sync(_hash_file_prefix, f, start.offset)
-            f.seek(start.offset)
+            assert start is not None
             outcome = Outcome(path=start.path, size=start.size, resumed_from=start.offset)
-            progress = _Progress(start.offset)
+            digest = hashlib.sha256()
+            if decoding is not None:
+                header = decoding.header(start, None)
+                await _in_thread(part, f.write, header)
+            else:
+                if start.offset != offset:  # the .part is longer than the file now is
+                    await _in_thread(part, f.truncate, start.offset)
+                await _in_thread(part, _hash_file_prefix, f, start.offset, digest)
+            progress = _Progress(f.tell())
             async with trio.open_nursery() as nursery:
                 if player is not None:
                     nursery.start_soon(_feed_from_file, part, progress, player, outcome)
                 try:
                     async for chunk in stream:
                         digest.update(chunk)
-                        try:
-                            await trio.to_thread.run_sync(f.write, chunk)
-                        except OSError as exc:
-                            raise _output_error(exc, part) from None
+                        await _in_thread(part, f.write, chunk)
                         outcome.received += len(chunk)
                         progress.advance(len(chunk))
                 finally:
@@ -157,11 +235,12 @@ async def _save_once(
                 except IntegrityError:
                     await trio.to_thread.run_sync(_unlink, part)  # garbage: never resume it
                     raise
-                try:
-                    await trio.to_thread.run_sync(_commit, f, part, dest)
-                except OSError as exc:
-                    raise _output_error(exc, dest) from None
+                if decoding is not None and decoding.output == "wav":
+                    await _in_thread(part, patch_sizes, f, outcome.received)
+                await _in_thread(dest, _commit, f, part, dest)
                 outcome.saved_to = dest
+                if stream.end is not None:
+                    outcome.frames = stream.end.frames
     return outcome
 
 
@@ -191,41 +270,83 @@ async def _feed_from_file(part: Path, progress: _Progress, player: Player, out: 
     out.player_status = await player.finish()
 
 
-async def pipe(client: Client, track: str, sink: Player | BinaryIO) -> Outcome:
+# ---- piping ---------------------------------------------------------------
+
+
+async def pipe(
+    client: Client, track: str, sink: Player | BinaryIO, *, decoding: Decoding | None = None
+) -> Outcome:
     """Stream ``track`` into a player or a binary file object (standard output)."""
     with single_errors():
-        return await _pipe(client, track, sink)
+        return await _pipe(client, track, sink, decoding)
 
 
-async def _pipe(client: Client, track: str, sink: Player | BinaryIO) -> Outcome:
-    async with client.stream(track) as stream:
+async def _pipe(
+    client: Client, track: str, sink: Player | BinaryIO, decoding: Decoding | None
+) -> Outcome:
+    request = decoding.open(client, track) if decoding else client.stream(track)
+    async with request as stream:
         assert stream.start is not None
         outcome = Outcome(path=stream.start.path, size=stream.start.size)
         digest = hashlib.sha256()
+        header = decoding.header(stream.start, None) if decoding else b""
+        # A header can be patched afterwards only in a file we write from its start.
+        patchable = bool(header) and not isinstance(sink, Player) and _position(sink) == 0
         if isinstance(sink, Player):
-            send, receive = trio.open_memory_channel[bytes](PLAYER_QUEUE_CHUNKS)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_drain_to_player, receive, sink, outcome)
-                async with send:
-                    async for chunk in stream:
-                        digest.update(chunk)
-                        outcome.received += len(chunk)
-                        try:
-                            await send.send(chunk)
-                        except trio.BrokenResourceError:  # the player went away
-                            return outcome  # leaving the stream early closes the connection
+            finished = await _pipe_to_player(stream, sink, header, digest, outcome)
         else:
-            async for chunk in stream:
-                digest.update(chunk)
-                outcome.received += len(chunk)
-                try:
-                    await trio.to_thread.run_sync(_write_all, sink, chunk)
-                except BrokenPipeError:
-                    return outcome  # the reader of our output is gone: end quietly
-                except OSError as exc:
-                    raise OutputError(f"cannot write the output: {exc.strerror}") from None
+            finished = await _pipe_to_file(stream, sink, header, digest, outcome)
+        if not finished:
+            return outcome  # leaving the stream early closes the connection
         _verify(stream, digest.hexdigest(), outcome.received)
+        if stream.end is not None:
+            outcome.frames = stream.end.frames
+        if patchable:
+            assert not isinstance(sink, Player)
+            await _in_thread("the output", patch_sizes, sink, outcome.received)
     return outcome
+
+
+async def _pipe_to_player(
+    stream: StreamReader, player: Player, header: bytes, digest: hashlib._Hash, out: Outcome
+) -> bool:
+    """Feed the player through a bounded queue; False if it stopped reading first."""
+    send, receive = trio.open_memory_channel[bytes](PLAYER_QUEUE_CHUNKS)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_drain_to_player, receive, player, out)
+        async with send:
+            try:
+                if header:
+                    await send.send(header)
+                async for chunk in stream:
+                    digest.update(chunk)
+                    out.received += len(chunk)
+                    await send.send(chunk)
+            except trio.BrokenResourceError:  # the player went away
+                return False
+    return True
+
+
+async def _pipe_to_file(
+    stream: StreamReader, sink: BinaryIO, header: bytes, digest: hashlib._Hash, out: Outcome
+) -> bool:
+    """Write to ``sink`` (standard output); False if its reader went away."""
+
+    async def write(data: bytes) -> None:
+        await trio.to_thread.run_sync(_write_all, sink, data)
+
+    try:
+        if header:
+            await write(header)
+        async for chunk in stream:
+            digest.update(chunk)
+            out.received += len(chunk)
+            await write(chunk)
+    except BrokenPipeError:
+        return False  # the reader of our output is gone: end quietly
+    except OSError as exc:
+        raise _output_error(exc, "the output") from None
+    return True
 
 
 async def _drain_to_player(
@@ -240,29 +361,40 @@ async def _drain_to_player(
 
 
 def _verify(stream: StreamReader, sha256: str, length: int) -> None:
-    assert stream.start is not None and stream.end is not None
-    if length != stream.start.size:
+    """Check an original stream's size and checksum (decoded ones: the protocol counted)."""
+    start, end = stream.start, stream.end
+    assert start is not None and end is not None
+    if start.mode != "original":
+        return
+    if length != start.size:
         raise IntegrityError(
-            f"{stream.start.path}: received {length} bytes, the server announced "
-            f"{stream.start.size}"
+            f"{start.path}: received {length} bytes, the server announced {start.size}"
         )
-    if stream.end.sha256 is not None and stream.end.sha256 != sha256:
+    if end.sha256 is not None and end.sha256 != sha256:
         raise IntegrityError(
-            f"{stream.start.path}: sha256 mismatch (got {sha256[:12]}..., "
-            f"the server says {stream.end.sha256[:12]}...)"
+            f"{start.path}: sha256 mismatch (got {sha256[:12]}..., "
+            f"the server says {end.sha256[:12]}...)"
         )
+
+
+def _position(f: BinaryIO) -> int | None:
+    """Where a seekable ``f`` stands (a regular file), or ``None`` (a pipe or terminal)."""
+    try:
+        return f.tell() if f.seekable() else None
+    except (OSError, ValueError):
+        return None
 
 
 # ---- blocking helpers, run in worker threads ------------------------------
 
 
-def _open_part(part: Path) -> BinaryIO:
-    fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o644)
-    return os.fdopen(fd, "r+b")
+def _open_part(part: Path, truncate: bool) -> BinaryIO:
+    flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if truncate else 0)
+    return os.fdopen(os.open(part, flags, 0o644), "r+b")
 
 
-def _hash_file_prefix(f: BinaryIO, length: int) -> hashlib._Hash:
-    digest = hashlib.sha256()
+def _hash_file_prefix(f: BinaryIO, length: int, digest: hashlib._Hash) -> None:
+    """Hash the first ``length`` bytes of ``f`` into ``digest``, leaving ``f`` at ``length``."""
     f.seek(0)
     left = length
     while left:
@@ -271,7 +403,6 @@ def _hash_file_prefix(f: BinaryIO, length: int) -> hashlib._Hash:
             break
         digest.update(chunk)
         left -= len(chunk)
-    return digest
 
 
 def _commit(f: BinaryIO, part: Path, dest: Path) -> None:

@@ -30,15 +30,25 @@ STDIN_ARGS: dict[str, tuple[str, ...]] = {
     "cvlc": ("--play-and-exit", "-"),
     "vlc": ("--play-and-exit", "-"),
     "mplayer": ("-really-quiet", "-"),
+    # these two play only WAV/PCM, so only decoded streams (``--decode``)
+    "aplay": ("-q",),
+    "paplay": (),
 }
+#: players that cannot decode compressed formats themselves
+PCM_ONLY: frozenset[str] = frozenset({"aplay", "paplay"})
 #: tried in this order when no player is named
 DEFAULT_PLAYERS: tuple[str, ...] = ("mpv", "ffplay", "cvlc")
 #: seconds a player gets to exit after SIGTERM before it is killed
 TERMINATE_GRACE = 1.0
 
 
-def player_command(spec: str | None, environ: Mapping[str, str] = os.environ) -> list[str]:
-    """The argv for ``spec`` (a shell-like command line), the environment, or a default."""
+def player_command(
+    spec: str | None, environ: Mapping[str, str] = os.environ, *, decoded: bool = False
+) -> list[str]:
+    """The argv for ``spec`` (a shell-like command line), the environment, or a default.
+
+    ``decoded`` says the player will get a WAV stream rather than original bytes.
+    """
     spec = spec or environ.get("MUSICLIB_PLAYER") or None
     if spec is None:
         for name in DEFAULT_PLAYERS:
@@ -55,6 +65,8 @@ def player_command(spec: str | None, environ: Mapping[str, str] = os.environ) ->
     if not argv:
         raise UsageError("the player command is empty")
     name = PurePath(argv[0]).name.removesuffix(".exe")
+    if name in PCM_ONLY and not decoded:
+        raise UsageError(f"{name} plays only decoded audio: add --decode")
     extra = STDIN_ARGS.get(name, ())
     if extra and argv[-1] not in ("-", "pipe:0", "fd://0"):
         argv.extend(extra)

@@ -115,7 +115,7 @@ class TrackInfo:
     error: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        """The msgpack map for this track; ``None`` fields are left out."""
+        """The msgpack map for this track; fields left at their default are left out."""
         return _to_wire(self)
 
     @classmethod
@@ -209,25 +209,77 @@ class InfoReply(Message):
 
 @dataclass(frozen=True, slots=True)
 class StreamRequest(Message):
-    """Ask for a track's original bytes starting at byte ``offset``."""
+    """Ask for a track: its original bytes from ``offset``, or decoded samples.
+
+    In ``decoded`` mode the server runs the file through a decoder and sends
+    interleaved samples in ``sample_format`` at ``sample_rate`` and
+    ``channels`` (each defaulting to the source's own), from ``start`` seconds
+    for ``duration`` seconds (to the end when absent). ``pacing`` ``realtime``
+    asks for an initial burst and then playback speed, like a live source.
+    """
 
     TYPE: ClassVar[str] = "stream"
     SENDER: ClassVar[Role] = Role.CLIENT
     track: str
     offset: int = 0
+    mode: str = "original"
+    sample_format: str | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    start: float = 0.0
+    duration: float | None = None
+    pacing: str = "none"
 
     def problem(self) -> str | None:
-        return "offset must not be negative" if self.offset < 0 else None
+        if self.offset < 0:
+            return "offset must not be negative"
+        if self.mode not in MODES:
+            return f"mode must be one of {', '.join(MODES)}"
+        if self.pacing not in PACINGS:
+            return f"pacing must be one of {', '.join(PACINGS)}"
+        if self.mode == "original":
+            return None
+        if self.offset:
+            return "offset applies to original streams only; use start"
+        return _audio_problem(self.sample_format, self.sample_rate, self.channels) or (
+            "start must not be negative"
+            if not 0 <= self.start < 1e9
+            else "duration must be positive"
+            if self.duration is not None and not 0 < self.duration < 1e9
+            else None
+        )
+
+
+#: stream modes a request may ask for
+MODES: Final = ("original", "decoded")
+#: pacing choices for decoded streams
+PACINGS: Final = ("none", "realtime")
+#: sample formats of decoded streams, and the bytes one sample takes
+SAMPLE_FORMATS: Final = {"s16le": 2, "f32le": 4}
+#: accepted ranges for decoded streams
+SAMPLE_RATES: Final = range(1000, 384001)
+CHANNELS: Final = range(1, 9)
+
+
+def _audio_problem(fmt: str | None, rate: int | None, channels: int | None) -> str | None:
+    if fmt is not None and fmt not in SAMPLE_FORMATS:
+        return f"sample_format must be one of {', '.join(SAMPLE_FORMATS)}"
+    if rate is not None and rate not in SAMPLE_RATES:
+        return f"sample_rate must be {SAMPLE_RATES.start}..{SAMPLE_RATES.stop - 1}"
+    if channels is not None and channels not in CHANNELS:
+        return f"channels must be {CHANNELS.start}..{CHANNELS.stop - 1}"
+    return None
 
 
 @dataclass(frozen=True, slots=True)
 class StreamStart(Message):
-    """Header of a stream: which file, which version of it, and how many bytes follow.
+    """Header of a stream: which file, which version of it, and what follows.
 
     ``version`` changes whenever the file does (size and modification time),
     so a client can tell whether a partial download belongs to the same file.
     ``length`` is the number of payload bytes that follow, or ``None`` when it
-    is not known in advance.
+    is not known in advance (decoded streams). A decoded stream states its
+    sample format, rate and channels here, before any sample.
     """
 
     TYPE: ClassVar[str] = "stream_start"
@@ -237,23 +289,44 @@ class StreamStart(Message):
     version: str
     offset: int = 0
     length: int | None = None
+    mode: str = "original"
+    sample_format: str | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    start: float | None = None
 
     def problem(self) -> str | None:
         if self.size < 0 or self.offset < 0:
             return "size and offset must not be negative"
         if self.length is not None and not 0 <= self.length <= self.size - self.offset:
-            return "length does not fit between offset and size"
+            if self.mode == "original":
+                return "length does not fit between offset and size"
+        if self.mode not in MODES:
+            return f"mode must be one of {', '.join(MODES)}"
+        if self.mode == "decoded":
+            if self.sample_format is None or self.sample_rate is None or self.channels is None:
+                return "a decoded stream must state sample_format, sample_rate and channels"
+            return _audio_problem(self.sample_format, self.sample_rate, self.channels)
         return None
+
+    @property
+    def bytes_per_frame(self) -> int | None:
+        """Bytes of one sample frame (all channels) in a decoded stream."""
+        if self.sample_format is None or self.channels is None:
+            return None
+        return SAMPLE_FORMATS[self.sample_format] * self.channels
 
 
 @dataclass(frozen=True, slots=True)
 class StreamEnd(Message):
-    """End of a stream: the payload byte count and the whole file's sha256 (hex)."""
+    """End of a stream: the payload byte count and either the whole file's sha256
+    (original streams) or the number of sample frames sent (decoded streams)."""
 
     TYPE: ClassVar[str] = "stream_end"
     SENDER: ClassVar[Role] = Role.SERVER
     sent: int
     sha256: str | None = None
+    frames: int | None = None
 
     def problem(self) -> str | None:
         if self.sha256 is not None and not _is_sha256(self.sha256):
@@ -318,7 +391,7 @@ def _to_wire(obj: Any) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
-        if value is None:
+        if value is None or value == f.default:  # absent means the default on the wire
             continue
         if isinstance(value, tuple):
             value = [v.to_wire() if isinstance(v, TrackInfo) else v for v in value]
@@ -474,6 +547,7 @@ class Connection:
         self._frame_left = 0  # payload bytes still to come in the current data frame
         self._stream_left: int | None = None  # payload bytes still expected, if known
         self._stream_sent = 0  # payload bytes seen in the current stream
+        self._frame_bytes: int | None = None  # bytes per sample frame, decoded streams
 
     # ---- receiving ------------------------------------------------------
 
@@ -604,9 +678,14 @@ class Connection:
         if isinstance(msg, StreamStart):
             self._stream_left = msg.length
             self._stream_sent = 0
+            self._frame_bytes = msg.bytes_per_frame if msg.mode == "decoded" else None
         elif isinstance(msg, StreamEnd):
             if self._stream_left:
                 raise exc(f"stream ended {self._stream_left} bytes short")
             if msg.sent != self._stream_sent:
                 raise exc(f"stream_end says {msg.sent} bytes, {self._stream_sent} were sent")
+            if self._frame_bytes is not None and msg.frames != msg.sent // self._frame_bytes:
+                raise exc(f"stream_end says {msg.frames} frames for {msg.sent} bytes")
+            if self._frame_bytes is not None and msg.sent % self._frame_bytes:
+                raise exc(f"{msg.sent} bytes are not a whole number of sample frames")
         self.state = new

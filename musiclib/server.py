@@ -18,7 +18,7 @@ import hashlib
 import logging
 import os
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -32,6 +32,7 @@ from .errors import (
     RemoteProtocolError,
     ServerError,
 )
+from .decode import AudioFormat, DecodeSlots, open_decoder, pace_delay
 from .library import Library
 from .protocol import (
     PROTOCOL_VERSION,
@@ -79,6 +80,14 @@ class ServerConfig:
     grace_period: float = 5.0
     #: seconds between background rescans of the library (``0`` disables them)
     rescan_interval: float = 0.0
+    #: decoded streams (ffmpeg processes) running at once
+    max_decodes: int = 32
+    #: seconds a decoded-stream request waits for a free decoder before "busy"
+    decode_wait: float = 5.0
+    #: seconds of audio sent at once before real-time pacing sets in
+    burst: float = 1.0
+    #: ffmpeg binary; ``None``: MUSICLIB_FFMPEG, else the one in imageio-ffmpeg
+    ffmpeg: str | None = None
 
 
 class _PeerGone(Exception):
@@ -94,6 +103,10 @@ class Server:
     #: set when the server should stop; idle connections close at once
     stopping: trio.Event = field(default_factory=trio.Event)
     _idle_scopes: set[trio.CancelScope] = field(default_factory=set)
+    decode_slots: DecodeSlots = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.decode_slots = DecodeSlots(self.config.max_decodes, self.config.decode_wait)
 
     def stop(self) -> None:
         """Stop taking requests: idle connections close now, running replies may finish."""
@@ -199,6 +212,8 @@ class _ConnectionHandler:
             await self._list(event)
         elif isinstance(event, InfoRequest):
             await self._send(InfoReply(self.library.resolve(event.track)))
+        elif isinstance(event, StreamRequest) and event.mode == "decoded":
+            await self._stream_decoded(event)
         elif isinstance(event, StreamRequest):
             await self._stream_original(event)
         else:  # the state machine lets nothing else through in this state
@@ -243,6 +258,71 @@ class _ConnectionHandler:
         sent = st.st_size - offset
         await self._send(StreamEnd(sent=sent, sha256=digest.hexdigest()))
 
+    async def _stream_decoded(self, request: StreamRequest) -> None:
+        """Decoded samples through one ffmpeg process, paced if asked.
+
+        The first chunk is read before ``stream_start`` goes out, so a file
+        that cannot be decoded at all gets a plain error instead of a started
+        stream; a failure later ends the stream with an error, never silently.
+        """
+        track = self.library.resolve(request.track)
+        with self.library.open_track(track) as f:  # confinement check; holds the file
+            st = os.fstat(f.fileno())
+            source = Path(os.path.realpath(self.library.root / track.path))
+        fmt = AudioFormat(
+            request.sample_format or "s16le",
+            request.sample_rate or track.sample_rate or 48000,
+            request.channels or track.channels or 2,
+        )
+        async with self.server.decode_slots.acquire():
+            async with open_decoder(
+                source,
+                fmt,
+                start=request.start,
+                duration=request.duration,
+                ffmpeg=self.config.ffmpeg,
+                chunk_size=self.config.chunk_size,
+            ) as decoder:
+                chunks = decoder.__aiter__()
+                first = await _next_chunk(chunks)
+                log.info(
+                    "%s: decode %s to %s %d Hz %d ch from %gs%s",
+                    self.peer,
+                    track.path,
+                    fmt.sample_format,
+                    fmt.sample_rate,
+                    fmt.channels,
+                    request.start,
+                    ", real time" if request.pacing == "realtime" else "",
+                )
+                await self._send(
+                    StreamStart(
+                        path=track.path,
+                        size=st.st_size,
+                        version=f"{st.st_size:x}-{st.st_mtime_ns:x}",
+                        mode="decoded",
+                        sample_format=fmt.sample_format,
+                        sample_rate=fmt.sample_rate,
+                        channels=fmt.channels,
+                        start=request.start,
+                    )
+                )
+                sent = 0
+                began = trio.current_time()
+                chunk = first
+                while chunk:
+                    if request.pacing == "realtime":
+                        delay = pace_delay(
+                            sent, trio.current_time() - began, fmt.bytes_per_second,
+                            self.config.burst,
+                        )
+                        if delay > 0:
+                            await trio.sleep(delay)
+                    await self._send_data(chunk)
+                    sent += len(chunk)
+                    chunk = await _next_chunk(chunks)
+        await self._send(StreamEnd(sent=sent, frames=sent // fmt.bytes_per_frame))
+
     # ---- I/O boundary ---------------------------------------------------
 
     async def _next_event(self, timeout: float, *, idle: bool = False) -> Event:
@@ -284,6 +364,14 @@ class _ConnectionHandler:
                 await self.stream.send_all(data)
         except Exception:  # best effort: the peer may be gone or the state dead
             pass
+
+
+async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes:
+    """The next chunk, or ``b""`` at the end (decode errors propagate)."""
+    try:
+        return await chunks.__anext__()
+    except StopAsyncIteration:
+        return b""
 
 
 async def _hash_prefix(f: BinaryIO, offset: int, digest: Any, chunk_size: int) -> None:

@@ -603,3 +603,86 @@ def test_protocol_module_imports_no_io_libraries() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_the_example_in_protocol_md_is_exact() -> None:
+    """Feed PROTOCOL.md's example through real connection objects of both roles."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).parent.parent / "PROTOCOL.md").read_text()
+    example = doc[doc.index("## Example") :]
+    lines = re.findall(r"^\s+([CS]) ([0-9a-f]{2}) ([0-9a-f]{8}) \| ([0-9a-f ]+)$", example, re.M)
+    assert len(lines) == 6
+    client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
+    seen: list[Event] = []
+    for who, kind, length, body in lines:
+        frame = bytes.fromhex(kind + length + body.replace(" ", ""))
+        assert int(length, 16) == len(frame) - HEADER.size
+        sender, receiver = (client, server) if who == "C" else (server, client)
+        receiver.receive_data(frame)
+        got = events(receiver)
+        seen.extend(got)
+        for event in got:  # keep the sender's state machine in step
+            if isinstance(event, Message):
+                assert _send(sender, event) == frame
+            elif isinstance(event, Data):
+                assert _send(sender, event.payload) == frame
+    assert seen[0] == Hello(version=1, client="demo")
+    assert seen[3] == StreamStart(path="a/x.mp3", size=3, version="3-0", length=3)
+    assert seen[4] == Data(b"ID3")
+    assert seen[5] == StreamEnd(sent=3, sha256=hashlib.sha256(b"ID3").hexdigest())
+    assert client.state is server.state is State.IDLE
+
+
+def _client_in_decoded_stream(fmt: str = "s16le", channels: int = 2) -> Connection:
+    client = Connection(Role.CLIENT)
+    client.send(Hello(version=1))
+    client.receive_data(encode_message(Welcome(version=1, server="s")))
+    client.next_event()
+    client.send(StreamRequest(track="a", mode="decoded", sample_format=fmt, channels=channels))
+    start = StreamStart(
+        path="a",
+        size=10,
+        version="v",
+        mode="decoded",
+        sample_format=fmt,
+        sample_rate=16000,
+        channels=channels,
+    )
+    client.receive_data(encode_message(start))
+    assert client.next_event() == start
+    return client
+
+
+def test_decoded_stream_counts_whole_frames() -> None:
+    client = _client_in_decoded_stream("s16le", 2)  # 4 bytes a frame
+    client.receive_data(HEADER.pack(KIND_DATA, 8) + b"\0" * 8)
+    client.receive_data(encode_message(StreamEnd(sent=8, frames=2)))
+    assert events(client) == [Data(b"\0" * 8), StreamEnd(sent=8, frames=2)]
+    for sent, frames, match in [(8, 3, "frames"), (6, 1, "whole number")]:
+        client = _client_in_decoded_stream("s16le", 2)
+        client.receive_data(HEADER.pack(KIND_DATA, sent) + b"\0" * sent)
+        client.receive_data(encode_message(StreamEnd(sent=sent, frames=frames)))
+        with pytest.raises(RemoteProtocolError, match=match):
+            events(client)
+
+
+@pytest.mark.parametrize(
+    ("request_", "problem"),
+    [
+        (StreamRequest(track="a", mode="video"), "mode"),
+        (StreamRequest(track="a", pacing="warp"), "pacing"),
+        (StreamRequest(track="a", mode="decoded", offset=3), "offset"),
+        (StreamRequest(track="a", mode="decoded", sample_format="u8"), "sample_format"),
+        (StreamRequest(track="a", mode="decoded", sample_rate=10), "sample_rate"),
+        (StreamRequest(track="a", mode="decoded", channels=0), "channels"),
+        (StreamRequest(track="a", mode="decoded", start=-1), "start"),
+        (StreamRequest(track="a", mode="decoded", duration=0), "duration"),
+        (StreamStart(path="a", size=1, version="v", mode="decoded"), "must state"),
+    ],
+)
+def test_decoded_request_validation(request_: Message, problem: str) -> None:
+    assert problem in (request_.problem() or "")
+    with pytest.raises(MessageError, match=problem):
+        decode_message(encode_message(request_)[HEADER.size :])
