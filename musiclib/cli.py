@@ -117,6 +117,10 @@ async def serve(
     root: Path = Path("library"),
     host: str = "127.0.0.1",
     port: int = 7650,
+    burst: float = 1.0,
+    max_decodes: int = 32,
+    grace: float = 5.0,
+    rescan_interval: float = 0.0,
     log_level: str = "info",
 ) -> int:
     """Index a folder of media files and serve it until Ctrl-C or SIGTERM.
@@ -129,6 +133,14 @@ async def serve(
         Address to listen on.
     port
         TCP port; 0 picks a free one (the log says which).
+    burst
+        Seconds of audio a real-time decoded stream sends at once before pacing.
+    max_decodes
+        Decoded streams (ffmpeg processes) at once; more wait briefly, then get "busy".
+    grace
+        Seconds running streams get to finish on shutdown.
+    rescan_interval
+        Seconds between rescans of the root (0: only at start).
     log_level
         debug, info, warning or error.
     """
@@ -137,7 +149,16 @@ async def serve(
     _setup_logging(log_level, server=True)
     if not root.is_dir():  # noqa: ASYNC240 - one stat before anything runs
         raise UsageError(f"--root {root}: not a folder")
-    await run_until_signalled(ServerConfig(root=root, host=host, port=port))
+    config = ServerConfig(
+        root=root,
+        host=host,
+        port=port,
+        burst=burst,
+        max_decodes=max_decodes,
+        grace_period=grace,
+        rescan_interval=rescan_interval,
+    )
+    await run_until_signalled(config)
     return 0
 
 
