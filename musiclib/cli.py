@@ -89,8 +89,9 @@ class DecodeOptions:
 
         if not self.decode:
             if self != DecodeOptions():
-                raise UsageError("--format, --rate, --channels, --start, --duration and "
-                                 "--realtime need --decode")
+                raise UsageError(
+                    "--format, --rate, --channels, --start, --duration and --realtime need --decode"
+                )
             return None
         return Decoding(
             output=self.format,
@@ -239,7 +240,10 @@ def _report_saved(outcome: fetch.Outcome, dest: Path) -> None:
     else:
         resumed = f", resumed at byte {outcome.resumed_from}" if outcome.resumed_from else ""
         log.info(
-            "saved %s to %s (%d bytes%s, sha256 verified)", outcome.path, dest, outcome.size,
+            "saved %s to %s (%d bytes%s, sha256 verified)",
+            outcome.path,
+            dest,
+            outcome.size,
             resumed,
         )
 
@@ -348,6 +352,16 @@ def format_table(tracks: list[TrackInfo]) -> str:
     return "\n".join(lines)
 
 
+def describe(exc: MusiclibError, shown: int = 10) -> str:
+    """The error as one line; an ambiguous name lists (the first few) candidates."""
+    text = str(exc)
+    candidates = getattr(exc, "candidates", ())
+    if candidates:
+        more = len(candidates) - shown
+        text += ": " + ", ".join(candidates[:shown]) + (f" and {more} more" if more > 0 else "")
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run a command; any musiclib error becomes one line and its exit code."""
     if not logging.getLogger().handlers:
@@ -357,7 +371,7 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as raised:  # the boundary: re-raised unless we can say it in a line
         exc = collapse(raised)
         if isinstance(exc, MusiclibError):
-            print(f"musiclib: {exc}", file=sys.stderr)
+            print(f"musiclib: {describe(exc)}", file=sys.stderr)
             sys.exit(exc.exit_code)
         if isinstance(exc, KeyboardInterrupt):
             print("musiclib: interrupted", file=sys.stderr)

@@ -59,7 +59,7 @@ READ_SIZE = 256 * 1024
 def parse_address(text: str) -> tuple[str, int]:
     """``HOST:PORT``, ``[v6]:PORT`` or ``HOST`` (port 7650) -> ``(host, port)``."""
     host, sep, port_text = text.rpartition(":")
-    if not sep or (host.count(":") and not host.startswith("[")):
+    if not sep or (host.count(":") and not host.startswith("[")) or text.endswith("]"):
         host, port_text = text, "7650"  # no port, or a bare IPv6 address
     host = host.strip("[]")
     try:

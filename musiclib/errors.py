@@ -25,6 +25,7 @@ the CLI is a bug and is reported as such.
     │   ├── UnsupportedVersion         no protocol version in common
     │   ├── Busy                       the server is at a capacity limit
     │   ├── Changed                    the file changed while it was being served
+    │   ├── DecodeFailed               the server could not decode the file
     │   └── InternalError              the server failed; not the client's fault
     ├── IntegrityError                 received bytes do not match the server's checksum
     ├── PlayerError                    the media player could not be used
@@ -140,6 +141,13 @@ class Changed(ServerError):
     exit_code = 5
 
 
+class DecodeFailed(ServerError):
+    """The server could not decode the file (ffmpeg's reason in the message)."""
+
+    code = "decode_failed"
+    exit_code = 5
+
+
 class InternalError(ServerError):
     """The server failed in a way that is not the client's fault."""
 
@@ -177,7 +185,16 @@ class UsageError(MusiclibError):
 
 _BY_CODE: dict[str, type[ServerError]] = {
     cls.code: cls
-    for cls in (NotFound, Ambiguous, BadRequest, UnsupportedVersion, Busy, Changed, InternalError)
+    for cls in (
+        NotFound,
+        Ambiguous,
+        BadRequest,
+        UnsupportedVersion,
+        Busy,
+        Changed,
+        DecodeFailed,
+        InternalError,
+    )
 }
 
 #: Every error code a server may send, in the order PROTOCOL.md lists them.

@@ -662,3 +662,15 @@ class Library:
     def open_track(self, track: TrackInfo) -> BinaryIO:
         """Open ``track`` for binary reading, confined to the root (see :func:`open_confined`)."""
         return open_confined(self._root, track.path)
+
+    def track_path(self, track: TrackInfo) -> tuple[Path, os.stat_result]:
+        """The checked real path of ``track`` and its stat, for a program that opens it itself.
+
+        The same checks as :meth:`open_track` apply. ffmpeg opens the file by
+        this path a moment later; someone able to write inside the root could
+        swap it in between, which is noted in WRITEUP.md.
+        """
+        with self.open_track(track) as f:
+            st = os.fstat(f.fileno())
+        parts = _split_name(track.path)
+        return Path(os.path.realpath(os.path.join(os.path.realpath(self._root), *parts))), st

@@ -298,9 +298,9 @@ class StreamStart(Message):
     def problem(self) -> str | None:
         if self.size < 0 or self.offset < 0:
             return "size and offset must not be negative"
-        if self.length is not None and not 0 <= self.length <= self.size - self.offset:
-            if self.mode == "original":
-                return "length does not fit between offset and size"
+        fits = self.length is None or 0 <= self.length <= self.size - self.offset
+        if self.mode == "original" and not fits:
+            return "length does not fit between offset and size"
         if self.mode not in MODES:
             return f"mode must be one of {', '.join(MODES)}"
         if self.mode == "decoded":

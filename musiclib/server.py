@@ -26,13 +26,13 @@ from typing import Any, BinaryIO
 import trio
 
 from . import __version__
+from .decode import AudioFormat, DecodeSlots, open_decoder, pace_delay
 from .errors import (
     Changed,
     MessageError,
     RemoteProtocolError,
     ServerError,
 )
-from .decode import AudioFormat, DecodeSlots, open_decoder, pace_delay
 from .library import Library
 from .protocol import (
     PROTOCOL_VERSION,
@@ -266,61 +266,63 @@ class _ConnectionHandler:
         stream; a failure later ends the stream with an error, never silently.
         """
         track = self.library.resolve(request.track)
-        with self.library.open_track(track) as f:  # confinement check; holds the file
-            st = os.fstat(f.fileno())
-            source = Path(os.path.realpath(self.library.root / track.path))
+        source, st = self.library.track_path(track)
         fmt = AudioFormat(
             request.sample_format or "s16le",
             request.sample_rate or track.sample_rate or 48000,
             request.channels or track.channels or 2,
         )
-        async with self.server.decode_slots.acquire():
-            async with open_decoder(
+        async with (
+            self.server.decode_slots.acquire(),
+            open_decoder(
                 source,
                 fmt,
                 start=request.start,
                 duration=request.duration,
                 ffmpeg=self.config.ffmpeg,
                 chunk_size=self.config.chunk_size,
-            ) as decoder:
-                chunks = decoder.__aiter__()
-                first = await _next_chunk(chunks)
-                log.info(
-                    "%s: decode %s to %s %d Hz %d ch from %gs%s",
-                    self.peer,
-                    track.path,
-                    fmt.sample_format,
-                    fmt.sample_rate,
-                    fmt.channels,
-                    request.start,
-                    ", real time" if request.pacing == "realtime" else "",
+            ) as decoder,
+        ):
+            chunks = decoder.__aiter__()
+            first = await _next_chunk(chunks)
+            log.info(
+                "%s: decode %s to %s %d Hz %d ch from %gs%s",
+                self.peer,
+                track.path,
+                fmt.sample_format,
+                fmt.sample_rate,
+                fmt.channels,
+                request.start,
+                ", real time" if request.pacing == "realtime" else "",
+            )
+            await self._send(
+                StreamStart(
+                    path=track.path,
+                    size=st.st_size,
+                    version=f"{st.st_size:x}-{st.st_mtime_ns:x}",
+                    mode="decoded",
+                    sample_format=fmt.sample_format,
+                    sample_rate=fmt.sample_rate,
+                    channels=fmt.channels,
+                    start=request.start,
                 )
-                await self._send(
-                    StreamStart(
-                        path=track.path,
-                        size=st.st_size,
-                        version=f"{st.st_size:x}-{st.st_mtime_ns:x}",
-                        mode="decoded",
-                        sample_format=fmt.sample_format,
-                        sample_rate=fmt.sample_rate,
-                        channels=fmt.channels,
-                        start=request.start,
+            )
+            sent = 0
+            began = trio.current_time()
+            chunk = first
+            while chunk:
+                if request.pacing == "realtime":
+                    delay = pace_delay(
+                        sent,
+                        trio.current_time() - began,
+                        fmt.bytes_per_second,
+                        self.config.burst,
                     )
-                )
-                sent = 0
-                began = trio.current_time()
-                chunk = first
-                while chunk:
-                    if request.pacing == "realtime":
-                        delay = pace_delay(
-                            sent, trio.current_time() - began, fmt.bytes_per_second,
-                            self.config.burst,
-                        )
-                        if delay > 0:
-                            await trio.sleep(delay)
-                    await self._send_data(chunk)
-                    sent += len(chunk)
-                    chunk = await _next_chunk(chunks)
+                    if delay > 0:
+                        await trio.sleep(delay)
+                await self._send_data(chunk)
+                sent += len(chunk)
+                chunk = await _next_chunk(chunks)
         await self._send(StreamEnd(sent=sent, frames=sent // fmt.bytes_per_frame))
 
     # ---- I/O boundary ---------------------------------------------------

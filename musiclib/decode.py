@@ -1,0 +1,387 @@
+"""The ffmpeg pipeline: find the binary, build the command, read the samples in chunks.
+
+Every decoded stream gets one ffmpeg process of its own, and its samples are
+read from ffmpeg's standard output pipe one chunk at a time, only when the
+caller asks for the next chunk. Backpressure is therefore end to end: a slow
+client makes the server stop reading the pipe, the pipe fills, ffmpeg blocks
+on its write, and nothing grows without bound anywhere. ffmpeg's standard
+error is drained at the same time into a small ring buffer, so ffmpeg can
+never block on it, and its last line becomes the reason when decoding fails.
+
+pydub is deliberately not used on this path: ``AudioSegment.from_file``
+decodes the whole file into memory (166 MiB for a five-minute track), where a
+streaming ffmpeg read in 64 KiB chunks used about 15 MiB.
+
+The process never outlives :func:`open_decoder`: leaving the block for any
+reason (the end of the stream, an exception, a cancellation) kills ffmpeg if
+it still runs and reaps it, so there are no orphans and no zombies.
+
+Besides the decoder itself: :class:`DecodeSlots` caps how many decodes run at
+once, and :func:`pace_delay` computes how long to wait to stream at playback
+speed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import imageio_ffmpeg
+import trio
+
+from .errors import Busy, DecodeFailed, InternalError
+
+if sys.version_info < (3, 11):  # pragma: no cover
+    from exceptiongroup import BaseExceptionGroup
+
+#: sample formats a decoded stream can have, and the bytes one sample takes
+SAMPLE_FORMATS: dict[str, int] = {"s16le": 2, "f32le": 4}
+#: accepted numbers of channels and sample rates (Hz)
+CHANNELS = range(1, 9)
+SAMPLE_RATES = range(1000, 384001)
+#: the environment variable naming the ffmpeg binary to use
+FFMPEG_ENV = "MUSICLIB_FFMPEG"
+#: bytes read from ffmpeg's standard output at a time, by default
+DEFAULT_CHUNK_SIZE = 64 * 1024
+#: how much of ffmpeg's standard error is kept (the end of it)
+STDERR_KEEP = 8 * 1024
+#: the longest failure reason passed on from ffmpeg, in characters
+REASON_MAX = 200
+
+# "[mp3 @ 0x55d0c0ffee00] " and "[in#0 @ 0x...] ": addresses mean nothing to a client
+_LOG_PREFIX = re.compile(r"^\[[^\]]* @ 0x[0-9a-fA-F]+\]\s*")
+
+
+@dataclass(frozen=True, slots=True)
+class AudioFormat:
+    """What a decoded stream carries: interleaved samples of one format, rate and layout."""
+
+    sample_format: str
+    sample_rate: int
+    channels: int
+
+    @property
+    def bytes_per_frame(self) -> int:
+        """Bytes of one sample frame (one sample of every channel)."""
+        return SAMPLE_FORMATS[self.sample_format] * self.channels
+
+    @property
+    def bytes_per_second(self) -> int:
+        """Bytes of one second of audio."""
+        return self.bytes_per_frame * self.sample_rate
+
+    def problem(self) -> str | None:
+        """Why this format cannot be decoded to, or ``None`` if it can."""
+        if self.sample_format not in SAMPLE_FORMATS:
+            known = ", ".join(SAMPLE_FORMATS)
+            return f"unknown sample format {self.sample_format!r} (known: {known})"
+        if self.channels not in CHANNELS:
+            return f"channels must be {CHANNELS.start} to {CHANNELS.stop - 1}, not {self.channels}"
+        if self.sample_rate not in SAMPLE_RATES:
+            low, high = SAMPLE_RATES.start, SAMPLE_RATES.stop - 1
+            return f"sample rate must be {low} to {high} Hz, not {self.sample_rate}"
+        return None
+
+
+def ffmpeg_executable(environ: Mapping[str, str] = os.environ) -> str:
+    """The ffmpeg to run: ``$MUSICLIB_FFMPEG`` if set, else the one imageio-ffmpeg ships.
+
+    Raises ``FileNotFoundError`` if ``$MUSICLIB_FFMPEG`` names no executable
+    file (a bare name is looked up on ``PATH``), or if there is no ffmpeg at all.
+    """
+    configured = environ.get(FFMPEG_ENV)
+    if configured:
+        found = shutil.which(configured)
+        if found is None:
+            raise FileNotFoundError(
+                f"{FFMPEG_ENV}={configured!r} does not name an executable file; "
+                f"fix it or unset {FFMPEG_ENV} to use the ffmpeg bundled with imageio-ffmpeg"
+            )
+        return found
+    return _bundled_ffmpeg()
+
+
+@functools.cache
+def _bundled_ffmpeg() -> str:
+    try:
+        exe: str = imageio_ffmpeg.get_ffmpeg_exe()
+    except RuntimeError as exc:  # imageio-ffmpeg's way of saying it found none
+        raise FileNotFoundError(f"no ffmpeg found: {exc}") from None
+    return exe
+
+
+def _seconds(value: float) -> str:
+    """``value`` as ffmpeg reads a duration: plain decimal seconds, no exponent."""
+    return f"{value:.6f}".rstrip("0").rstrip(".")
+
+
+def decode_command(
+    ffmpeg: str,
+    source: Path,
+    fmt: AudioFormat,
+    *,
+    start: float = 0.0,
+    duration: float | None = None,
+) -> list[str]:
+    """The ffmpeg command line that writes ``source``'s first audio stream as raw ``fmt``.
+
+    The samples go to standard output; ``-ss`` comes before ``-i`` so ffmpeg
+    seeks in the input instead of decoding and discarding everything before
+    ``start``. ``-map 0:a:0`` picks the first audio stream, so cover art or
+    further streams never reach the output.
+    """
+    problem = fmt.problem()
+    if problem is not None:
+        raise ValueError(problem)
+    if not (math.isfinite(start) and start >= 0):
+        raise ValueError(f"start must be a non-negative number of seconds, not {start}")
+    if duration is not None and not (math.isfinite(duration) and duration >= 0):
+        raise ValueError(f"duration must be a non-negative number of seconds, not {duration}")
+    cmd = [ffmpeg, "-nostdin", "-hide_banner", "-loglevel", "error"]
+    if start > 0:
+        cmd += ["-ss", _seconds(start)]
+    cmd += ["-i", str(source)]
+    if duration is not None:
+        cmd += ["-t", _seconds(duration)]
+    cmd += ["-vn", "-map", "0:a:0"]
+    cmd += ["-f", fmt.sample_format, "-acodec", "pcm_" + fmt.sample_format]
+    cmd += ["-ar", str(fmt.sample_rate), "-ac", str(fmt.channels), "pipe:1"]
+    return cmd
+
+
+class Decoder:
+    """The samples of one running ffmpeg, as an async iterator of ``bytes`` chunks.
+
+    Chunks are whatever the pipe delivers (at most ``chunk_size`` bytes each),
+    not necessarily whole frames; ``bytes_read`` counts them. At the end of the
+    stream the iteration waits for ffmpeg to exit and raises
+    :class:`~musiclib.errors.DecodeFailed` if it failed or if the bytes do not
+    make a whole number of frames. Get one from :func:`open_decoder`.
+    """
+
+    def __init__(
+        self,
+        process: trio.Process,
+        source: Path,
+        fmt: AudioFormat,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+    ) -> None:
+        if chunk_size < 1:
+            raise ValueError("chunk_size must be positive")
+        assert process.stdout is not None and process.stderr is not None
+        self.process = process
+        self.source = source
+        self.format = fmt
+        self.chunk_size = chunk_size
+        #: bytes of samples received from ffmpeg so far
+        self.bytes_read = 0
+        self._stdout = process.stdout
+        self._stderr = process.stderr
+        self._stderr_tail = bytearray()
+        self._stderr_done = trio.Event()
+        self._finished = False
+
+    @property
+    def pid(self) -> int:
+        """The process id of the ffmpeg behind this decoder."""
+        return self.process.pid
+
+    @property
+    def frames(self) -> int:
+        """Whole sample frames received so far."""
+        return self.bytes_read // self.format.bytes_per_frame
+
+    def __aiter__(self) -> Decoder:
+        return self
+
+    async def __anext__(self) -> bytes:
+        if self._finished:
+            raise StopAsyncIteration
+        chunk = await self._stdout.receive_some(self.chunk_size)
+        if chunk:
+            self.bytes_read += len(chunk)
+            return bytes(chunk)  # a no-op for the bytes a pipe gives
+        self._finished = True
+        await self._check_exit()
+        raise StopAsyncIteration
+
+    async def _check_exit(self) -> None:
+        """At the end of the output: did ffmpeg succeed, and are the frames whole?"""
+        status = await self.process.wait()
+        await self._stderr_done.wait()
+        name = self.source.name
+        if status != 0:
+            raise DecodeFailed(f"cannot decode {name}: {self._reason(status)}")
+        if self.bytes_read % self.format.bytes_per_frame:
+            raise DecodeFailed(
+                f"cannot decode {name}: ffmpeg ended in the middle of a sample frame "
+                f"({self.bytes_read} bytes, {self.format.bytes_per_frame} bytes a frame)"
+            )
+
+    def _reason(self, status: int) -> str:
+        """ffmpeg's own last word on the failure, made safe and short for a client."""
+        text = self._stderr_tail.decode("utf-8", errors="replace")
+        # the longest first, so that no part of the absolute path is left behind
+        for path in sorted({str(self.source.absolute()), str(self.source)}, key=len, reverse=True):
+            text = text.replace(path, self.source.name)
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        if lines:
+            reason = _LOG_PREFIX.sub("", lines[-1]) or lines[-1]
+        elif status < 0:
+            try:
+                reason = f"ffmpeg was killed by {signal.Signals(-status).name}"
+            except ValueError:
+                reason = f"ffmpeg was killed by signal {-status}"
+        else:
+            reason = f"ffmpeg exited with status {status}"
+        if len(reason) > REASON_MAX:
+            reason = reason[: REASON_MAX - 3] + "..."
+        return reason
+
+    async def _drain_stderr(self) -> None:
+        """Read ffmpeg's standard error to its end, keeping only the last few KiB."""
+        try:
+            while chunk := await self._stderr.receive_some(4096):
+                self._stderr_tail += chunk
+                del self._stderr_tail[:-STDERR_KEEP]
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._stderr_done.set()
+
+
+@asynccontextmanager
+async def open_decoder(
+    source: Path,
+    fmt: AudioFormat,
+    *,
+    start: float = 0.0,
+    duration: float | None = None,
+    ffmpeg: str | None = None,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> AsyncIterator[Decoder]:
+    """Start ffmpeg on ``source`` and hand out a :class:`Decoder` reading its samples.
+
+    On the way out, for whatever reason, ffmpeg is killed if it still runs and
+    is always reaped. An ffmpeg that cannot be found or started is the
+    server's fault: :class:`~musiclib.errors.InternalError`. Errors raised in
+    the block come out as they are, not wrapped in an exception group.
+    """
+    if ffmpeg is None:
+        try:
+            ffmpeg = ffmpeg_executable()
+        except FileNotFoundError as exc:
+            raise InternalError(f"ffmpeg is not available on the server: {exc}") from None
+    cmd = decode_command(ffmpeg, source, fmt, start=start, duration=duration)
+    try:
+        process = await trio.lowlevel.open_process(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise InternalError(f"ffmpeg is not available on the server: {ffmpeg}: {reason}") from None
+    try:
+        decoder = Decoder(process, source, fmt, chunk_size)
+        with _lone_exception():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(decoder._drain_stderr)
+                try:
+                    yield decoder
+                finally:
+                    nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await _kill_and_reap(process)
+
+
+async def _kill_and_reap(process: trio.Process) -> None:
+    """SIGKILL ``process`` unless it has exited, wait for it, and close our pipe ends."""
+    if process.returncode is None:
+        process.kill()  # ffmpeg holds nothing worth a graceful exit here
+    await process.wait()
+    for stream in (process.stdout, process.stderr):
+        if stream is not None:
+            await stream.aclose()
+
+
+@contextmanager
+def _lone_exception() -> Iterator[None]:
+    """Let an exception raised in a nursery's body out unwrapped when it is the only one.
+
+    trio wraps whatever leaves a nursery in an exception group; the stderr
+    drain never raises, so the group holds just the caller's own exception,
+    and the caller should get it as it was raised.
+    """
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) != 1 or isinstance(group.exceptions[0], BaseExceptionGroup):
+            raise
+        leaf = group.exceptions[0]
+        context = leaf.__context__
+        try:
+            raise leaf
+        finally:
+            leaf.__context__ = context  # not the group we are unwrapping
+            del leaf  # no cycle through this frame's traceback
+
+
+class DecodeSlots:
+    """A cap on how many decodes run at once, with a bounded wait for a free slot."""
+
+    def __init__(self, limit: int, wait: float) -> None:
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        if wait < 0:
+            raise ValueError("wait must not be negative")
+        self.limit = limit
+        self.wait = wait
+        self._semaphore = trio.Semaphore(limit)
+
+    @property
+    def in_use(self) -> int:
+        """Slots taken right now."""
+        return self.limit - self._semaphore.value
+
+    @asynccontextmanager
+    async def acquire(self) -> AsyncIterator[None]:
+        """Hold a slot for the block; ``Busy`` if none frees up within ``wait`` seconds."""
+        try:
+            self._semaphore.acquire_nowait()
+        except trio.WouldBlock:
+            got = False
+            with trio.move_on_after(self.wait):
+                await self._semaphore.acquire()
+                got = True
+            if not got:
+                what = "the decoder is" if self.limit == 1 else f"all {self.limit} decoders are"
+                raise Busy(f"{what} busy; try again shortly") from None
+        else:
+            await trio.lowlevel.cancel_shielded_checkpoint()  # cannot lose the slot we hold
+        try:
+            yield
+        finally:
+            self._semaphore.release()
+
+
+def pace_delay(
+    sent_bytes: int, elapsed: float, bytes_per_second: float, burst_seconds: float
+) -> float:
+    """Seconds to wait before sending more so that, after a burst, audio flows in real time.
+
+    ``sent_bytes`` of audio were sent in ``elapsed`` seconds; the first
+    ``burst_seconds`` of audio go out at once, the rest no faster than playback.
+    """
+    if bytes_per_second <= 0:
+        raise ValueError("bytes_per_second must be positive")
+    return max(0.0, sent_bytes / bytes_per_second - burst_seconds - elapsed)

@@ -1,0 +1,358 @@
+"""The CLI in-process: exit codes and one-line errors, formatting, players, addresses.
+
+Commands run through ``main([...])`` (the real entry point, which turns errors
+into one line and an exit code) or ``app.run_async([...])`` inside a trio test
+when a real server is needed; that server runs in the same trio run on
+127.0.0.1 with port 0.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import socket
+import stat
+import sys
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import trio
+
+from musiclib.cli import app, format_duration, format_table, main
+from musiclib.client import parse_address
+from musiclib.errors import Ambiguous, NotFound, PlayerNotFound, UsageError
+from musiclib.library import Library
+from musiclib.player import STDIN_ARGS, player_command
+from musiclib.protocol import TrackInfo
+from musiclib.server import Server, ServerConfig, serve
+
+REPO = Path(__file__).resolve().parent.parent
+LIBRARY = REPO / "library"
+MEDIA = {".wav", ".mp3", ".ogg", ".opus", ".flac", ".m4a", ".aac", ".aif", ".aiff", ".wv"}
+
+
+def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def run_main(argv: list[str]) -> int:
+    """``main(argv)``; the exit status it ends with (main always ends in SystemExit)."""
+    with pytest.raises(SystemExit) as exited:
+        main(argv)
+    code = exited.value.code
+    return 0 if code is None else int(code)
+
+
+def one_line(stderr: str) -> str:
+    assert "Traceback" not in stderr, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("musiclib: "), stderr
+    return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def _clean_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """No MUSICLIB_* settings from outside; root logging restored after ``main`` set it up."""
+    for name in ("MUSICLIB_SERVER", "MUSICLIB_PLAYER", "MUSICLIB_LOG_LEVEL"):
+        monkeypatch.delenv(name, raising=False)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in root.handlers:
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    root.setLevel(level)
+
+
+# ---------------------------------------------------------------------------- main: errors
+
+
+def test_unreachable_server_exits_3_with_one_line(capsys):
+    address = f"127.0.0.1:{free_port()}"
+    assert run_main(["get", "x", "--server", address]) == 3
+    captured = capsys.readouterr()
+    assert address in one_line(captured.err)
+    assert captured.out == ""
+
+
+def test_server_from_environment(capsys, monkeypatch):
+    address = f"127.0.0.1:{free_port()}"
+    monkeypatch.setenv("MUSICLIB_SERVER", address)
+    assert run_main(["ls"]) == 3
+    assert address in one_line(capsys.readouterr().err)
+
+
+def test_unknown_option_exits_2(capsys):
+    assert run_main(["ls", "--bogus"]) == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_bad_server_address_is_a_usage_error(capsys):
+    assert run_main(["ls", "--server", "localhost:notaport"]) == 2
+    assert "localhost:notaport" in one_line(capsys.readouterr().err)
+
+
+def test_unparsable_player_is_a_usage_error(capsys):
+    address = f"127.0.0.1:{free_port()}"
+    assert run_main(["play", "x", "--player", "mpv 'unbalanced", "--server", address]) == 2
+    assert "player" in one_line(capsys.readouterr().err)
+
+
+def test_missing_player_exits_6(capsys):
+    address = f"127.0.0.1:{free_port()}"
+    argv = ["play", "x", "--player", "definitely-not-a-player-xyz", "--server", address]
+    assert run_main(argv) == 6
+    assert "definitely-not-a-player-xyz" in one_line(capsys.readouterr().err)
+
+
+def test_get_refuses_to_write_audio_to_a_terminal(capsys, monkeypatch):
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)
+    address = f"127.0.0.1:{free_port()}"  # never contacted: the check comes first
+    assert run_main(["get", "x", "--server", address]) == 2
+    assert "terminal" in one_line(capsys.readouterr().err)
+
+
+def test_serve_refuses_a_root_that_is_not_a_folder(capsys, tmp_path):
+    assert run_main(["serve", "--root", str(tmp_path / "missing"), "--port", "0"]) == 2
+    assert "not a folder" in one_line(capsys.readouterr().err)
+
+
+def test_version(capsys):
+    assert run_main(["--version"]) == 0
+    from musiclib import __version__
+
+    assert capsys.readouterr().out.strip() == __version__
+
+
+# ---------------------------------------------------------------------------- formatting
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (None, ""),
+        (0, "0:00"),
+        (0.4, "0:00"),
+        (9, "0:09"),
+        (59.6, "1:00"),
+        (61, "1:01"),
+        (599.4, "9:59"),
+        (3599.4, "59:59"),
+        (3600, "1:00:00"),
+        (3725, "1:02:05"),
+        (36000 + 61, "10:01:01"),
+    ],
+)
+def test_format_duration(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def _track(path: str, title: str, **kw: object) -> TrackInfo:
+    return TrackInfo(path=path, title=title, format=path.rsplit(".", 1)[-1], size=1, **kw)  # type: ignore[arg-type]
+
+
+def test_format_table_aligns_columns_and_counts():
+    tracks = [
+        _track("a.mp3", "A", artist="Someone", album="X", duration=61),
+        _track("long/folder/b.flac", "Bee title", duration=3725),
+        _track("c.wav", "C", artist="Z", error="not a valid WAV file"),
+    ]
+    lines = format_table(tracks).splitlines()
+    assert len(lines) == 1 + len(tracks) + 1
+    header, rows, last = lines[0], lines[1:-1], lines[-1]
+    assert header.split() == ["PATH", "TITLE", "ARTIST", "ALBUM", "TIME", "FORMAT"]
+    assert last == "3 tracks"
+    title_col = header.index("TITLE")
+    artist_col = header.index("ARTIST")
+    format_col = header.index("FORMAT")
+    time_end = header.index("TIME") + len("TIME")
+    for row, track in zip(rows, tracks, strict=True):
+        assert row.startswith(track.path + " ")
+        assert row[title_col:].startswith(track.title + " ")
+        if track.artist:
+            assert row[artist_col:].startswith(track.artist + " ")
+        assert row[format_col:].startswith(track.format)
+        assert not row.endswith(" ")
+    # the time column is right-aligned under its header
+    assert rows[0][:time_end].endswith("1:01")
+    assert rows[1][:time_end].endswith("1:02:05")
+    assert rows[2][:time_end].strip().endswith("Z")  # no duration: blank cell
+    assert "(unreadable)" in rows[2]
+    assert "(unreadable)" not in rows[0] + rows[1]
+
+
+def test_format_table_singular_and_empty():
+    assert format_table([_track("a.mp3", "A")]).splitlines()[-1] == "1 track"
+    lines = format_table([]).splitlines()
+    assert lines[0].split() == ["PATH", "TITLE", "ARTIST", "ALBUM", "TIME", "FORMAT"]
+    assert lines[-1] == "0 tracks"
+
+
+# ---------------------------------------------------------------------------- players
+
+
+def test_known_player_gets_its_stdin_arguments():
+    assert player_command("mpv --volume=50", {}) == [
+        "mpv",
+        "--volume=50",
+        "--no-video",
+        "--",
+        "-",
+    ]
+    assert player_command("/usr/local/bin/ffplay", {}) == [
+        "/usr/local/bin/ffplay",
+        *STDIN_ARGS["ffplay"],
+    ]
+
+
+def test_player_already_reading_stdin_is_left_alone():
+    assert player_command("mpv --no-video -", {}) == ["mpv", "--no-video", "-"]
+
+
+def test_unknown_player_runs_as_given():
+    assert player_command("my-player --flag 'two words'", {}) == [
+        "my-player",
+        "--flag",
+        "two words",
+    ]
+
+
+def test_player_from_environ_when_not_named():
+    assert player_command(None, {"MUSICLIB_PLAYER": "foo --bar"}) == ["foo", "--bar"]
+    assert player_command(None, {"MUSICLIB_PLAYER": "mpv"}) == ["mpv", *STDIN_ARGS["mpv"]]
+    assert player_command("baz", {"MUSICLIB_PLAYER": "foo"}) == ["baz"]  # the option wins
+
+
+def test_unparsable_player_spec():
+    with pytest.raises(UsageError):
+        player_command("mpv 'unbalanced", {})
+    with pytest.raises(UsageError):
+        player_command("   ", {})
+
+
+def test_default_player_is_found_on_path(tmp_path, monkeypatch):
+    fake = tmp_path / "ffplay"
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert player_command(None, {}) == ["ffplay", *STDIN_ARGS["ffplay"]]
+
+
+def test_no_player_anywhere(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # an empty folder
+    with pytest.raises(PlayerNotFound):
+        player_command(None, {})
+
+
+# ---------------------------------------------------------------------------- addresses
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("h:1", ("h", 1)),
+        ("127.0.0.1:7651", ("127.0.0.1", 7651)),
+        ("[::1]:7650", ("::1", 7650)),
+        ("[::1]:80", ("::1", 80)),
+        ("::1", ("::1", 7650)),
+        ("host", ("host", 7650)),
+        ("h:65535", ("h", 65535)),
+    ],
+)
+def test_parse_address(text, expected):
+    assert parse_address(text) == expected
+
+
+def test_parse_address_bracketed_host_without_port():
+    assert parse_address("[::1]") == ("::1", 7650)
+
+
+@pytest.mark.parametrize("text", ["", ":80", "h:", "h:x", "h:0", "h:65536", "h:-1", "[]:80"])
+def test_parse_address_refuses(text):
+    with pytest.raises(UsageError):
+        parse_address(text)
+
+
+# ---------------------------------------------------------------------------- with a server
+
+
+def shipped_files() -> list[Path]:
+    """The shipped demo library's media files, sorted; skips the test if there are none."""
+    files = sorted(p for p in LIBRARY.rglob("*") if p.is_file() and p.suffix.lower() in MEDIA)
+    if not files:
+        pytest.skip("the demo library has not been generated")
+    return files
+
+
+async def run_app(*args: str) -> object:
+    """A command through cyclopts inside this trio run; its return value."""
+    return await app.run_async(list(args), result_action="return_value")
+
+
+@pytest.fixture
+async def address(nursery) -> AsyncIterator[str]:
+    """A real server over the shipped library, in this trio run, already indexed."""
+    shipped_files()
+    config = ServerConfig(root=LIBRARY, port=0)
+    server = Server(Library(config.root), config)
+    # index before serving, so that the first list is complete (a rescan keeps old entries)
+    await trio.to_thread.run_sync(server.library.rescan)
+    addresses = await nursery.start(functools.partial(serve, config, server=server))
+    host, port = addresses[0]
+    yield f"{host}:{port}"
+    server.stop()
+
+
+async def test_ls_json_in_process(address, capsys):
+    files = shipped_files()
+    assert await run_app("ls", "--json", "--server", address) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [t["path"] for t in listed] == [p.relative_to(LIBRARY).as_posix() for p in files]
+    for t in listed:
+        assert t["size"] == (LIBRARY / t["path"]).stat().st_size
+
+
+async def test_ls_query_in_process(address, capsys):
+    artist = shipped_files()[0].relative_to(LIBRARY).parts[0]
+    assert await run_app("ls", artist.upper(), "--server", address) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = lines[1:-1]
+    assert rows and all(row.startswith(artist + "/") for row in rows)
+    assert lines[-1] == f"{len(rows)} track{'s' if len(rows) != 1 else ''}"
+
+
+async def test_get_save_in_process(address, tmp_path, monkeypatch):
+    track = min(shipped_files(), key=lambda p: p.stat().st_size)
+    monkeypatch.chdir(tmp_path)
+    rel = track.relative_to(LIBRARY).as_posix()
+    assert await run_app("get", rel, "--save", "--server", address) == 0
+    assert os.listdir(tmp_path) == [track.name]
+    assert (tmp_path / track.name).read_bytes() == track.read_bytes()
+
+
+async def test_get_to_stdout_in_process(address, capsysbinary):
+    track = min(shipped_files(), key=lambda p: p.stat().st_size)
+    rel = track.relative_to(LIBRARY).as_posix()
+    assert await run_app("get", rel, "--server", address) == 0
+    assert capsysbinary.readouterr().out == track.read_bytes()
+
+
+async def test_errors_in_process_are_typed(address, capsys):
+    with pytest.raises(NotFound) as not_found:
+        await run_app("get", "no-such-track-anywhere", "--server", address)
+    assert not_found.value.exit_code == 4
+    artist = shipped_files()[0].relative_to(LIBRARY).parts[0]
+    with pytest.raises(Ambiguous) as ambiguous:
+        await run_app("get", artist, "--server", address)
+    assert ambiguous.value.exit_code == 4
+    assert len(ambiguous.value.candidates) >= 2
+    assert all(c.startswith(artist + "/") for c in ambiguous.value.candidates)
+    assert capsys.readouterr().out == ""
