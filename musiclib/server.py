@@ -32,6 +32,7 @@ from .errors import (
     MessageError,
     RemoteProtocolError,
     ServerError,
+    single_errors,
 )
 from .library import Library
 from .protocol import (
@@ -310,20 +311,43 @@ class _ConnectionHandler:
             sent = 0
             began = trio.current_time()
             chunk = first
-            while chunk:
-                if request.pacing == "realtime":
-                    delay = pace_delay(
-                        sent,
-                        trio.current_time() - began,
-                        fmt.bytes_per_second,
-                        self.config.burst,
-                    )
-                    if delay > 0:
-                        await trio.sleep(delay)
-                await self._send_data(chunk)
-                sent += len(chunk)
-                chunk = await _next_chunk(chunks)
+            with single_errors():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._watch_for_hangup, nursery.cancel_scope)
+                    while chunk:
+                        if request.pacing == "realtime":
+                            delay = pace_delay(
+                                sent,
+                                trio.current_time() - began,
+                                fmt.bytes_per_second,
+                                self.config.burst,
+                            )
+                            if delay > 0:
+                                await trio.sleep(delay)
+                        await self._send_data(chunk)
+                        sent += len(chunk)
+                        chunk = await _next_chunk(chunks)
+                    nursery.cancel_scope.cancel()  # done: stop watching
+            if chunk:  # the watcher cancelled the stream
+                raise _PeerGone("hung up during a decoded stream")
         await self._send(StreamEnd(sent=sent, frames=sent // fmt.bytes_per_frame))
+
+    async def _watch_for_hangup(self, stream_scope: trio.CancelScope) -> None:
+        """Cancel the running stream as soon as the peer closes its end.
+
+        A paced stream may not send for seconds, so a send error would notice
+        a vanished client late, while its ffmpeg keeps running. A client may
+        not speak during a reply, so anything read here is an early next
+        request: it is kept for later and the watch ends (bounded: one read).
+        """
+        try:
+            data = await self.stream.receive_some(64 * 1024)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if data:
+            self.conn.receive_data(data)
+            return
+        stream_scope.cancel()
 
     # ---- I/O boundary ---------------------------------------------------
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -19,11 +21,13 @@ import trio
 import trio.testing
 
 from musiclib.client import Client
+from musiclib.decode import AudioFormat, decode_command, ffmpeg_executable
 from musiclib.errors import (
     Ambiguous,
     BadRequest,
     Changed,
     ConnectionLost,
+    DecodeFailed,
     InternalError,
     NotFound,
     UnsupportedVersion,
@@ -315,3 +319,158 @@ async def test_bad_request_error_class(server: Server) -> None:
         client._conn.send(__import__("musiclib.protocol").protocol.ListRequest())
         with pytest.raises(BadRequest):
             await client._reply_event()
+
+
+# ---- decoded streams (a real ffmpeg, memory streams, a mock clock) ----------
+
+
+@pytest.fixture(scope="module")
+def audio_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 10 s stereo sine WAV, a 2-minute mono FLAC and an undecodable file."""
+    root = tmp_path_factory.mktemp("audio")
+    ffmpeg = ffmpeg_executable()
+    cmd = [ffmpeg, "-v", "error", "-f", "lavfi", "-i", "sine=frequency=440:duration=10"]
+    subprocess.run([*cmd, "-ac", "2", "-ar", "22050", str(root / "tone.wav")], check=True)
+    long = [ffmpeg, "-v", "error", "-f", "lavfi", "-i", "sine=frequency=300:duration=120"]
+    subprocess.run([*long, "-ac", "1", "-ar", "8000", str(root / "long.flac")], check=True)
+    (root / "broken.mp3").write_bytes(os.urandom(5000))
+    return root
+
+
+@pytest.fixture
+def audio_server(audio_root: Path) -> Server:
+    library = Library(audio_root)
+    library.rescan()
+    # huge timeouts: on a mock clock only the pacing sleeps should make time pass
+    config = ServerConfig(
+        root=audio_root, chunk_size=16 * 1024, send_timeout=1e6, idle_timeout=1e6, burst=1.0
+    )
+    return Server(library, config)
+
+
+def _reference(path: Path, fmt: AudioFormat, **kw: float) -> bytes:
+    cmd = decode_command(ffmpeg_executable(), path, fmt, **kw)
+    return subprocess.run(cmd, capture_output=True, check=True).stdout
+
+
+def _ffmpeg_children() -> list[int]:
+    """Our ffmpeg child processes, zombies included, from the process table."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        ppid = int(stat[stat.rindex(")") + 2 :].split()[1])
+        if ppid == os.getpid() and comm.startswith("ffmpeg"):
+            pids.append(int(entry))
+    return pids
+
+
+async def test_decoded_stream_is_exact_and_states_its_format(audio_server: Server) -> None:
+    fmt = AudioFormat("s16le", 16000, 1)
+    async with connected(audio_server) as client:
+        async with client.decode("tone", sample_rate=16000, channels=1) as stream:
+            start = stream.start
+            data = b"".join([c async for c in stream])
+        assert start is not None
+        assert (start.mode, start.sample_format, start.sample_rate, start.channels) == (
+            "decoded",
+            "s16le",
+            16000,
+            1,
+        )
+        assert data == _reference(audio_server.library.root / "tone.wav", fmt)
+        assert stream.end is not None and stream.end.frames == len(data) // 2
+        # the source's own rate and channels by default, f32le, and a start offset
+        async with client.decode("tone", sample_format="f32le", start=2.5) as stream:
+            assert stream.start is not None
+            assert (stream.start.sample_rate, stream.start.channels) == (22050, 2)
+            data = b"".join([c async for c in stream])
+        ref = _reference(
+            audio_server.library.root / "tone.wav", AudioFormat("f32le", 22050, 2), start=2.5
+        )
+        assert data == ref
+
+
+async def test_undecodable_file_fails_cleanly_and_the_connection_goes_on(
+    audio_server: Server,
+) -> None:
+    async with connected(audio_server) as client:
+        with pytest.raises(DecodeFailed, match=r"cannot decode broken\.mp3") as info:
+            async with client.decode("broken.mp3") as stream:
+                async for _ in stream:
+                    pass
+        assert str(audio_server.library.root) not in str(info.value)
+        tracks, _ = await client.list()
+        assert {t.path for t in tracks} == {"broken.mp3", "long.flac", "tone.wav"}
+        async with client.decode("tone", duration=0.5) as stream:
+            assert len(b"".join([c async for c in stream])) == 22050 * 2 * 2 // 2
+    assert audio_server.decode_slots.in_use == 0
+
+
+@pytest.fixture
+def frozen_clock() -> trio.testing.MockClock:
+    """Virtual time that never moves: a paced stream's next send never comes."""
+    return trio.testing.MockClock()
+
+
+async def test_a_client_that_vanishes_mid_stream_leaves_no_ffmpeg(
+    audio_server: Server, frozen_clock: trio.testing.MockClock
+) -> None:
+    # With the clock frozen the server sleeps for ever before its next chunk, so a
+    # send error can never reveal the hang-up: only watching the socket can.
+    audio_server.config.burst = 0
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(audio_server.handle, server_stream, "memory")
+        client = Client(client_stream, timeout=1e6)
+        await client.handshake()
+        async with client.decode("long", sample_rate=8000, channels=1, realtime=True) as s:
+            await s.__anext__()
+            assert len(_ffmpeg_children()) == 1  # so the check below can fail
+            await client._stream.aclose()  # vanish without a word
+        for _ in range(100):  # the spec: gone within a second (real time, process table)
+            if not _ffmpeg_children():
+                break
+            await trio.to_thread.run_sync(time.sleep, 0.01)
+        gone = not _ffmpeg_children()
+        nursery.cancel_scope.cancel()  # whatever happened, end the handler
+    assert gone
+    assert audio_server.decode_slots.in_use == 0
+
+
+@pytest.fixture
+def patient_clock() -> trio.testing.MockClock:
+    """Virtual time that jumps only after 0.3 s of real idleness.
+
+    A jump-at-once clock would also jump while ffmpeg is busy producing
+    samples; waiting a little real time first lets only the pacing sleeps
+    (everything else here has huge timeouts) make virtual time pass.
+    """
+    return trio.testing.MockClock(autojump_threshold=0.3)
+
+
+async def test_realtime_pacing_sends_a_burst_then_playback_speed(
+    audio_server: Server, patient_clock: trio.testing.MockClock
+) -> None:
+    rate, bps = 8000, 8000 * 2  # mono s16le: 16 000 bytes a second of audio
+    arrivals: list[tuple[float, int]] = []
+    async with connected(audio_server) as client:
+        client.timeout = 1e6
+        async with client.decode("tone", sample_rate=rate, channels=1, realtime=True) as s:
+            began = trio.current_time()
+            received = 0
+            async for chunk in s:
+                arrivals.append((trio.current_time() - began, received))
+                received += len(chunk)
+    assert received == 10 * bps
+    for at, before in arrivals:  # never ahead of burst + elapsed time
+        assert before / bps <= 1.0 + at + 1e-6
+    last_at, last_before = arrivals[-1]
+    # the last chunk went out as soon as the schedule allowed it: ~10 s minus the burst
+    assert last_before / bps - 1.0 <= last_at <= last_before / bps - 1.0 + 0.5
+    assert last_at > 7.5
