@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import ssl
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -23,11 +24,12 @@ from cyclopts import App, Parameter
 from . import __version__
 from .client import DEFAULT_SERVER, open_client
 from .errors import MusiclibError, PlayerError, PlayerNotFound, UsageError, collapse
+from .fetch import Connector, Retry
 from .protocol import TrackInfo
 
 if TYPE_CHECKING:
     from . import fetch
-    from .fetch import Decoding
+    from .fetch import Connector, Decoding, Retry
 
 app = App(
     name="musiclib",
@@ -49,6 +51,36 @@ class ClientOptions:
 
     timeout: float = 30.0
     """Seconds to wait for the server before giving up."""
+
+    token: Annotated[str | None, Parameter(env_var="MUSICLIB_TOKEN")] = None
+    """Shared secret, for a server started with --token."""
+
+    tls: Annotated[bool, Parameter(negative="")] = False
+    """Connect over TLS, trusting the system's certificate authorities."""
+
+    cafile: Path | None = None
+    """Connect over TLS, trusting only the certificates in this PEM file."""
+
+    retries: int = 5
+    """Reconnections after a dropped connection (resuming where it stopped); 0: none."""
+
+    def connector(self) -> Connector:
+        """A factory of connections to the server, one per attempt."""
+        from .client import tls_context
+
+        context = tls_context(str(self.cafile) if self.cafile else None)
+        ssl_context = context if (self.tls or self.cafile) else None
+        return lambda: open_client(
+            self.server, timeout=self.timeout, token=self.token, ssl_context=ssl_context
+        )
+
+    def retry(self) -> Retry:
+        """The retry policy for transfers."""
+        from .fetch import Retry
+
+        if self.retries < 0:
+            raise UsageError("--retries must not be negative")
+        return Retry(attempts=self.retries)
 
 
 _DEFAULT_CLIENT = ClientOptions()
@@ -122,6 +154,14 @@ async def serve(
     max_decodes: int = 32,
     grace: float = 5.0,
     rescan_interval: float = 0.0,
+    max_connections: int = 1000,
+    max_message_size: int = 64 * 1024,
+    handshake_timeout: float = 10.0,
+    idle_timeout: float = 300.0,
+    send_timeout: float = 30.0,
+    token: Annotated[str | None, Parameter(env_var="MUSICLIB_TOKEN")] = None,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
     log_level: str = "info",
 ) -> int:
     """Index a folder of media files and serve it until Ctrl-C or SIGTERM.
@@ -141,7 +181,23 @@ async def serve(
     grace
         Seconds running streams get to finish on shutdown.
     rescan_interval
-        Seconds between rescans of the root (0: only at start).
+        Seconds between rescans of the root (0: only at start and on request).
+    max_connections
+        Connections served at once; one more is refused with "busy".
+    max_message_size
+        Largest message frame a client may send, in bytes.
+    handshake_timeout
+        Seconds a new connection has to say hello.
+    idle_timeout
+        Seconds a connection may sit idle between requests.
+    send_timeout
+        Seconds a client that stopped reading may hold up one chunk.
+    token
+        Shared secret every client must present (compared in constant time).
+    tls_cert
+        PEM certificate (chain) to serve TLS with; needs --tls-key.
+    tls_key
+        PEM private key of --tls-cert.
     log_level
         debug, info, warning or error.
     """
@@ -158,6 +214,13 @@ async def serve(
         max_decodes=max_decodes,
         grace_period=grace,
         rescan_interval=rescan_interval,
+        max_connections=max_connections,
+        max_message_size=max_message_size,
+        handshake_timeout=handshake_timeout,
+        idle_timeout=idle_timeout,
+        send_timeout=send_timeout,
+        token=token or None,
+        ssl_context=_server_tls(tls_cert, tls_key),
     )
     await run_until_signalled(config)
     return 0
@@ -179,7 +242,7 @@ async def ls(
     json_output
         Print a JSON array of track objects instead of a table.
     """
-    async with open_client(options.server, timeout=options.timeout) as client:
+    async with options.connector()() as client:
         tracks, end = await client.list(query)
     tracks.sort(key=lambda t: t.path)
     if json_output:
@@ -188,6 +251,26 @@ async def ls(
         print(format_table(tracks))
     if end.scanning:
         log.warning("the server is still indexing its library; the list may be incomplete")
+    return 0
+
+
+@app.command
+async def rescan(
+    *,
+    wait: Annotated[bool, Parameter(negative="")] = False,
+    options: ClientOptions = _DEFAULT_CLIENT,
+) -> int:
+    """Ask the server to re-read its library folder (new, changed and deleted files).
+
+    Parameters
+    ----------
+    wait
+        Wait until the scan has finished, then print the track count.
+    """
+    async with options.connector()() as client:
+        status = await client.rescan(wait=wait)
+    state = "scanning" if status.scanning else "done"
+    print(f"{status.tracks} tracks ({state})")
     return 0
 
 
@@ -223,14 +306,15 @@ async def get(
         raise UsageError(
             "refusing to write audio to a terminal: use --save, -o PATH, or redirect the output"
         )
-    async with open_client(options.server, timeout=options.timeout) as client:
-        if save or output is not None:
+    connect, retry = options.connector(), options.retry()
+    if save or output is not None:
+        async with connect() as client:
             info = await client.info(track)
-            dest = _destination(info, output, decoding)
-            outcome = await fetch.save(client, info.path, dest, decoding=decoding)
-            _report_saved(outcome, dest)
-        else:
-            await fetch.pipe(client, track, sys.stdout.buffer, decoding=decoding)
+        dest = _destination(info, output, decoding)
+        outcome = await fetch.save(connect, info.path, dest, decoding=decoding, retry=retry)
+        _report_saved(outcome, dest)
+    else:
+        await fetch.pipe(connect, track, sys.stdout.buffer, decoding=decoding, retry=retry)
     return 0
 
 
@@ -287,16 +371,19 @@ async def play(
         raise PlayerNotFound(
             f"player {argv[0]!r} not found: install it or choose another with --player"
         )
-    async with open_client(options.server, timeout=options.timeout) as client:
-        if save or output is not None:
+    connect, retry = options.connector(), options.retry()
+    if save or output is not None:
+        async with connect() as client:
             info = await client.info(track)
-            dest = _destination(info, output, decoding)
-            async with open_player(argv) as p:
-                outcome = await fetch.save(client, info.path, dest, player=p, decoding=decoding)
-            _report_saved(outcome, dest)
-        else:
-            async with open_player(argv) as p:
-                outcome = await fetch.pipe(client, track, p, decoding=decoding)
+        dest = _destination(info, output, decoding)
+        async with open_player(argv) as p:
+            outcome = await fetch.save(
+                connect, info.path, dest, player=p, decoding=decoding, retry=retry
+            )
+        _report_saved(outcome, dest)
+    else:
+        async with open_player(argv) as p:
+            outcome = await fetch.pipe(connect, track, p, decoding=decoding, retry=retry)
     if outcome.player_note:
         log.warning("%s", outcome.player_note)
     if outcome.player_status:
@@ -305,6 +392,19 @@ async def play(
             raise PlayerError(message)
         log.warning("%s", message)
     return 0
+
+
+def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
+    if cert is None and key is None:
+        return None
+    if cert is None or key is None:
+        raise UsageError("--tls-cert and --tls-key go together")
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    try:
+        context.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load --tls-cert/--tls-key: {exc}") from None
+    return context
 
 
 def _destination(info: TrackInfo, output: Path | None, decoding: Decoding | None) -> Path:

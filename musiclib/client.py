@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -41,6 +42,8 @@ from .protocol import (
     ListRequest,
     Message,
     NeedData,
+    RescanRequest,
+    RescanStatus,
     Role,
     State,
     StreamEnd,
@@ -87,15 +90,19 @@ def _connect_reason(exc: OSError) -> str:
 class Client:
     """A handshaken connection to a musiclib server; one request at a time."""
 
-    def __init__(self, stream: trio.abc.Stream, *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, stream: trio.abc.Stream, *, timeout: float = 30.0, token: str | None = None
+    ) -> None:
         self._stream = stream
         self._conn = Connection(Role.CLIENT)
+        self._token = token
         self.timeout = timeout
         self.welcome: Welcome | None = None
 
     async def handshake(self) -> Welcome:
         """Send ``hello`` and wait for ``welcome``; a refusal raises its ServerError."""
-        await self._send(Hello(version=PROTOCOL_VERSION, client=f"musiclib/{__version__}"))
+        client = f"musiclib/{__version__}"
+        await self._send(Hello(version=PROTOCOL_VERSION, client=client, token=self._token))
         event = await self._reply_event()
         if not isinstance(event, Welcome):
             raise RemoteProtocolError(f"expected welcome, got {type(event).__name__}")
@@ -114,6 +121,14 @@ class Client:
                 return tracks, event
             else:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} in a list reply")
+
+    async def rescan(self, *, wait: bool = False) -> RescanStatus:
+        """Ask the server to re-read its library; with ``wait``, until the scan is done."""
+        await self._send(RescanRequest(wait=wait))
+        event = await self._reply_event()
+        if not isinstance(event, RescanStatus):
+            raise RemoteProtocolError(f"expected rescan_status, got {type(event).__name__}")
+        return event
 
     async def info(self, track: str) -> TrackInfo:
         """The track ``track`` resolves to (``NotFound``/``Ambiguous`` otherwise)."""
@@ -249,20 +264,50 @@ class StreamReader:
 
 @asynccontextmanager
 async def open_client(
-    address: str = DEFAULT_SERVER, *, timeout: float = 30.0
+    address: str = DEFAULT_SERVER,
+    *,
+    timeout: float = 30.0,
+    token: str | None = None,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Client]:
-    """Connect to ``HOST:PORT``, shake hands, and yield a :class:`Client`; close on exit."""
+    """Connect to ``HOST:PORT`` (over TLS with ``ssl_context``), shake hands, yield a Client.
+
+    The connection is closed when the block ends.
+    """
     host, port = parse_address(address)
+    stream: trio.abc.Stream
     try:
         with trio.fail_after(timeout):
             stream = await trio.open_tcp_stream(host, port)
+            if ssl_context is not None:
+                stream = trio.SSLStream(stream, ssl_context, server_hostname=host)
+                await stream.do_handshake()
     except trio.TooSlowError:
         raise ConnectError(f"cannot connect to {address}: timed out after {timeout:g} s") from None
+    except trio.BrokenResourceError as exc:
+        reason = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
+        raise ConnectError(f"TLS with {address} failed: {_ssl_reason(reason)}") from None
     except OSError as exc:
         raise ConnectError(f"cannot connect to {address}: {_connect_reason(exc)}") from None
-    client = Client(stream, timeout=timeout)
+    client = Client(stream, timeout=timeout, token=token)
     try:
         await client.handshake()
         yield client
     finally:
         await client.aclose()
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the server's certificate is not trusted ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return str(exc) or "the server closed the connection (is it a TLS server?)"
+
+
+def tls_context(cafile: str | None = None) -> ssl.SSLContext:
+    """A client TLS context: the system's trust store, or only ``cafile`` when given."""
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot use --cafile {cafile}: {exc}") from None

@@ -23,6 +23,7 @@ the CLI is a bug and is reported as such.
     │   ├── Ambiguous                  the name matches several tracks
     │   ├── BadRequest                 the request was malformed
     │   ├── UnsupportedVersion         no protocol version in common
+    │   ├── Unauthorized               the token was missing or wrong
     │   ├── Busy                       the server is at a capacity limit
     │   ├── Changed                    the file changed while it was being served
     │   ├── DecodeFailed               the server could not decode the file
@@ -134,6 +135,13 @@ class Busy(ServerError):
     exit_code = 3
 
 
+class Unauthorized(ServerError):
+    """The server wants a token and the client's was missing or wrong."""
+
+    code = "unauthorized"
+    exit_code = 3
+
+
 class Changed(ServerError):
     """The file changed on the server while it was being streamed."""
 
@@ -190,6 +198,7 @@ _BY_CODE: dict[str, type[ServerError]] = {
         Ambiguous,
         BadRequest,
         UnsupportedVersion,
+        Unauthorized,
         Busy,
         Changed,
         DecodeFailed,

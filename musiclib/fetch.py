@@ -21,10 +21,12 @@ event loop must keep feeding the player meanwhile.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -32,7 +34,16 @@ from typing import BinaryIO
 import trio
 
 from .client import Client, StreamReader
-from .errors import IntegrityError, OutputError, UsageError, single_errors
+from .errors import (
+    Busy,
+    Changed,
+    IntegrityError,
+    OutputError,
+    RemoteProtocolError,
+    TransportError,
+    UsageError,
+    single_errors,
+)
 from .player import Player
 from .protocol import SAMPLE_FORMATS, StreamStart
 from .wav import patch_sizes, wav_header
@@ -104,6 +115,10 @@ class Outcome:
     saved_to: Path | None = None
     player_status: int | None = None
     player_note: str | None = None
+    #: where the last attempt started in the file (0: from scratch)
+    attempt_offset: int = 0
+    #: the consumer (player, pipe reader) went away before the end
+    stopped_early: bool = False
 
 
 def part_path(dest: Path) -> Path:
@@ -136,13 +151,23 @@ async def _in_thread(path: Path | str, fn: Callable[..., object], *args: object)
 class _Progress:
     """How many bytes of the ``.part`` file are written; wakes the player feeder."""
 
-    def __init__(self, start: int) -> None:
+    def __init__(self, start: int, *, want_reader: bool = False) -> None:
         self.written = start
         self.done = False
+        #: a second handle on the ``.part`` file for the player feeder, opened by the
+        #: download before it writes (so a fast download cannot rename it away first)
+        self.want_reader = want_reader
+        self.reader: BinaryIO | None = None
         self._event = trio.Event()
 
     def advance(self, n: int) -> None:
         self.written += n
+        self._event.set()
+        self._event = trio.Event()
+
+    def reset(self, written: int) -> None:
+        """A new attempt starts with the file at ``written`` bytes."""
+        self.written = written
         self._event.set()
         self._event = trio.Event()
 
@@ -154,103 +179,185 @@ class _Progress:
         await self._event.wait()
 
 
+# ---- retries -----------------------------------------------------------------
+
+Connector = Callable[[], AbstractAsyncContextManager[Client]]
+
+#: failures worth reconnecting for: the network, a confused peer, a full server
+RETRYABLE: tuple[type[Exception], ...] = (TransportError, RemoteProtocolError, Busy)
+
+
+@dataclass(frozen=True)
+class Retry:
+    """Reconnect after a dropped connection: how often, and how long to wait between."""
+
+    attempts: int = 5
+    first_delay: float = 0.5
+    max_delay: float = 8.0
+
+    def delays(self) -> list[float]:
+        """The waits before each reconnection: doubling, capped."""
+        return [min(self.first_delay * 2**n, self.max_delay) for n in range(self.attempts)]
+
+
+NO_RETRY = Retry(attempts=0)
+
+
+async def _retrying(retry: Retry, attempt: Callable[[], Awaitable[None]], what: str) -> None:
+    """Run ``attempt`` until it succeeds, retrying RETRYABLE failures ``retry.attempts`` times.
+
+    Each attempt resumes from what the previous ones delivered, so a retry
+    costs only the bytes still missing.
+    """
+    delays = retry.delays()
+    for n in range(len(delays) + 1):
+        try:
+            await attempt()
+            return
+        except RETRYABLE as exc:
+            if n == len(delays):
+                raise
+            log.warning(
+                "%s: %s; retrying in %.1f s (%d of %d)", what, exc, delays[n], n + 1, len(delays)
+            )
+            await trio.sleep(delays[n])
+
+
 # ---- saving ---------------------------------------------------------------
 
 
 async def save(
-    client: Client,
+    connect: Connector,
     track: str,
     dest: Path,
     *,
     player: Player | None = None,
     decoding: Decoding | None = None,
+    retry: Retry = NO_RETRY,
 ) -> Outcome:
     """Save ``track`` to ``dest`` through ``dest.part``, feeding ``player`` as it goes.
 
-    Original bytes resume an existing ``.part``; a resumed download whose
-    checksum fails is restarted from zero once, since the ``.part`` may have
-    come from an older version of the track.
+    Original bytes resume an existing ``.part``, and a dropped connection is
+    resumed from what arrived (``retry``). A resumed download whose checksum
+    fails is restarted from zero once, since the ``.part`` may have come from
+    an older version of the track (not while a player is listening: it has
+    heard the old bytes already). Decoded output is always written whole.
     """
-    part = part_path(dest)
-    offset = 0
-    if decoding is None:
-        try:
-            offset = part.stat().st_size
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise _output_error(exc, part) from None
-    try:
-        with single_errors():
-            return await _save_once(client, track, dest, offset, player, decoding)
-    except IntegrityError:
-        if offset == 0:
-            raise
-        log.warning("the resumed download of %s failed its checksum; starting over", track)
+    outcome = Outcome(path=track, size=0)
+    progress = _Progress(0, want_reader=player is not None)
+
+    async def attempt() -> None:
+        await _save_attempt(connect, track, dest, decoding, progress, outcome)
+
     with single_errors():
-        return await _save_once(client, track, dest, 0, player, decoding)
+        async with trio.open_nursery() as nursery:
+            if player is not None:
+                nursery.start_soon(_feed_from_file, progress, player, outcome)
+            try:
+                try:
+                    await _retrying(retry if decoding is None else NO_RETRY, attempt, track)
+                except IntegrityError:
+                    if outcome.attempt_offset == 0 or player is not None:
+                        raise
+                    log.warning(
+                        "%s: the resumed download failed its checksum; starting over", track
+                    )
+                    await _retrying(retry, attempt, track)
+            finally:
+                progress.finish()
+    if progress.reader is not None:  # the feeder closes it, unless it never got that far
+        progress.reader.close()
+    return outcome
 
 
-async def _save_once(
-    client: Client,
+async def _save_attempt(
+    connect: Connector,
     track: str,
     dest: Path,
-    offset: int,
-    player: Player | None,
     decoding: Decoding | None,
-) -> Outcome:
+    progress: _Progress,
+    outcome: Outcome,
+) -> None:
     part = part_path(dest)
     try:
         f = await trio.to_thread.run_sync(_open_part, part, decoding is not None)
     except OSError as exc:
         raise _output_error(exc, part) from None
+    try:
+        await _save_into(f, part, connect, track, dest, decoding, progress, outcome)
+    except BaseException as exc:
+        # Keep a .part only if a later run can resume it: original bytes of an
+        # unchanged file (also after Ctrl-C). Decoded output, an empty file, and
+        # bytes of a file that changed mid-stream are worthless.
+        worthless = decoding is not None or isinstance(exc, Changed)
+        with trio.CancelScope(shield=True):
+            if worthless or await trio.to_thread.run_sync(_size_of, part) == 0:
+                await trio.to_thread.run_sync(_unlink, part)
+        raise
+
+
+async def _save_into(
+    f: BinaryIO,
+    part: Path,
+    connect: Connector,
+    track: str,
+    dest: Path,
+    decoding: Decoding | None,
+    progress: _Progress,
+    outcome: Outcome,
+) -> None:
     with f:
-        request = decoding.open(client, track) if decoding else client.stream(track, offset)
-        async with request as stream:
-            start = stream.start
-            assert start is not None
-            outcome = Outcome(path=start.path, size=start.size, resumed_from=start.offset)
-            digest = hashlib.sha256()
-            if decoding is not None:
-                header = decoding.header(start, None)
-                await _in_thread(part, f.write, header)
-            else:
-                if start.offset != offset:  # the .part is longer than the file now is
-                    await _in_thread(part, f.truncate, start.offset)
-                await _in_thread(part, _hash_file_prefix, f, start.offset, digest)
-            progress = _Progress(f.tell())
-            async with trio.open_nursery() as nursery:
-                if player is not None:
-                    nursery.start_soon(_feed_from_file, part, progress, player, outcome)
-                try:
-                    async for chunk in stream:
-                        digest.update(chunk)
-                        await _in_thread(part, f.write, chunk)
-                        outcome.received += len(chunk)
-                        progress.advance(len(chunk))
-                finally:
-                    progress.finish()
+        if progress.want_reader and progress.reader is None:
+            progress.reader = await trio.to_thread.run_sync(open, part, "rb")
+        offset = 0 if decoding is not None else await trio.to_thread.run_sync(_size, f)
+        outcome.attempt_offset = offset
+        async with connect() as client:
+            request = decoding.open(client, track) if decoding else client.stream(track, offset)
+            async with request as stream:
+                start = stream.start
+                assert start is not None
+                outcome.path, outcome.size = start.path, start.size
+                if not outcome.received:
+                    outcome.resumed_from = start.offset
+                digest = hashlib.sha256()
+                if decoding is not None:
+                    await _in_thread(part, f.write, decoding.header(start, None))
+                else:
+                    if start.offset != offset:  # the .part is longer than the file now is
+                        await _in_thread(part, f.truncate, start.offset)
+                    await _in_thread(part, _hash_file_prefix, f, start.offset, digest)
+                progress.reset(f.tell())
+                async for chunk in stream:
+                    digest.update(chunk)
+                    await _in_thread(part, f.write, chunk)
+                    outcome.received += len(chunk)
+                    progress.advance(len(chunk))
                 try:
                     _verify(stream, digest.hexdigest(), f.tell())
                 except IntegrityError:
                     await trio.to_thread.run_sync(_unlink, part)  # garbage: never resume it
                     raise
                 if decoding is not None and decoding.output == "wav":
-                    await _in_thread(part, patch_sizes, f, outcome.received)
+                    await _in_thread(
+                        part, patch_sizes, f, f.tell() - len(decoding.header(start, 0))
+                    )
                 await _in_thread(dest, _commit, f, part, dest)
                 outcome.saved_to = dest
-                if stream.end is not None:
-                    outcome.frames = stream.end.frames
-    return outcome
+                assert stream.end is not None
+                outcome.frames = stream.end.frames
 
 
-async def _feed_from_file(part: Path, progress: _Progress, player: Player, out: Outcome) -> None:
+async def _feed_from_file(progress: _Progress, player: Player, out: Outcome) -> None:
     """Read the growing ``.part`` file from the start and feed the player at its pace.
 
-    The file stays open across the final rename, so the same bytes keep
-    coming whatever the name is by then.
+    The handle stays open across the final rename, so the same bytes keep
+    coming whatever the file's name is by then.
     """
-    with open(part, "rb") as f:  # noqa: ASYNC230 - one open; reads go to a thread
+    while progress.reader is None and not progress.done:
+        await progress.wait()
+    if progress.reader is None:
+        return
+    with progress.reader as f:
         position = 0
         while True:
             if position < progress.written:
@@ -274,79 +381,94 @@ async def _feed_from_file(part: Path, progress: _Progress, player: Player, out: 
 
 
 async def pipe(
-    client: Client, track: str, sink: Player | BinaryIO, *, decoding: Decoding | None = None
+    connect: Connector,
+    track: str,
+    sink: Player | BinaryIO,
+    *,
+    decoding: Decoding | None = None,
+    retry: Retry = NO_RETRY,
 ) -> Outcome:
-    """Stream ``track`` into a player or a binary file object (standard output)."""
+    """Stream ``track`` into a player or a binary file object (standard output).
+
+    A dropped connection is resumed from the bytes already passed on
+    (original streams only: a decoded stream cannot be resumed exactly).
+    """
+    outcome = Outcome(path=track, size=0)
+    digest = hashlib.sha256()
     with single_errors():
-        return await _pipe(client, track, sink, decoding)
-
-
-async def _pipe(
-    client: Client, track: str, sink: Player | BinaryIO, decoding: Decoding | None
-) -> Outcome:
-    request = decoding.open(client, track) if decoding else client.stream(track)
-    async with request as stream:
-        assert stream.start is not None
-        outcome = Outcome(path=stream.start.path, size=stream.start.size)
-        digest = hashlib.sha256()
-        header = decoding.header(stream.start, None) if decoding else b""
-        # A header can be patched afterwards only in a file we write from its start.
-        patchable = bool(header) and not isinstance(sink, Player) and _position(sink) == 0
         if isinstance(sink, Player):
-            finished = await _pipe_to_player(stream, sink, header, digest, outcome)
+            send, receive = trio.open_memory_channel[bytes](PLAYER_QUEUE_CHUNKS)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_drain_to_player, receive, sink, outcome)
+                async with send:
+
+                    async def to_player(data: bytes) -> bool:
+                        try:
+                            await send.send(data)
+                        except trio.BrokenResourceError:  # the player went away
+                            return False
+                        return True
+
+                    await _pipe_attempts(
+                        connect, track, to_player, None, decoding, retry, digest, outcome
+                    )
         else:
-            finished = await _pipe_to_file(stream, sink, header, digest, outcome)
-        if not finished:
-            return outcome  # leaving the stream early closes the connection
-        _verify(stream, digest.hexdigest(), outcome.received)
-        if stream.end is not None:
-            outcome.frames = stream.end.frames
-        if patchable:
-            assert not isinstance(sink, Player)
-            await _in_thread("the output", patch_sizes, sink, outcome.received)
+
+            async def to_file(data: bytes) -> bool:
+                try:
+                    await trio.to_thread.run_sync(_write_all, sink, data)
+                except BrokenPipeError:
+                    return False  # the reader of our output is gone: end quietly
+                except OSError as exc:
+                    raise _output_error(exc, "the output") from None
+                return True
+
+            await _pipe_attempts(connect, track, to_file, sink, decoding, retry, digest, outcome)
     return outcome
 
 
-async def _pipe_to_player(
-    stream: StreamReader, player: Player, header: bytes, digest: hashlib._Hash, out: Outcome
-) -> bool:
-    """Feed the player through a bounded queue; False if it stopped reading first."""
-    send, receive = trio.open_memory_channel[bytes](PLAYER_QUEUE_CHUNKS)
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(_drain_to_player, receive, player, out)
-        async with send:
-            try:
-                if header:
-                    await send.send(header)
+async def _pipe_attempts(
+    connect: Connector,
+    track: str,
+    write: Callable[[bytes], Awaitable[bool]],
+    file: BinaryIO | None,
+    decoding: Decoding | None,
+    retry: Retry,
+    digest: hashlib._Hash,
+    outcome: Outcome,
+) -> None:
+    """Pass the stream to ``write``, resuming after dropped connections."""
+    # A header can be patched afterwards only in a file we write from its start.
+    patchable = (
+        decoding is not None and file is not None and _position(file) == 0 and not _appends(file)
+    )
+
+    async def attempt() -> None:
+        async with connect() as client:
+            if decoding is not None:
+                request = decoding.open(client, track)
+            else:
+                request = client.stream(track, outcome.received)
+            async with request as stream:
+                start = stream.start
+                assert start is not None
+                outcome.path, outcome.size = start.path, start.size
+                if decoding is not None and not await write(decoding.header(start, None)):
+                    outcome.stopped_early = True
+                    return
                 async for chunk in stream:
                     digest.update(chunk)
-                    out.received += len(chunk)
-                    await send.send(chunk)
-            except trio.BrokenResourceError:  # the player went away
-                return False
-    return True
+                    outcome.received += len(chunk)
+                    if not await write(chunk):
+                        outcome.stopped_early = True
+                        return  # leaving the stream early closes the connection
+                _verify(stream, digest.hexdigest(), outcome.received)
+                assert stream.end is not None
+                outcome.frames = stream.end.frames
+        if patchable and file is not None:
+            await _in_thread("the output", patch_sizes, file, outcome.received)
 
-
-async def _pipe_to_file(
-    stream: StreamReader, sink: BinaryIO, header: bytes, digest: hashlib._Hash, out: Outcome
-) -> bool:
-    """Write to ``sink`` (standard output); False if its reader went away."""
-
-    async def write(data: bytes) -> None:
-        await trio.to_thread.run_sync(_write_all, sink, data)
-
-    try:
-        if header:
-            await write(header)
-        async for chunk in stream:
-            digest.update(chunk)
-            out.received += len(chunk)
-            await write(chunk)
-    except BrokenPipeError:
-        return False  # the reader of our output is gone: end quietly
-    except OSError as exc:
-        raise _output_error(exc, "the output") from None
-    return True
+    await _retrying(retry if decoding is None else NO_RETRY, attempt, track)
 
 
 async def _drain_to_player(
@@ -377,6 +499,14 @@ def _verify(stream: StreamReader, sha256: str, length: int) -> None:
         )
 
 
+def _appends(f: BinaryIO) -> bool:
+    """Whether writes to ``f`` go to its end whatever the position (``>>`` redirection)."""
+    try:
+        return bool(fcntl.fcntl(f.fileno(), fcntl.F_GETFL) & os.O_APPEND)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def _position(f: BinaryIO) -> int | None:
     """Where a seekable ``f`` stands (a regular file), or ``None`` (a pipe or terminal)."""
     try:
@@ -386,6 +516,17 @@ def _position(f: BinaryIO) -> int | None:
 
 
 # ---- blocking helpers, run in worker threads ------------------------------
+
+
+def _size(f: BinaryIO) -> int:
+    return os.fstat(f.fileno()).st_size
+
+
+def _size_of(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return -1
 
 
 def _open_part(part: Path, truncate: bool) -> BinaryIO:

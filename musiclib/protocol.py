@@ -67,6 +67,7 @@ class State(enum.Enum):
     IDLE = "idle"  # the client may send a request
     LISTING = "listing"  # the server sends pages, then list_end
     INFO = "info"  # the server sends track_info (or an error)
+    RESCAN = "rescan"  # the server sends rescan_status (or an error)
     STREAM_HEAD = "stream_head"  # the server sends stream_start (or an error)
     STREAMING = "streaming"  # data frames, then stream_end
     CLOSED = "closed"  # a fatal error or end of file; nothing more may pass
@@ -138,12 +139,16 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class Hello(Message):
-    """First message of a connection: the client's protocol version and name."""
+    """First message of a connection: the client's protocol version, name and token.
+
+    ``token`` is the shared secret of a server started with one; never logged.
+    """
 
     TYPE: ClassVar[str] = "hello"
     SENDER: ClassVar[Role] = Role.CLIENT
     version: int
     client: str = ""
+    token: str | None = None
 
     def problem(self) -> str | None:
         return "version must be positive" if self.version < 1 else None
@@ -186,6 +191,25 @@ class ListEnd(Message):
     TYPE: ClassVar[str] = "list_end"
     SENDER: ClassVar[Role] = Role.SERVER
     count: int
+    scanning: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RescanRequest(Message):
+    """Ask the server to re-read its library folder; ``wait`` for the scan to finish."""
+
+    TYPE: ClassVar[str] = "rescan"
+    SENDER: ClassVar[Role] = Role.CLIENT
+    wait: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RescanStatus(Message):
+    """The answer to ``rescan``: tracks known now, and whether a scan is still running."""
+
+    TYPE: ClassVar[str] = "rescan_status"
+    SENDER: ClassVar[Role] = Role.SERVER
+    tracks: int
     scanning: bool = False
 
 
@@ -374,6 +398,8 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
         ListEnd,
         InfoRequest,
         InfoReply,
+        RescanRequest,
+        RescanStatus,
         StreamRequest,
         StreamStart,
         StreamEnd,
@@ -509,12 +535,15 @@ _TRANSITIONS: Final[dict[tuple[State, type[Message]], State]] = {
     (State.IDLE, ListRequest): State.LISTING,
     (State.IDLE, InfoRequest): State.INFO,
     (State.IDLE, StreamRequest): State.STREAM_HEAD,
+    (State.IDLE, RescanRequest): State.RESCAN,
     (State.IDLE, Error): State.IDLE,  # the answer to a request that was malformed
     (State.LISTING, TrackPage): State.LISTING,
     (State.LISTING, ListEnd): State.IDLE,
     (State.LISTING, Error): State.IDLE,
     (State.INFO, InfoReply): State.IDLE,
     (State.INFO, Error): State.IDLE,
+    (State.RESCAN, RescanStatus): State.IDLE,
+    (State.RESCAN, Error): State.IDLE,
     (State.STREAM_HEAD, StreamStart): State.STREAMING,
     (State.STREAM_HEAD, Error): State.IDLE,
     (State.STREAMING, StreamEnd): State.IDLE,

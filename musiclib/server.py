@@ -13,11 +13,16 @@ page-cached data that way measured 2-3x faster than a thread per read
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import hmac
+import ipaddress
 import logging
+import math
 import os
 import signal
+import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +54,8 @@ from .protocol import (
     ListRequest,
     Message,
     NeedData,
+    RescanRequest,
+    RescanStatus,
     Role,
     StreamEnd,
     StreamRequest,
@@ -87,8 +94,18 @@ class ServerConfig:
     decode_wait: float = 5.0
     #: seconds of audio sent at once before real-time pacing sets in
     burst: float = 1.0
+    #: seconds of audio in one paced data frame: the granularity of real-time pacing
+    pacing_slice: float = 0.1
     #: ffmpeg binary; ``None``: MUSICLIB_FFMPEG, else the one in imageio-ffmpeg
     ffmpeg: str | None = None
+    #: connections served at once; one more gets a fatal "busy" error
+    max_connections: int = 1000
+    #: largest message frame a client may send, in bytes
+    max_message_size: int = 64 * 1024
+    #: shared secret every client must present in its hello (``None``: no check)
+    token: str | None = None
+    #: TLS for every connection (``None``: plain TCP)
+    ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
 
 
 class _PeerGone(Exception):
@@ -105,9 +122,18 @@ class Server:
     stopping: trio.Event = field(default_factory=trio.Event)
     _idle_scopes: set[trio.CancelScope] = field(default_factory=set)
     decode_slots: DecodeSlots = field(init=False)
+    #: connections being served now
+    connections: int = 0
+    #: completed scans, and a wake-up for those waiting for one
+    scans_done: int = 0
+    _scan_finished: trio.Event = field(default_factory=trio.Event)
+    _scan_kick: trio.MemorySendChannel[None] = field(init=False)
+    _scan_kicked: trio.MemoryReceiveChannel[None] = field(init=False)
 
     def __post_init__(self) -> None:
         self.decode_slots = DecodeSlots(self.config.max_decodes, self.config.decode_wait)
+        # capacity 1: many requests for a rescan while one is pending ask for one rescan
+        self._scan_kick, self._scan_kicked = trio.open_memory_channel[None](1)
 
     def stop(self) -> None:
         """Stop taking requests: idle connections close now, running replies may finish."""
@@ -122,15 +148,30 @@ class Server:
         return count
 
     async def rescan_periodically(self) -> None:
-        """The initial scan, then one every ``rescan_interval`` seconds if that is set."""
+        """Scan at start, then on request and every ``rescan_interval`` seconds if set.
+
+        One task does every scan, so scans never overlap; requests that arrive
+        during a scan are served by the next one, which starts after them.
+        """
         while True:
             try:
                 await self.rescan()
             except OSError as exc:
                 log.error("scan of %s failed: %s", self.library.root, exc)
-            if self.config.rescan_interval <= 0:
-                return
-            await trio.sleep(self.config.rescan_interval)
+            self.scans_done += 1
+            self._scan_finished.set()
+            self._scan_finished = trio.Event()
+            interval = self.config.rescan_interval
+            with trio.move_on_after(interval if interval > 0 else math.inf):
+                await self._scan_kicked.receive()
+
+    async def request_rescan(self, *, wait: bool) -> None:
+        """Ask for a scan that starts after this call; with ``wait``, until it is done."""
+        target = self.scans_done + (2 if self.library.scanning else 1)
+        with contextlib.suppress(trio.WouldBlock):
+            self._scan_kick.send_nowait(None)
+        while wait and self.scans_done < target:
+            await self._scan_finished.wait()
 
     async def handle(self, stream: trio.abc.Stream, peer: str = "peer") -> None:
         """Serve one connection until the peer leaves, misbehaves, or the server stops.
@@ -139,10 +180,14 @@ class Server:
         and ends that connection only.
         """
         handler = _ConnectionHandler(self, stream, peer)
+        self.connections += 1
         try:
-            await handler.run()
+            if self.connections > self.config.max_connections:
+                await handler.refuse_busy()
+            else:
+                await handler.run()
         except _PeerGone as exc:
-            log.debug("%s: %s", peer, exc)
+            log.info("%s: %s", peer, exc)
         except RemoteProtocolError as exc:
             log.warning("%s: protocol error: %s", peer, exc)
             await handler.try_send(Error("bad_request", str(exc), fatal=True))
@@ -150,9 +195,9 @@ class Server:
             log.exception("%s: internal error: %s", peer, exc)
             await handler.try_send(Error("internal", "internal server error", fatal=True))
         finally:
-            with trio.CancelScope(shield=True):
-                with trio.move_on_after(1):
-                    await stream.aclose()
+            self.connections -= 1
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                await stream.aclose()
 
 
 class _ConnectionHandler:
@@ -164,12 +209,27 @@ class _ConnectionHandler:
         self.library = server.library
         self.stream = stream
         self.peer = peer
-        self.conn = Connection(Role.SERVER)
+        self.conn = Connection(Role.SERVER, max_message_size=server.config.max_message_size)
+
+    async def refuse_busy(self) -> None:
+        """Over the connection limit: read the hello (so the close is clean), say busy."""
+        with trio.move_on_after(min(self.config.handshake_timeout, 1.0)):
+            await self._next_event(self.config.handshake_timeout)
+        log.warning("%s: refused: %d connections already", self.peer, self.config.max_connections)
+        await self.try_send(
+            Error("busy", "the server is at its connection limit; try again later", fatal=True)
+        )
 
     async def run(self) -> None:
         hello = await self._next_event(self.config.handshake_timeout)
         if not isinstance(hello, Hello):
             raise _PeerGone("closed before the handshake")
+        if self.config.token is not None and not _token_matches(hello.token, self.config.token):
+            log.warning("%s: refused: %s token", self.peer, "wrong" if hello.token else "no")
+            await self.try_send(
+                Error("unauthorized", "this server needs a valid token (--token)", fatal=True)
+            )
+            return
         if hello.version not in SUPPORTED_VERSIONS:
             await self.try_send(
                 Error(
@@ -211,6 +271,10 @@ class _ConnectionHandler:
     async def _dispatch(self, event: Event) -> None:
         if isinstance(event, ListRequest):
             await self._list(event)
+        elif isinstance(event, RescanRequest):
+            await self.server.request_rescan(wait=event.wait)
+            tracks = len(self.library.tracks())
+            await self._send(RescanStatus(tracks=tracks, scanning=self.library.scanning))
         elif isinstance(event, InfoRequest):
             await self._send(InfoReply(self.library.resolve(event.track)))
         elif isinstance(event, StreamRequest) and event.mode == "decoded":
@@ -311,21 +375,29 @@ class _ConnectionHandler:
             sent = 0
             began = trio.current_time()
             chunk = first
+            slice_bytes = max(
+                1, round(fmt.bytes_per_second * self.config.pacing_slice) // fmt.bytes_per_frame
+            )
+            slice_bytes *= fmt.bytes_per_frame
             with single_errors():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._watch_for_hangup, nursery.cancel_scope)
                     while chunk:
-                        if request.pacing == "realtime":
-                            delay = pace_delay(
-                                sent,
-                                trio.current_time() - began,
-                                fmt.bytes_per_second,
-                                self.config.burst,
-                            )
-                            if delay > 0:
-                                await trio.sleep(delay)
-                        await self._send_data(chunk)
-                        sent += len(chunk)
+                        if request.pacing != "realtime":
+                            await self._send_data(chunk)
+                            sent += len(chunk)
+                        else:  # in slices, so no chunk runs ahead of the clock
+                            for piece in _slices(chunk, slice_bytes):
+                                delay = pace_delay(  # never more than burst + t, after it
+                                    sent + len(piece),
+                                    trio.current_time() - began,
+                                    fmt.bytes_per_second,
+                                    self.config.burst,
+                                )
+                                if delay > 0:
+                                    await trio.sleep(delay)
+                                await self._send_data(piece)
+                                sent += len(piece)
                         chunk = await _next_chunk(chunks)
                     nursery.cancel_scope.cancel()  # done: stop watching
             if chunk:  # the watcher cancelled the stream
@@ -392,6 +464,19 @@ class _ConnectionHandler:
             pass
 
 
+def _slices(chunk: bytes, size: int) -> list[bytes]:
+    """``chunk`` cut into pieces of at most ``size`` bytes."""
+    if len(chunk) <= size:
+        return [chunk]
+    view = memoryview(chunk)
+    return [bytes(view[i : i + size]) for i in range(0, len(chunk), size)]
+
+
+def _token_matches(given: str | None, expected: str) -> bool:
+    """Constant-time comparison, so response timing reveals nothing about the token."""
+    return hmac.compare_digest((given or "").encode(), expected.encode())
+
+
 async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes:
     """The next chunk, or ``b""`` at the end (decode errors propagate)."""
     try:
@@ -412,7 +497,22 @@ async def _hash_prefix(f: BinaryIO, offset: int, digest: Any, chunk_size: int) -
         await trio.lowlevel.checkpoint()
 
 
+def _raise_open_file_limit() -> None:
+    """Each connection and each ffmpeg pipe is a descriptor; 1024 is a common soft limit."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else 65536
+    if soft < wanted:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+
+
 def _peer_name(stream: trio.abc.Stream) -> str:
+    if isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
     sock = getattr(stream, "socket", None)
     try:
         host, port = sock.getpeername()[:2] if sock is not None else ("?", 0)
@@ -436,15 +536,28 @@ async def serve(
     """
     if server is None:
         server = Server(Library(config.root), config)
+    _raise_open_file_limit()
     try:
-        listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        tcp_listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     except OSError as exc:
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         where = f"{config.host}:{config.port}"
         raise OSError(exc.errno, f"cannot listen on {where}: {reason}") from None
-    addresses = [_address(listener) for listener in listeners]
+    addresses = [_address(listener) for listener in tcp_listeners]
+    listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
+    if config.ssl_context is not None:
+        listeners = [
+            trio.SSLListener(listener, config.ssl_context, https_compatible=False)
+            for listener in tcp_listeners
+        ]
+    if config.token is None and not all(ipaddress.ip_address(h).is_loopback for h, _ in addresses):
+        log.warning(
+            "listening beyond this machine without a token: anyone who can reach "
+            "%s may read the library (use --token)",
+            config.host,
+        )
 
-    async def handler(stream: trio.SocketStream) -> None:
+    async def handler(stream: trio.abc.Stream) -> None:
         await server.handle(stream, _peer_name(stream))
 
     async with trio.open_nursery() as background:

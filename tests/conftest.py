@@ -20,6 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests run a few hundred cases in the normal suite; `make fuzz` selects the
+# "fuzz" profile (pytest --hypothesis-profile=fuzz) for 100 000 cases per property.
+settings.register_profile("musiclib", max_examples=300, deadline=None)
+settings.register_profile(
+    "fuzz",
+    max_examples=100_000,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("musiclib")
 
 REPO = Path(__file__).resolve().parent.parent
 LIBRARY = REPO / "library"

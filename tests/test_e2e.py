@@ -190,10 +190,11 @@ def unique_substring(tracks: list[str]) -> tuple[str, str]:
 class Proxy:
     """A threaded TCP proxy on 127.0.0.1 in front of a server, for cutting and pausing.
 
-    Only the server-to-client direction of the FIRST connection is touched:
-    with ``cut_after=N`` it forwards N bytes and then shuts both sides down;
-    with ``pause_after=N`` it forwards N bytes and waits for :attr:`gate`.
-    Later connections are forwarded untouched.
+    Only the server-to-client direction is touched, and only once: the first
+    connection to carry N bytes that way is cut (``cut_after=N``: both sides
+    shut down) or paused (``pause_after=N``: it waits for :attr:`gate`).
+    Shorter connections before it (a ``get --save`` first asks which file a
+    name means) and every connection after it are forwarded untouched.
     """
 
     def __init__(
@@ -229,7 +230,6 @@ class Proxy:
                 client, _ = self._listener.accept()
             except (OSError, ValueError):  # closed underneath us
                 return
-            first = self.connections == 0
             self.connections += 1
             try:
                 upstream = socket.create_connection(self._upstream, timeout=10)
@@ -240,11 +240,12 @@ class Proxy:
             with self._lock:
                 self._sockets += [client, upstream]
             self._spawn(self._pump, client, upstream, False)
-            self._spawn(self._pump, upstream, client, first)
+            self._spawn(self._pump, upstream, client, True)
 
-    def _pump(self, src: socket.socket, dst: socket.socket, first: bool) -> None:
-        cut_after = self.cut_after if first else None
-        pause_after = self.pause_after if first else None
+    def _pump(self, src: socket.socket, dst: socket.socket, downstream: bool) -> None:
+        done = self.cut.is_set() or self.paused.is_set()
+        cut_after = self.cut_after if downstream and not done else None
+        pause_after = self.pause_after if downstream and not done else None
         forwarded = 0
         while not self._stop.is_set():
             try:
@@ -544,7 +545,9 @@ def test_cut_connection_leaves_part_and_second_run_resumes(server, shipped_track
     size = (LIBRARY / track).stat().st_size
     name = name_of(track)
     with Proxy(server.port, cut_after=size // 2) as proxy:
-        first = run_cli("get", track, "--save", server=proxy.address, cwd=tmp_path)
+        first = run_cli(
+            "get", track, "--save", "--retries", "0", server=proxy.address, cwd=tmp_path
+        )
         assert proxy.cut.is_set()
         assert first.returncode != 0
         assert_one_error_line(first.stderr)
@@ -557,11 +560,30 @@ def test_cut_connection_leaves_part_and_second_run_resumes(server, shipped_track
         second = run_cli("get", track, "--save", server=proxy.address, cwd=tmp_path)
         assert second.returncode == 0, second.stderr
         assert "resumed" in second.stderr
-        assert proxy.connections == 2
+        assert proxy.connections == 4  # two runs, each: which file, then its bytes
     assert os.listdir(tmp_path) == [name]
     assert sha256(tmp_path / name) == sha256(LIBRARY / track)
     # the server really was asked for the rest only
     server.wait_for_log(re.escape(f"stream {track} from byte {kept}"))
+
+
+@pytest.mark.parametrize("to_stdout", [False, True], ids=["save", "stdout"])
+def test_get_survives_a_cut_connection_by_itself(server, shipped_tracks, tmp_path, to_stdout):
+    track = largest(shipped_tracks)
+    size = (LIBRARY / track).stat().st_size
+    name = name_of(track)
+    args = ("get", track) if to_stdout else ("get", track, "--save")
+    with Proxy(server.port, cut_after=size // 3) as proxy:
+        run = run_cli(*args, server=proxy.address, cwd=tmp_path)
+        assert proxy.cut.is_set()
+    assert run.returncode == 0, run.stderr
+    assert "retrying" in run.stderr  # one line about the retry, then success
+    assert "Traceback" not in run.stderr
+    got = run.stdout if to_stdout else (tmp_path / name).read_bytes()
+    assert hashlib.sha256(got).hexdigest() == sha256(LIBRARY / track)
+    assert os.listdir(tmp_path) == ([] if to_stdout else [name])
+    # the retry asked only for what was missing
+    assert re.search(rf"stream {re.escape(track)} from byte [1-9]", server.log())
 
 
 # ---------------------------------------------------------------------------- 5. traversal

@@ -537,7 +537,7 @@ def _feed_all(conn: Connection, chunks: Iterable[bytes]) -> list[Event]:
     return _merge(out)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(st.binary(max_size=2048), st.sampled_from([Role.CLIENT, Role.SERVER]))
 def test_random_bytes_only_raise_remote_errors(data: bytes, role: Role) -> None:
     conn = Connection(role)
@@ -553,7 +553,7 @@ def test_random_bytes_only_raise_remote_errors(data: bytes, role: Role) -> None:
         pass
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(st.data(), st.sampled_from([Role.CLIENT, Role.SERVER]))
 def test_any_split_of_a_valid_stream_gives_the_same_events(
     data: st.DataObject, receiver: Role
@@ -589,7 +589,7 @@ generated_messages = st.one_of(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(generated_messages)
 def test_generated_messages_round_trip(msg: Message) -> None:
     assert decode_message(encode_message(msg)[HEADER.size :]) == msg

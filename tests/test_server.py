@@ -421,11 +421,18 @@ def frozen_clock() -> trio.testing.MockClock:
 async def test_a_client_that_vanishes_mid_stream_leaves_no_ffmpeg(
     audio_server: Server, frozen_clock: trio.testing.MockClock
 ) -> None:
-    # With the clock frozen the server sleeps for ever before its next chunk, so a
-    # send error can never reveal the hang-up: only watching the socket can.
-    audio_server.config.burst = 0
+    # With the clock frozen the server sends its burst, then sleeps for ever before its
+    # next chunk, so a send error can never reveal the hang-up: only watching can.
+    audio_server.config.burst = 0.5
     client_stream, server_stream = trio.testing.memory_stream_pair()
     async with trio.open_nursery() as nursery:
+
+        async def watchdog() -> None:  # virtual time never fires: guard in real time
+            await trio.to_thread.run_sync(time.sleep, 20, abandon_on_cancel=True)
+            nursery.cancel_scope.cancel()
+            raise AssertionError("the test hung")
+
+        nursery.start_soon(watchdog)
         nursery.start_soon(audio_server.handle, server_stream, "memory")
         client = Client(client_stream, timeout=1e6)
         await client.handshake()
@@ -458,6 +465,7 @@ async def test_realtime_pacing_sends_a_burst_then_playback_speed(
     audio_server: Server, patient_clock: trio.testing.MockClock
 ) -> None:
     rate, bps = 8000, 8000 * 2  # mono s16le: 16 000 bytes a second of audio
+    audio_server.config.pacing_slice = 1.0  # ten paced sends, not a hundred: faster test
     arrivals: list[tuple[float, int]] = []
     async with connected(audio_server) as client:
         client.timeout = 1e6
