@@ -15,22 +15,22 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import hmac
 import ipaddress
 import logging
 import math
 import os
 import signal
+import socket
 import ssl
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
 
 import trio
 
 from . import __version__
+from .checksums import ChecksumCache
 from .decode import AudioFormat, DecodeSlots, open_decoder, pace_delay
 from .errors import (
     Changed,
@@ -122,6 +122,8 @@ class Server:
     stopping: trio.Event = field(default_factory=trio.Event)
     _idle_scopes: set[trio.CancelScope] = field(default_factory=set)
     decode_slots: DecodeSlots = field(init=False)
+    #: sha256 per file version, computed once and shared
+    checksums: ChecksumCache = field(default_factory=ChecksumCache)
     #: connections being served now
     connections: int = 0
     #: completed scans, and a wake-up for those waiting for one
@@ -291,37 +293,86 @@ class _ConnectionHandler:
         await self._send(ListEnd(count=len(tracks), scanning=self.library.scanning))
 
     async def _stream_original(self, request: StreamRequest) -> None:
+        """A file's bytes from ``offset``, then the whole file's sha256.
+
+        The checksum comes from the server's cache, or is computed in a worker
+        thread while the event loop sends (see :mod:`musiclib.checksums`). The
+        file is sent with zero-copy ``sendfile`` on plain TCP, by reads
+        otherwise (TLS, memory streams in tests).
+        """
         track = self.library.resolve(request.track)
         f = self.library.open_track(track)
         with f:
             st = os.fstat(f.fileno())
-            version = f"{st.st_size:x}-{st.st_mtime_ns:x}"
             offset = min(request.offset, st.st_size)
-            digest = hashlib.sha256()
-            await _hash_prefix(f, offset, digest, self.config.chunk_size)
             log.info("%s: stream %s from byte %d", self.peer, track.path, offset)
             await self._send(
                 StreamStart(
                     path=track.path,
                     size=st.st_size,
-                    version=version,
+                    version=f"{st.st_size:x}-{st.st_mtime_ns:x}",
                     offset=offset,
                     length=st.st_size - offset,
                 )
             )
-            left = st.st_size - offset
-            while left:
-                chunk = f.read(min(self.config.chunk_size, left))
-                if not chunk:
-                    raise Changed(f"{track.path} shrank while it was being sent")
-                digest.update(chunk)
-                left -= len(chunk)
-                await self._send_data(chunk)
+            digest: list[str] = []
+
+            async def checksum() -> None:
+                digest.append(await self.server.checksums.sha256(f.fileno(), st))
+
+            with single_errors():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(checksum)
+                    await self._send_file(f.fileno(), offset, st.st_size - offset, track.path)
             now = os.fstat(f.fileno())
             if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
                 raise Changed(f"{track.path} changed while it was being sent")
-        sent = st.st_size - offset
-        await self._send(StreamEnd(sent=sent, sha256=digest.hexdigest()))
+        await self._send(StreamEnd(sent=st.st_size - offset, sha256=digest[0]))
+
+    async def _send_file(self, fd: int, offset: int, length: int, name: str) -> None:
+        """Send ``length`` bytes of ``fd`` from ``offset`` as data frames."""
+        sock = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
+        frame = self.config.chunk_size
+        while length:
+            n = min(frame, length)
+            if sock is None:
+                chunk = os.pread(fd, n, offset)
+                if len(chunk) < n:
+                    raise Changed(f"{name} shrank while it was being sent")
+                await self._send_data(chunk)
+            else:
+                await self._send_bytes(self.conn.send_data_header(n))
+                await self._sendfile(sock, fd, offset, n, name)
+            offset += n
+            length -= n
+
+    async def _sendfile(
+        self, sock: trio.socket.SocketType, fd: int, offset: int, count: int, name: str
+    ) -> None:
+        """Exactly ``count`` bytes of ``fd`` into the socket, zero-copy.
+
+        The frame header is already out, so a file that shrinks now cannot end
+        the frame early: the rest is padded with zeros and the stream then
+        ends with ``changed``, which makes the client discard what it got.
+        """
+        sent = 0
+        while sent < count:
+            try:
+                n = os.sendfile(sock.fileno(), fd, offset + sent, count - sent)
+            except BlockingIOError:
+                try:
+                    with trio.fail_after(self.config.send_timeout):
+                        await trio.lowlevel.wait_writable(sock)
+                except trio.TooSlowError:
+                    raise _PeerGone(f"stopped reading for {self.config.send_timeout:g} s") from None
+                continue
+            except (BrokenPipeError, ConnectionResetError) as exc:
+                raise _PeerGone(f"connection lost: {exc}") from None
+            if n == 0:
+                await self._send_bytes(bytes(count - sent))
+                raise Changed(f"{name} shrank while it was being sent")
+            sent += n
+        await trio.lowlevel.checkpoint()  # let the other connections have a turn
 
     async def _stream_decoded(self, request: StreamRequest) -> None:
         """Decoded samples through one ffmpeg process, paced if asked.
@@ -485,18 +536,6 @@ async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes:
         return b""
 
 
-async def _hash_prefix(f: BinaryIO, offset: int, digest: Any, chunk_size: int) -> None:
-    """Hash the first ``offset`` bytes (a resumed download) and leave ``f`` at ``offset``."""
-    left = offset
-    while left:
-        chunk = f.read(min(chunk_size, left))
-        if not chunk:
-            raise Changed("file shrank while it was being read")
-        digest.update(chunk)
-        left -= len(chunk)
-        await trio.lowlevel.checkpoint()
-
-
 def _raise_open_file_limit() -> None:
     """Each connection and each ffmpeg pipe is a descriptor; 1024 is a common soft limit."""
     try:
@@ -538,18 +577,15 @@ async def serve(
         server = Server(Library(config.root), config)
     _raise_open_file_limit()
     try:
-        tcp_listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        trio_listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     except OSError as exc:
         reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         where = f"{config.host}:{config.port}"
         raise OSError(exc.errno, f"cannot listen on {where}: {reason}") from None
-    addresses = [_address(listener) for listener in tcp_listeners]
-    listeners: list[trio.abc.Listener[Any]] = list(tcp_listeners)
-    if config.ssl_context is not None:
-        listeners = [
-            trio.SSLListener(listener, config.ssl_context, https_compatible=False)
-            for listener in tcp_listeners
-        ]
+    # trio bound them (addresses, IPv6-only flags, one port for all); we accept from
+    # the plain sockets, in batches (see _accept_batches).
+    sockets = [socket.socket(fileno=lst.socket.detach()) for lst in trio_listeners]
+    addresses = [_address(sock) for sock in sockets]
     if config.token is None and not all(ipaddress.ip_address(h).is_loopback for h, _ in addresses):
         log.warning(
             "listening beyond this machine without a token: anyone who can reach "
@@ -560,33 +596,81 @@ async def serve(
     async def handler(stream: trio.abc.Stream) -> None:
         await server.handle(stream, _peer_name(stream))
 
-    async with trio.open_nursery() as background:
-        background.start_soon(server.rescan_periodically)
-        async with trio.open_nursery() as connections:
-            accept_scope = trio.CancelScope()
+    try:
+        async with trio.open_nursery() as background:
+            background.start_soon(server.rescan_periodically)
+            async with trio.open_nursery() as connections:
+                accept_scope = trio.CancelScope()
 
-            async def accept() -> None:
-                with accept_scope:
-                    await trio.serve_listeners(handler, listeners, handler_nursery=connections)
+                async def accept(sock: socket.socket) -> None:
+                    with accept_scope:
+                        await _accept_batches(sock, handler, connections, config.ssl_context)
 
-            connections.start_soon(accept)
-            for host, port in addresses:
-                log.info("listening on %s:%d", f"[{host}]" if ":" in host else host, port)
-            task_status.started(addresses)
-            await server.stopping.wait()
-            log.info(
-                "shutting down: no new connections, %g s for running streams", config.grace_period
-            )
-            accept_scope.cancel()
-            for listener in listeners:
-                await listener.aclose()
-            connections.cancel_scope.deadline = trio.current_time() + config.grace_period
-        background.cancel_scope.cancel()
+                for sock in sockets:
+                    connections.start_soon(accept, sock)
+                for host, port in addresses:
+                    log.info("listening on %s:%d", f"[{host}]" if ":" in host else host, port)
+                task_status.started(addresses)
+                await server.stopping.wait()
+                log.info(
+                    "shutting down: no new connections, %g s for running streams",
+                    config.grace_period,
+                )
+                accept_scope.cancel()
+                for sock in sockets:
+                    sock.close()
+                connections.cancel_scope.deadline = trio.current_time() + config.grace_period
+            background.cancel_scope.cancel()
+    finally:
+        for sock in sockets:
+            sock.close()
     log.info("stopped")
 
 
-def _address(listener: trio.SocketListener) -> tuple[str, int]:
-    host, port = listener.socket.getsockname()[:2]
+#: connections accepted per wake-up of the accept loop
+ACCEPT_BATCH = 256
+_ACCEPT_RETRY = {errno.ECONNABORTED, errno.EPROTO, errno.EPERM}
+_ACCEPT_PAUSE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+async def _accept_batches(
+    sock: socket.socket,
+    handler: Callable[[trio.abc.Stream], Awaitable[None]],
+    nursery: trio.Nursery,
+    ssl_context: ssl.SSLContext | None,
+) -> None:
+    """Accept every pending connection each time the listener is readable.
+
+    trio's ``serve_listeners`` accepts one connection per scheduling pass; with
+    hundreds of busy streams a pass takes long, and new clients waited seconds
+    in the kernel's queue (BENCHMARKS.md). Draining the queue per wake-up
+    keeps a new client's wait to one pass.
+    """
+    sock.setblocking(False)
+    while True:
+        await trio.lowlevel.wait_readable(sock)
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = sock.accept()
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RETRY:
+                    continue
+                if exc.errno in _ACCEPT_PAUSE:
+                    log.error("cannot accept connections: %s; pausing 0.1 s", exc.strerror)
+                    await trio.sleep(0.1)
+                    break
+                raise
+            stream: trio.abc.Stream = trio.SocketStream(trio.socket.from_stdlib_socket(conn))
+            if ssl_context is not None:
+                stream = trio.SSLStream(stream, ssl_context, server_side=True)
+            nursery.start_soon(handler, stream)
+        await trio.lowlevel.checkpoint()
+
+
+def _address(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
     return str(host), int(port)
 
 
