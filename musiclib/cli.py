@@ -36,6 +36,8 @@ app = App(
     help="A music library server and its client: list, save and play tracks over TCP.",
     version=__version__,
     backend="trio",
+    # we print "musiclib: interrupted" ourselves (cyclopts would exit 130 silently)
+    suppress_keyboard_interrupt=False,
 )
 
 log = logging.getLogger("musiclib")

@@ -491,7 +491,8 @@ def decode_message(body: bytes) -> Message:
     try:
         data = msgpack.unpackb(body, raw=False, strict_map_key=True, use_list=True)
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise MessageError(f"message is not valid msgpack: {exc}") from None
+        reason = str(exc) or type(exc).__name__
+        raise MessageError(f"message is not valid msgpack: {reason}") from None
     if not isinstance(data, dict):
         raise MessageError("message must be a msgpack map")
     kind = data.get("type")

@@ -219,7 +219,9 @@ class _ConnectionHandler:
             await self._next_event(self.config.handshake_timeout)
         log.warning("%s: refused: %d connections already", self.peer, self.config.max_connections)
         await self.try_send(
-            Error("busy", "the server is at its connection limit; try again later", fatal=True)
+            Error(
+                "busy", "the server is busy (at its connection limit); try again later", fatal=True
+            )
         )
 
     async def run(self) -> None:
@@ -233,6 +235,7 @@ class _ConnectionHandler:
             )
             return
         if hello.version not in SUPPORTED_VERSIONS:
+            log.warning("%s: refused: protocol version %d", self.peer, hello.version)
             await self.try_send(
                 Error(
                     "unsupported_version",

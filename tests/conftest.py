@@ -23,11 +23,12 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 # Property tests run a few hundred cases in the normal suite; `make fuzz` selects the
-# "fuzz" profile (pytest --hypothesis-profile=fuzz) for 100 000 cases per property.
+# "fuzz" profile (pytest --hypothesis-profile=fuzz): 40 000 cases for each of the three
+# protocol properties, 120 000 in all, in about four minutes on two cores.
 settings.register_profile("musiclib", max_examples=300, deadline=None)
 settings.register_profile(
     "fuzz",
-    max_examples=100_000,
+    max_examples=40_000,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
