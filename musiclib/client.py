@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import errno
 import socket
-import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -53,6 +53,9 @@ from .protocol import (
     TrackPage,
     Welcome,
 )
+
+if TYPE_CHECKING:
+    import ssl
 
 DEFAULT_SERVER = "127.0.0.1:7650"
 #: bytes asked of the socket per read; data frames are handed out as they arrive
@@ -285,6 +288,8 @@ async def open_client(
     except trio.TooSlowError:
         raise ConnectError(f"cannot connect to {address}: timed out after {timeout:g} s") from None
     except trio.BrokenResourceError as exc:
+        import ssl  # loaded already: only a TLS handshake gets here
+
         reason = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
         raise ConnectError(f"TLS with {address} failed: {_ssl_reason(reason)}") from None
     except OSError as exc:
@@ -298,6 +303,8 @@ async def open_client(
 
 
 def _ssl_reason(exc: BaseException) -> str:
+    import ssl
+
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"the server's certificate is not trusted ({exc.verify_message})"
     if isinstance(exc, ssl.SSLError):
@@ -307,6 +314,8 @@ def _ssl_reason(exc: BaseException) -> str:
 
 def tls_context(cafile: str | None = None) -> ssl.SSLContext:
     """A client TLS context: the system's trust store, or only ``cafile`` when given."""
+    import ssl  # only TLS needs it: 12 ms of start-up
+
     try:
         return ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as exc:

@@ -14,12 +14,17 @@ early does not stop the save. Without a save there is nowhere to put data the
 player has not taken yet, so the network is slowed to the player's pace by a
 small bounded queue and TCP flow control.
 
+Every consumer (the ``.part`` file, standard output, a player) is fed through
+a write-behind queue that delivers whatever has piled up in one go: large
+writes when the network is fast, immediate ones when it is not.
+
 File writes run in a worker thread: a local disk may be slow or full, and the
 event loop must keep feeding the player meanwhile.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -29,7 +34,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 import trio
 
@@ -50,8 +55,8 @@ from .wav import patch_sizes, wav_header
 
 log = logging.getLogger("musiclib.client")
 
-#: chunks queued between the network and a player when nothing is saved
-PLAYER_QUEUE_CHUNKS = 8
+_T = TypeVar("_T")
+
 #: bytes read back from a ``.part`` file per write to the player
 PLAYER_READ_SIZE = 64 * 1024
 #: output formats of decoded streams
@@ -140,12 +145,67 @@ def _output_error(exc: OSError, path: Path | str) -> OutputError:
     return OutputError(f"cannot write {path}: {reason}")
 
 
-async def _in_thread(path: Path | str, fn: Callable[..., object], *args: object) -> None:
+async def _in_thread(path: Path | str, fn: Callable[..., _T], *args: object) -> _T:
     """Run a blocking file operation in a worker thread; OSError becomes OutputError."""
     try:
-        await trio.to_thread.run_sync(fn, *args)
+        return await trio.to_thread.run_sync(fn, *args)
     except OSError as exc:
         raise _output_error(exc, path) from None
+
+
+#: chunks queued between the network and a slower consumer (disk, pipe, player)
+QUEUE_CHUNKS = 8
+
+
+class _WriteBehind:
+    """A bounded queue between the network and a slower consumer, drained in batches.
+
+    The consumer takes everything queued at once: while the disk or pipe is
+    busy, chunks pile up (up to the bound) and go out in one threaded write;
+    when the network is the slow side, each chunk goes out as it arrives. So
+    bulk transfers wake a worker thread rarely, and live ones are not delayed.
+    """
+
+    def __init__(self, deliver: Callable[[list[bytes]], Awaitable[bool]]) -> None:
+        self._send, self._receive = trio.open_memory_channel[bytes](QUEUE_CHUNKS)
+        self._deliver = deliver
+        self._done = trio.Event()
+        #: the consumer went away (a player quit, a pipe's reader left)
+        self.stopped = False
+
+    async def run(self) -> None:
+        """The consumer's task: deliver batches until the queue is closed and empty."""
+        try:
+            async with self._receive:
+                async for first in self._receive:
+                    chunks = [first]
+                    with contextlib.suppress(trio.WouldBlock, trio.EndOfChannel):
+                        while True:
+                            chunks.append(self._receive.receive_nowait())
+                    if not await self._deliver(chunks):
+                        self.stopped = True
+                        return  # closing the queue tells the network side to stop
+        finally:
+            self._done.set()
+
+    async def put(self, chunk: bytes) -> bool:
+        """Queue ``chunk``; False once the consumer has gone away."""
+        try:
+            await self._send.send(chunk)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return False
+        return True
+
+    async def close(self) -> None:
+        """No more chunks: wait until everything queued has been delivered.
+
+        Shielded, so that a transfer that fails still writes every byte it
+        received (a resume starts from them); if the consumer itself is
+        cancelled it stops at once and this returns.
+        """
+        await self._send.aclose()
+        with trio.CancelScope(shield=True):
+            await self._done.wait()
 
 
 class _Progress:
@@ -327,11 +387,22 @@ async def _save_into(
                         await _in_thread(part, f.truncate, start.offset)
                     await _in_thread(part, _hash_file_prefix, f, start.offset, digest)
                 progress.reset(f.tell())
-                async for chunk in stream:
-                    digest.update(chunk)
-                    await _in_thread(part, f.write, chunk)
-                    outcome.received += len(chunk)
-                    progress.advance(len(chunk))
+
+                async def to_part(chunks: list[bytes]) -> bool:
+                    progress.advance(await _in_thread(part, _write_chunks, f, chunks))
+                    return True
+
+                queue = _WriteBehind(to_part)
+                with single_errors():  # retries and clean-up look at the error's type
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(queue.run)
+                        try:
+                            async for chunk in stream:
+                                digest.update(chunk)
+                                outcome.received += len(chunk)
+                                await queue.put(chunk)
+                        finally:  # every byte received reaches the .part, also on failure
+                            await queue.close()
                 try:
                     _verify(stream, digest.hexdigest(), f.tell())
                 except IntegrityError:
@@ -395,53 +466,65 @@ async def pipe(
     """
     outcome = Outcome(path=track, size=0)
     digest = hashlib.sha256()
+    deliver: Callable[[list[bytes]], Awaitable[bool]]
+    if isinstance(sink, Player):
+        player = sink
+
+        async def to_player(chunks: list[bytes]) -> bool:
+            for chunk in chunks:
+                if not await player.feed(chunk):
+                    outcome.player_note = f"{player.name} stopped reading"
+                    return False
+            return True
+
+        deliver, file = to_player, None
+    else:
+        output = sink
+
+        async def to_file(chunks: list[bytes]) -> bool:
+            try:
+                await trio.to_thread.run_sync(_write_chunks, output, chunks)
+            except BrokenPipeError:
+                return False  # the reader of our output is gone: end quietly
+            except OSError as exc:
+                raise _output_error(exc, "the output") from None
+            return True
+
+        deliver, file = to_file, output
+    # A WAV header can be patched afterwards only in a file we write from its start.
+    patchable = (
+        decoding is not None and file is not None and _position(file) == 0 and not _appends(file)
+    )
+    queue = _WriteBehind(deliver)
     with single_errors():
-        if isinstance(sink, Player):
-            send, receive = trio.open_memory_channel[bytes](PLAYER_QUEUE_CHUNKS)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(_drain_to_player, receive, sink, outcome)
-                async with send:
-
-                    async def to_player(data: bytes) -> bool:
-                        try:
-                            await send.send(data)
-                        except trio.BrokenResourceError:  # the player went away
-                            return False
-                        return True
-
-                    await _pipe_attempts(
-                        connect, track, to_player, None, decoding, retry, digest, outcome
-                    )
-        else:
-
-            async def to_file(data: bytes) -> bool:
-                try:
-                    await trio.to_thread.run_sync(_write_all, sink, data)
-                except BrokenPipeError:
-                    return False  # the reader of our output is gone: end quietly
-                except OSError as exc:
-                    raise _output_error(exc, "the output") from None
-                return True
-
-            await _pipe_attempts(connect, track, to_file, sink, decoding, retry, digest, outcome)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.run)
+            try:
+                await _pipe_attempts(connect, track, queue.put, decoding, retry, digest, outcome)
+            except BaseException:
+                if file is None:  # a player need not finish the queue of a failed stream
+                    nursery.cancel_scope.cancel()
+                raise
+            finally:
+                await queue.close()
+    outcome.stopped_early = outcome.stopped_early or queue.stopped
+    if patchable and file is not None and not outcome.stopped_early:
+        await _in_thread("the output", patch_sizes, file, outcome.received)
+    if isinstance(sink, Player) and not outcome.stopped_early:
+        outcome.player_status = await sink.finish()
     return outcome
 
 
 async def _pipe_attempts(
     connect: Connector,
     track: str,
-    write: Callable[[bytes], Awaitable[bool]],
-    file: BinaryIO | None,
+    put: Callable[[bytes], Awaitable[bool]],
     decoding: Decoding | None,
     retry: Retry,
     digest: hashlib._Hash,
     outcome: Outcome,
 ) -> None:
-    """Pass the stream to ``write``, resuming after dropped connections."""
-    # A header can be patched afterwards only in a file we write from its start.
-    patchable = (
-        decoding is not None and file is not None and _position(file) == 0 and not _appends(file)
-    )
+    """Pass the stream to ``put``, resuming after dropped connections."""
 
     async def attempt() -> None:
         async with connect() as client:
@@ -453,33 +536,20 @@ async def _pipe_attempts(
                 start = stream.start
                 assert start is not None
                 outcome.path, outcome.size = start.path, start.size
-                if decoding is not None and not await write(decoding.header(start, None)):
+                if decoding is not None and not await put(decoding.header(start, None)):
                     outcome.stopped_early = True
                     return
                 async for chunk in stream:
                     digest.update(chunk)
                     outcome.received += len(chunk)
-                    if not await write(chunk):
+                    if not await put(chunk):
                         outcome.stopped_early = True
                         return  # leaving the stream early closes the connection
                 _verify(stream, digest.hexdigest(), outcome.received)
                 assert stream.end is not None
                 outcome.frames = stream.end.frames
-        if patchable and file is not None:
-            await _in_thread("the output", patch_sizes, file, outcome.received)
 
     await _retrying(retry if decoding is None else NO_RETRY, attempt, track)
-
-
-async def _drain_to_player(
-    receive: trio.MemoryReceiveChannel[bytes], player: Player, out: Outcome
-) -> None:
-    async with receive:
-        async for chunk in receive:
-            if not await player.feed(chunk):
-                out.player_note = f"{player.name} stopped reading"
-                return  # closing ``receive`` tells the network side to stop
-    out.player_status = await player.finish()
 
 
 def _verify(stream: StreamReader, sha256: str, length: int) -> None:
@@ -556,6 +626,8 @@ def _unlink(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _write_all(sink: BinaryIO, chunk: bytes) -> None:
-    sink.write(chunk)
+def _write_chunks(sink: BinaryIO, chunks: list[bytes]) -> int:
+    """Write ``chunks`` and flush them (so a reader sees them); the byte count."""
+    sink.writelines(chunks)
     sink.flush()
+    return sum(len(c) for c in chunks)
