@@ -22,6 +22,7 @@ never has to hold a whole payload frame.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import enum
 import struct
@@ -575,6 +576,10 @@ class Connection:
         self._buf = bytearray()
         self._eof = False
         self._frame_left = 0  # payload bytes still to come in the current data frame
+        # Received bytes known to be payload of the current data frame, kept as they
+        # came: handing them out needs no copy (the receive path's main cost).
+        self._direct: collections.deque[bytes] = collections.deque()
+        self._direct_size = 0
         self._stream_left: int | None = None  # payload bytes still expected, if known
         self._stream_sent = 0  # payload bytes seen in the current stream
         self._frame_bytes: int | None = None  # bytes per sample frame, decoded streams
@@ -585,15 +590,21 @@ class Connection:
         """Feed bytes read from the peer; ``b""`` means the peer closed its side."""
         if self._eof and data:
             raise LocalProtocolError("received data after end of file")
-        if data:
-            self._buf += data
-        else:
+        if not data:
             self._eof = True
+            return
+        room = self._frame_left - self._direct_size
+        if room > 0 and not self._buf:  # inside a data frame: keep the bytes as they are
+            piece = bytes(data) if len(data) <= room else bytes(data[:room])
+            self._direct.append(piece)
+            self._direct_size += len(piece)
+            data = data[len(piece) :]
+        self._buf += data
 
     @property
     def trailing_data(self) -> tuple[bytes, bool]:
         """Bytes received but not yet parsed, and whether end of file was seen."""
-        return bytes(self._buf), self._eof
+        return b"".join(self._direct) + bytes(self._buf), self._eof
 
     def next_event(self) -> Event | NeedData:
         """The next complete event from the peer, or :data:`NEED_DATA`."""
@@ -609,6 +620,11 @@ class Connection:
 
     def _next_event(self) -> Event | NeedData:
         buf = self._buf
+        if self._direct:  # payload that arrived while a data frame was open
+            payload = self._direct.popleft()
+            self._direct_size -= len(payload)
+            self._frame_left -= len(payload)
+            return Data(payload)
         if self._frame_left:
             if not buf:
                 return self._need_data("in the middle of a data frame")
