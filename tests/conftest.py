@@ -45,7 +45,8 @@ STARTUP_TIMEOUT = 15.0
 #: seconds a server gets to exit after SIGTERM
 STOP_TIMEOUT = 10.0
 
-_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
+# any bound address (127.0.0.1, 0.0.0.0, [::1]); clients always connect to 127.0.0.1
+_LISTENING = re.compile(r"listening on \[?[0-9A-Fa-f.:]+\]?:(\d+)")
 _INDEXED = re.compile(r"indexed \d+ tracks")
 
 
@@ -141,25 +142,16 @@ class ServerProcess:
 
 
 @contextmanager
-def running_server(root: Path, *extra_args: str) -> Iterator[ServerProcess]:
+def running_server(
+    root: Path, *extra_args: str, log_level: str = "debug"
+) -> Iterator[ServerProcess]:
     """Start ``musiclib serve --root ROOT --port 0``, wait until it has indexed, stop it after.
 
-    On the way out the server must exit 0 on SIGTERM and must not have logged a
-    traceback (a traceback in the server log is always a bug).
+    On the way out the server must exit 0 on SIGTERM (unless the test stopped it
+    already) and must not have logged a traceback (always a bug).
     """
-    argv = [
-        sys.executable,
-        "-m",
-        "musiclib",
-        "serve",
-        "--root",
-        str(root),
-        "--port",
-        "0",
-        "--log-level",
-        "debug",
-        *extra_args,
-    ]
+    argv = [sys.executable, "-m", "musiclib", "serve", "--root", str(root), "--port", "0"]
+    argv += ["--log-level", log_level, *extra_args]
     process = subprocess.Popen(
         argv,
         cwd=REPO,

@@ -48,10 +48,10 @@ import trustme
 from conftest import (
     LIBRARY,
     REPO,
-    STARTUP_TIMEOUT,
     ServerProcess,
     client_env,
     run_cli,
+    running_server,
 )
 from test_e2e import Proxy, assert_one_error_line, frame, name_of, sha256
 from test_e2e_decode import RawStream, ffmpeg_children
@@ -96,35 +96,9 @@ _LOG_LINE = re.compile(r"^\S+ \S+ (?P<level>[A-Z]+) (?P<logger>[\w.]+): (?P<mess
 # ---------------------------------------------------------------------------- helpers
 
 
-@contextlib.contextmanager
-def serving(root: Path, *args: str, log_level: str = "info") -> Iterator[ServerProcess]:
-    """``musiclib serve --root ROOT --port 0 --log-level LEVEL ARGS`` until the block ends.
-
-    Like conftest's ``running_server``, but with the log level (and the host)
-    the test chooses. On the way out the server must exit 0 on SIGTERM (if
-    the test has not stopped it already) and its log must hold no traceback.
-    """
-    argv = [sys.executable, "-m", "musiclib", "serve", "--root", str(root), "--port", "0"]
-    argv += ["--log-level", log_level, *args]
-    process = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=client_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    server = ServerProcess(process)
-    try:
-        match = server.wait_for_log(_LISTENING, timeout=STARTUP_TIMEOUT)
-        server.port = int(match.group(2))
-        server.address = f"127.0.0.1:{server.port}"
-        server.wait_for_log(_INDEXED, timeout=STARTUP_TIMEOUT)
-        yield server
-    finally:
-        status = server.stop()
-    assert status == 0, f"server exited with status {status}; log:\n{server.log()}"
-    assert "Traceback" not in server.log(), server.log()
+def serving(root: Path, *args: str, log_level: str = "info") -> Any:
+    """conftest's ``running_server`` at the log level these tests read (info by default)."""
+    return running_server(root, *args, log_level=log_level)
 
 
 def lines_naming(log: str, port: int) -> list[str]:
