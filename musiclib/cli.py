@@ -14,16 +14,18 @@ import logging
 import os
 import shutil
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from cyclopts import App, Parameter
+from cyclopts.config import Env
 
 from . import __version__
 from .client import DEFAULT_SERVER, open_client
 from .errors import MusiclibError, PlayerError, PlayerNotFound, UsageError, collapse
 from .protocol import TrackInfo
+from .ui import format_duration, format_table  # noqa: F401 - part of the CLI's API
 
 if TYPE_CHECKING:
     import ssl
@@ -36,6 +38,9 @@ app = App(
     help="A music library server and its client: list, save and play tracks over TCP.",
     version=__version__,
     backend="trio",
+    # every option can also come from the environment: MUSICLIB_<COMMAND>_<OPTION>,
+    # e.g. MUSICLIB_SERVE_PORT=7651 or MUSICLIB_LS_SORT=artist
+    config=Env("MUSICLIB_", command=True),
     # we print "musiclib: interrupted" ourselves (cyclopts would exit 130 silently)
     suppress_keyboard_interrupt=False,
 )
@@ -65,6 +70,9 @@ class ClientOptions:
 
     retries: int = 5
     """Reconnections after a dropped connection (resuming where it stopped); 0: none."""
+
+    quiet: Annotated[bool, Parameter(name=["--quiet", "-q"], negative="")] = False
+    """No progress bar and no report lines; errors are still printed."""
 
     def connector(self) -> Connector:
         """A factory of connections to the server, one per attempt."""
@@ -142,9 +150,27 @@ class DecodeOptions:
 _DEFAULT_DECODE = DecodeOptions()
 
 
-def _setup_logging(level: str, server: bool) -> None:
-    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s" if server else "musiclib: %(message)s"
-    logging.basicConfig(level=level.upper(), format=fmt, stream=sys.stderr, force=True)
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record and line: time, level, logger, message (and exception)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        data = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            data["exception"] = self.formatException(record.exc_info)
+        return json.dumps(data, ensure_ascii=False)
+
+
+def _setup_logging(level: str, server: bool, fmt: str = "text") -> None:
+    text = "%(asctime)s %(levelname)s %(name)s: %(message)s" if server else "musiclib: %(message)s"
+    logging.basicConfig(level=level.upper(), format=text, stream=sys.stderr, force=True)
+    if fmt == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
 
 
 @app.command
@@ -166,6 +192,7 @@ async def serve(
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     log_level: str = "info",
+    log_format: Literal["text", "json"] = "text",
 ) -> int:
     """Index a folder of media files and serve it until Ctrl-C or SIGTERM.
 
@@ -203,10 +230,12 @@ async def serve(
         PEM private key of --tls-cert.
     log_level
         debug, info, warning or error.
+    log_format
+        text: "TIME LEVEL LOGGER: MESSAGE" lines; json: one JSON object per line.
     """
     from .server import ServerConfig, run_until_signalled
 
-    _setup_logging(log_level, server=True)
+    _setup_logging(log_level, server=True, fmt=log_format)
     if not root.is_dir():  # noqa: ASYNC240 - one stat before anything runs
         raise UsageError(f"--root {root}: not a folder")
     config = ServerConfig(
@@ -233,6 +262,11 @@ async def serve(
 async def ls(
     query: str | None = None,
     *,
+    artist: str | None = None,
+    album: str | None = None,
+    format: str | None = None,
+    sort: Literal["path", "title", "artist", "album", "duration"] = "path",
+    long: Annotated[bool, Parameter(name=["--long", "-l"], negative="")] = False,
     json_output: Annotated[bool, Parameter(name="--json", negative="")] = False,
     options: ClientOptions = _DEFAULT_CLIENT,
 ) -> int:
@@ -241,20 +275,82 @@ async def ls(
     Parameters
     ----------
     query
-        Words that must all appear in the title, artist, album or path.
+        Words that must all appear in the title, artist, album or path (case and accents
+        ignored).
+    artist
+        Only tracks whose artist contains this (case and accents ignored).
+    album
+        Only tracks whose album contains this (case and accents ignored).
+    format
+        Only tracks of this format (file extension: mp3, flac, ...).
+    sort
+        Order of the list.
+    long
+        Add the technical columns: codec, sample rate, channels, bit depth, bitrate, size.
     json_output
-        Print a JSON array of track objects instead of a table.
+        Print a JSON array of track objects (every field) instead of a table.
     """
+    from .ui import select, track_dict
+
     async with options.connector()() as client:
         tracks, end = await client.list(query)
-    tracks.sort(key=lambda t: t.path)
+    tracks = select(tracks, artist=artist, album=album, fmt=format, sort=sort)
     if json_output:
-        print(json.dumps([asdict(t) for t in tracks], indent=2, ensure_ascii=False))
+        print(json.dumps([track_dict(t) for t in tracks], indent=2, ensure_ascii=False))
     else:
-        print(format_table(tracks))
+        print(format_table(tracks, long=long))
     if end.scanning:
         log.warning("the server is still indexing its library; the list may be incomplete")
     return 0
+
+
+@app.command
+async def info(
+    track: str,
+    *,
+    json_output: Annotated[bool, Parameter(name="--json", negative="")] = False,
+    options: ClientOptions = _DEFAULT_CLIENT,
+) -> int:
+    """Every known fact of one track: tags, codec, rate, channels, bit depth, bitrate,
+    duration, size, sha256, path.
+
+    Parameters
+    ----------
+    track
+        Path relative to the library root, a file name, or any unambiguous part of a path.
+    json_output
+        Print a JSON object (every field) instead of lines.
+    """
+    from .ui import format_info, track_dict
+
+    async with options.connector()() as client:
+        found = await client.info(track, checksum=True)
+    if json_output:
+        print(json.dumps(track_dict(found), indent=2, ensure_ascii=False))
+    else:
+        print(format_info(found))
+    return 0
+
+
+@app.command
+async def completion(
+    shell: Literal["bash", "zsh", "fish"] | None = None,
+) -> int:
+    """Print the shell completion script (e.g. ``musiclib completion --shell bash``).
+
+    Load it with ``eval "$(musiclib completion --shell bash)"`` in ~/.bashrc, or let
+    ``musiclib --install-completion`` install it for the current shell.
+
+    Parameters
+    ----------
+    shell
+        Shell to complete in (default: detected from $SHELL).
+    """
+    print(app.generate_completion(prog_name="musiclib", shell=shell))
+    return 0
+
+
+app.register_install_completion_command()
 
 
 @app.command
@@ -309,15 +405,30 @@ async def get(
         raise UsageError(
             "refusing to write audio to a terminal: use --save, -o PATH, or redirect the output"
         )
+    from .ui import ProgressBar
+
     connect, retry = options.connector(), options.retry()
+    async with connect() as client:
+        found = await client.info(track)
+    bar = ProgressBar(found.title, enabled=not options.quiet)
     if save or output is not None:
-        async with connect() as client:
-            info = await client.info(track)
-        dest = _destination(info, output, decoding)
-        outcome = await fetch.save(connect, info.path, dest, decoding=decoding, retry=retry)
-        _report_saved(outcome, dest)
+        dest = _destination(found, output, decoding)
+        with bar:
+            outcome = await fetch.save(
+                connect, found.path, dest, decoding=decoding, retry=retry, reporter=bar
+            )
+        if not options.quiet:
+            _report_saved(outcome, dest)
     else:
-        await fetch.pipe(connect, track, sys.stdout.buffer, decoding=decoding, retry=retry)
+        with bar:
+            await fetch.pipe(
+                connect,
+                found.path,
+                sys.stdout.buffer,
+                decoding=decoding,
+                retry=retry,
+                reporter=bar,
+            )
     return 0
 
 
@@ -374,19 +485,33 @@ async def play(
         raise PlayerNotFound(
             f"player {argv[0]!r} not found: install it or choose another with --player"
         )
+    from .ui import ProgressBar
+
     connect, retry = options.connector(), options.retry()
+    async with connect() as client:
+        found = await client.info(track)
+    bar = ProgressBar(found.title, duration=found.duration, enabled=not options.quiet)
     if save or output is not None:
-        async with connect() as client:
-            info = await client.info(track)
-        dest = _destination(info, output, decoding)
+        dest = _destination(found, output, decoding)
         async with open_player(argv) as p:
-            outcome = await fetch.save(
-                connect, info.path, dest, player=p, decoding=decoding, retry=retry
-            )
-        _report_saved(outcome, dest)
+            with bar:
+                outcome = await fetch.save(
+                    connect,
+                    found.path,
+                    dest,
+                    player=p,
+                    decoding=decoding,
+                    retry=retry,
+                    reporter=bar,
+                )
+        if not options.quiet:
+            _report_saved(outcome, dest)
     else:
         async with open_player(argv) as p:
-            outcome = await fetch.pipe(connect, track, p, decoding=decoding, retry=retry)
+            with bar:
+                outcome = await fetch.pipe(
+                    connect, found.path, p, decoding=decoding, retry=retry, reporter=bar
+                )
     if outcome.player_note:
         log.warning("%s", outcome.player_note)
     if outcome.player_status:
@@ -419,42 +544,6 @@ def _destination(info: TrackInfo, output: Path | None, decoding: Decoding | None
     if output is None:
         return Path.cwd() / name
     return output / name if output.is_dir() else output
-
-
-def format_duration(seconds: float | None) -> str:
-    """``m:ss`` (``h:mm:ss`` past an hour); empty when unknown."""
-    if seconds is None:
-        return ""
-    total = round(seconds)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
-
-
-def format_table(tracks: list[TrackInfo]) -> str:
-    """The ``ls`` table: path, title, artist, album, duration, format."""
-    header = ("PATH", "TITLE", "ARTIST", "ALBUM", "TIME", "FORMAT")
-    rows = [
-        (
-            t.path,
-            t.title,
-            t.artist or "",
-            t.album or "",
-            format_duration(t.duration),
-            t.format + (" (unreadable)" if t.error else ""),
-        )
-        for t in tracks
-    ]
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(
-            cell.rjust(w) if i == 4 else cell.ljust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        ).rstrip()
-        for row in [header, *rows]
-    ]
-    lines.append(f"{len(tracks)} track{'s' if len(tracks) != 1 else ''}")
-    return "\n".join(lines)
 
 
 def describe(exc: MusiclibError, shown: int = 10) -> str:

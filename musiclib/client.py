@@ -133,9 +133,12 @@ class Client:
             raise RemoteProtocolError(f"expected rescan_status, got {type(event).__name__}")
         return event
 
-    async def info(self, track: str) -> TrackInfo:
-        """The track ``track`` resolves to (``NotFound``/``Ambiguous`` otherwise)."""
-        await self._send(InfoRequest(track=track))
+    async def info(self, track: str, *, checksum: bool = False) -> TrackInfo:
+        """The track ``track`` resolves to (``NotFound``/``Ambiguous`` otherwise).
+
+        ``checksum`` asks for its sha256 too (computed by the server if need be).
+        """
+        await self._send(InfoRequest(track=track, checksum=checksum))
         event = await self._reply_event()
         if not isinstance(event, InfoReply):
             raise RemoteProtocolError(f"expected track_info, got {type(event).__name__}")

@@ -32,9 +32,9 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, TypeVar
+from typing import BinaryIO, Protocol, TypeVar
 
 import trio
 
@@ -108,6 +108,26 @@ class Decoding:
         return wav_header(start.sample_format, start.sample_rate, start.channels, data_bytes)
 
 
+class Reporter(Protocol):
+    """Told how a transfer advances; the CLI draws a progress bar from it."""
+
+    def begin(self, total: int | None, done: int = 0) -> None:
+        """The stream started: ``total`` bytes expected (if known), ``done`` already there."""
+
+    def advance(self, n: int) -> None:
+        """``n`` more bytes reached the file or the player."""
+
+
+class _Silent:
+    """The reporter when nobody is watching."""
+
+    def begin(self, total: int | None, done: int = 0) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+
 @dataclass
 class Outcome:
     """What a transfer did, for the command to report."""
@@ -124,6 +144,8 @@ class Outcome:
     attempt_offset: int = 0
     #: the consumer (player, pipe reader) went away before the end
     stopped_early: bool = False
+    #: told of the transfer's progress (bytes at the file for a save, at the player for play)
+    reporter: Reporter = field(default_factory=_Silent, repr=False)
 
 
 def part_path(dest: Path) -> Path:
@@ -294,6 +316,7 @@ async def save(
     player: Player | None = None,
     decoding: Decoding | None = None,
     retry: Retry = NO_RETRY,
+    reporter: Reporter | None = None,
 ) -> Outcome:
     """Save ``track`` to ``dest`` through ``dest.part``, feeding ``player`` as it goes.
 
@@ -303,7 +326,7 @@ async def save(
     an older version of the track (not while a player is listening: it has
     heard the old bytes already). Decoded output is always written whole.
     """
-    outcome = Outcome(path=track, size=0)
+    outcome = Outcome(path=track, size=0, reporter=reporter or _Silent())
     progress = _Progress(0, want_reader=player is not None)
 
     async def attempt() -> None:
@@ -379,6 +402,9 @@ async def _save_into(
                 outcome.path, outcome.size = start.path, start.size
                 if not outcome.received:
                     outcome.resumed_from = start.offset
+                    total = start.size if decoding is None else None
+                    # with a player, progress is what it has heard (the feeder reports)
+                    outcome.reporter.begin(total, 0 if progress.want_reader else start.offset)
                 digest = hashlib.sha256()
                 if decoding is not None:
                     await _in_thread(part, f.write, decoding.header(start, None))
@@ -389,7 +415,10 @@ async def _save_into(
                 progress.reset(f.tell())
 
                 async def to_part(chunks: list[bytes]) -> bool:
-                    progress.advance(await _in_thread(part, _write_chunks, f, chunks))
+                    written = await _in_thread(part, _write_chunks, f, chunks)
+                    progress.advance(written)
+                    if not progress.want_reader:
+                        outcome.reporter.advance(written)
                     return True
 
                 queue = _WriteBehind(to_part)
@@ -441,6 +470,7 @@ async def _feed_from_file(progress: _Progress, player: Player, out: Outcome) -> 
                 if not await player.feed(chunk):
                     out.player_note = f"{player.name} stopped reading; the download goes on"
                     return
+                out.reporter.advance(len(chunk))
             elif progress.done:
                 break
             else:
@@ -458,13 +488,14 @@ async def pipe(
     *,
     decoding: Decoding | None = None,
     retry: Retry = NO_RETRY,
+    reporter: Reporter | None = None,
 ) -> Outcome:
     """Stream ``track`` into a player or a binary file object (standard output).
 
     A dropped connection is resumed from the bytes already passed on
     (original streams only: a decoded stream cannot be resumed exactly).
     """
-    outcome = Outcome(path=track, size=0)
+    outcome = Outcome(path=track, size=0, reporter=reporter or _Silent())
     digest = hashlib.sha256()
     deliver: Callable[[list[bytes]], Awaitable[bool]]
     if isinstance(sink, Player):
@@ -475,6 +506,7 @@ async def pipe(
                 if not await player.feed(chunk):
                     outcome.player_note = f"{player.name} stopped reading"
                     return False
+                outcome.reporter.advance(len(chunk))
             return True
 
         deliver, file = to_player, None
@@ -483,7 +515,9 @@ async def pipe(
 
         async def to_file(chunks: list[bytes]) -> bool:
             try:
-                await trio.to_thread.run_sync(_write_chunks, output, chunks)
+                outcome.reporter.advance(
+                    await trio.to_thread.run_sync(_write_chunks, output, chunks)
+                )
             except BrokenPipeError:
                 return False  # the reader of our output is gone: end quietly
             except OSError as exc:
@@ -536,6 +570,8 @@ async def _pipe_attempts(
                 start = stream.start
                 assert start is not None
                 outcome.path, outcome.size = start.path, start.size
+                if not outcome.received:
+                    outcome.reporter.begin(start.size if decoding is None else None)
                 if decoding is not None and not await put(decoding.header(start, None)):
                     outcome.stopped_early = True
                     return

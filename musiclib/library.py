@@ -39,7 +39,6 @@ import stat
 import struct
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -60,6 +59,7 @@ from mutagen.wavpack import WavPack
 
 from .errors import Ambiguous, NotFound
 from .protocol import TrackInfo
+from .text import fold
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -227,6 +227,8 @@ def _stream_facts(audio: Any, size: int) -> dict[str, Any]:
         # WavPack reports mono as ``True``; the wire refuses bools, so int() it.
         "channels": _positive_int(getattr(info, "channels", None)),
         "bitrate": bitrate,
+        # lossless formats state it; lossy ones (mp3, vorbis, opus, aac) have none
+        "bits_per_sample": _positive_int(getattr(info, "bits_per_sample", None)),
     }
 
 
@@ -520,12 +522,6 @@ def open_confined(root: Path, relpath: str) -> BinaryIO:
 
 
 # --------------------------------------------------------------------------- the library
-
-
-def fold(text: str) -> str:
-    """Case- and accent-insensitive form: NFKD, combining marks dropped, casefolded."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(c for c in decomposed if not unicodedata.combining(c)).casefold()
 
 
 class _Snapshot:

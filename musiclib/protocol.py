@@ -113,6 +113,7 @@ class TrackInfo:
     sample_rate: int | None = None
     channels: int | None = None
     bitrate: int | None = None
+    bits_per_sample: int | None = None
     sha256: str | None = None
     error: str | None = None
 
@@ -216,11 +217,13 @@ class RescanStatus(Message):
 
 @dataclass(frozen=True, slots=True)
 class InfoRequest(Message):
-    """Ask which track a name resolves to, and its facts."""
+    """Ask which track a name resolves to, and its facts; ``checksum`` adds its sha256
+    (which may take the server a moment to compute the first time)."""
 
     TYPE: ClassVar[str] = "info"
     SENDER: ClassVar[Role] = Role.CLIENT
     track: str
+    checksum: bool = False
 
 
 @dataclass(frozen=True, slots=True)

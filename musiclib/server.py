@@ -14,6 +14,7 @@ page-cached data that way measured 2-3x faster than a thread per read
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import hmac
 import ipaddress
@@ -281,7 +282,13 @@ class _ConnectionHandler:
             tracks = len(self.library.tracks())
             await self._send(RescanStatus(tracks=tracks, scanning=self.library.scanning))
         elif isinstance(event, InfoRequest):
-            await self._send(InfoReply(self.library.resolve(event.track)))
+            track = self.library.resolve(event.track)
+            if event.checksum:
+                with self.library.open_track(track) as f:
+                    st = os.fstat(f.fileno())
+                    digest = await self.server.checksums.sha256(f.fileno(), st)
+                track = dataclasses.replace(track, sha256=digest)
+            await self._send(InfoReply(track))
         elif isinstance(event, StreamRequest) and event.mode == "decoded":
             await self._stream_decoded(event)
         elif isinstance(event, StreamRequest):

@@ -28,6 +28,7 @@ from musiclib.library import Library
 from musiclib.player import STDIN_ARGS, player_command
 from musiclib.protocol import TrackInfo
 from musiclib.server import Server, ServerConfig, serve
+from musiclib.ui import format_size, select
 
 REPO = Path(__file__).resolve().parent.parent
 LIBRARY = REPO / "library"
@@ -169,7 +170,8 @@ def test_format_table_aligns_columns_and_counts():
     assert len(lines) == 1 + len(tracks) + 1
     header, rows, last = lines[0], lines[1:-1], lines[-1]
     assert header.split() == ["PATH", "TITLE", "ARTIST", "ALBUM", "TIME", "FORMAT"]
-    assert last == "3 tracks"
+    total_size = format_size(sum(t.size for t in tracks))
+    assert last == f"3 tracks, 1:03:06, {total_size}"  # 61 s + 3725 s, no duration for c
     title_col = header.index("TITLE")
     artist_col = header.index("ARTIST")
     format_col = header.index("FORMAT")
@@ -190,10 +192,63 @@ def test_format_table_aligns_columns_and_counts():
 
 
 def test_format_table_singular_and_empty():
-    assert format_table([_track("a.mp3", "A")]).splitlines()[-1] == "1 track"
+    one = _track("a.mp3", "A")
+    assert format_table([one]).splitlines()[-1] == f"1 track, 0:00, {format_size(one.size)}"
     lines = format_table([]).splitlines()
     assert lines[0].split() == ["PATH", "TITLE", "ARTIST", "ALBUM", "TIME", "FORMAT"]
-    assert lines[-1] == "0 tracks"
+    assert lines[-1] == "0 tracks, 0:00, 0 B"
+
+
+def test_long_table_adds_the_technical_columns():
+    t = _track("a.flac", "A", duration=3)
+    t = TrackInfo(
+        **{
+            **t.to_wire(),
+            "codec": "flac",
+            "sample_rate": 44100,
+            "channels": 2,
+            "bits_per_sample": 24,
+            "bitrate": 1_411_000,
+            "size": 2_500_000,
+        }
+    )
+    header, row, _ = format_table([t], long=True).splitlines()
+    assert header.split() == [
+        "PATH",
+        "TITLE",
+        "ARTIST",
+        "ALBUM",
+        "TIME",
+        "FORMAT",
+        "CODEC",
+        "RATE",
+        "CH",
+        "BITS",
+        "BITRATE",
+        "SIZE",
+    ]
+    assert row.split()[-8:] == ["flac", "flac", "44100", "2", "24", "1411k", "2.5", "MB"]
+
+
+def test_format_size_and_select():
+    assert [format_size(n) for n in (0, 999, 1000, 2_750_000, 10**9)] == [
+        "0 B",
+        "999 B",
+        "1.0 kB",
+        "2.8 MB",
+        "1.0 GB",
+    ]
+    tracks = [
+        TrackInfo(path="b.mp3", title="Zed", format="mp3", size=1, artist="Éloïse", duration=9),
+        TrackInfo(path="a.flac", title="Ant", format="flac", size=1, artist="Bob", duration=3),
+        TrackInfo(path="c.FLAC", title="Cat", format="flac", size=1, artist=None),
+    ]
+    assert [t.path for t in select(tracks)] == ["a.flac", "b.mp3", "c.FLAC"]
+    assert [t.path for t in select(tracks, artist="ELOISE")] == ["b.mp3"]  # accents, case
+    assert [t.path for t in select(tracks, fmt=".FLAC")] == ["a.flac", "c.FLAC"]
+    assert [t.path for t in select(tracks, sort="title")] == ["a.flac", "c.FLAC", "b.mp3"]
+    assert [t.path for t in select(tracks, sort="duration")] == ["a.flac", "b.mp3", "c.FLAC"]
+    assert [t.path for t in select(tracks, sort="artist")] == ["a.flac", "b.mp3", "c.FLAC"]
 
 
 # ---------------------------------------------------------------------------- players
@@ -326,7 +381,59 @@ async def test_ls_query_in_process(address, capsys):
     lines = capsys.readouterr().out.splitlines()
     rows = lines[1:-1]
     assert rows and all(row.startswith(artist + "/") for row in rows)
-    assert lines[-1] == f"{len(rows)} track{'s' if len(rows) != 1 else ''}"
+    assert lines[-1].startswith(f"{len(rows)} track{'s' if len(rows) != 1 else ''}, ")
+
+
+async def test_ls_filters_sort_and_long_in_process(address, capsys):
+    assert await run_app("ls", "--artist", "ondes ephemeres", "--json", "--server", address) == 0
+    listed = json.loads(capsys.readouterr().out)  # pure JSON on stdout
+    assert listed and all(t["artist"] == "Les Ondes Éphémères" for t in listed)
+    assert {"bits_per_sample", "sha256", "error"} <= set(listed[0])
+    assert (
+        await run_app("ls", "--format", "ogg", "--sort", "duration", "--json", "--server", address)
+        == 0
+    )
+    oggs = json.loads(capsys.readouterr().out)
+    assert oggs and {t["format"] for t in oggs} == {"ogg"}
+    assert [t["duration"] for t in oggs] == sorted(t["duration"] for t in oggs)
+    assert await run_app("ls", "--long", "--album", "café", "--server", address) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[-6:] == ["CODEC", "RATE", "CH", "BITS", "BITRATE", "SIZE"]
+    assert len(lines) == 2 + 3 and lines[-1].startswith("3 tracks, ")
+
+
+async def test_ls_options_from_the_environment(address, capsys, monkeypatch):
+    monkeypatch.setenv("MUSICLIB_LS_SORT", "title")
+    assert await run_app("ls", "--json", "--server", address) == 0
+    titles = [t["title"] for t in json.loads(capsys.readouterr().out)]
+    assert titles == sorted(titles, key=str.casefold) and len(titles) >= 2
+
+
+async def test_info_in_process(address, capsys):
+    import hashlib
+
+    track = shipped_files()[0]
+    rel = track.relative_to(LIBRARY).as_posix()
+    assert await run_app("info", track.name, "--server", address) == 0
+    text = capsys.readouterr().out
+    facts = dict(line.strip().split("  ", 1) for line in text.splitlines())
+    assert facts["path"].strip() == rel
+    assert facts["sha256"].strip() == hashlib.sha256(track.read_bytes()).hexdigest()
+    assert facts["size"].startswith(f"{track.stat().st_size} bytes")
+    assert await run_app("info", rel, "--json", "--server", address) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["path"] == rel and data["sha256"] == facts["sha256"].strip()
+    assert data["duration"] > 0 and data["sample_rate"] > 0
+
+
+def test_completion_script(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["completion", "--shell", "bash"])
+    assert exit_.value.code == 0
+    script = capsys.readouterr().out
+    assert "musiclib" in script and "complete" in script
+    for command in ("serve", "ls", "get", "play", "info", "rescan"):
+        assert command in script
 
 
 async def test_get_save_in_process(address, tmp_path, monkeypatch):

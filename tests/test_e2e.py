@@ -20,8 +20,10 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
+import time
 import unicodedata
 import wave
 from collections.abc import Iterator
@@ -31,11 +33,12 @@ from typing import Any
 import msgpack
 import mutagen
 import pytest
-from conftest import LIBRARY, ServerProcess, run_cli
+from conftest import LIBRARY, ServerProcess, client_env, media_files, run_cli
 from mutagen.id3 import ID3
 from mutagen.mp4 import MP4Tags
 
 import musiclib
+from musiclib.ui import format_duration, format_size
 
 pytestmark = pytest.mark.e2e
 
@@ -400,7 +403,9 @@ def test_ls_table_lists_every_path(cli, shipped_tracks):
     assert lines[0].split()[:2] == ["PATH", "TITLE"]
     for track in shipped_tracks:
         assert sum(line.startswith(track + " ") for line in lines) == 1, track
-    assert lines[-1] == f"{len(shipped_tracks)} tracks"
+    total = sum((LIBRARY / t).stat().st_size for t in shipped_tracks)
+    assert lines[-1].startswith(f"{len(shipped_tracks)} tracks, ")  # count, time, size
+    assert lines[-1].endswith(f", {format_size(total)}")
 
 
 def _fold(text: str) -> str:
@@ -790,3 +795,93 @@ def test_version(tmp_path):
     result = run_cli("--version", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert result.stdout.decode().strip() == musiclib.__version__
+
+
+# ---------------------------------------------------------------------------- progress
+
+
+def run_on_a_terminal(args: list[str], cwd: Path, address: str) -> tuple[int, str]:
+    """Run the CLI with a pseudo-terminal as its stdin, stdout and stderr; its output."""
+    import pty
+
+    master, slave = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "musiclib", *args],
+        cwd=cwd,
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=client_env({"MUSICLIB_SERVER": address, "COLUMNS": "120"}),
+    )
+    os.close(slave)
+    output = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    data = os.read(master, 65536)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not data:
+                    break
+                output += data
+            elif process.poll() is not None:
+                break
+        status = process.wait(timeout=30)
+    finally:
+        os.close(master)
+        if process.poll() is None:
+            process.kill()
+    return status, output.decode("utf-8", "replace")
+
+
+def test_progress_bar_on_a_terminal_and_only_there(server, shipped_tracks, tmp_path):
+    track = largest(shipped_tracks)
+    size_kb = f"{(LIBRARY / track).stat().st_size / 1000:.1f}"
+    status, shown = run_on_a_terminal(["get", track, "--save"], tmp_path, server.address)
+    assert status == 0, shown
+    assert "━" in shown  # rich's bar
+    assert f"{size_kb}/{size_kb} kB" in shown  # bytes done / total when it ends
+    assert "saved " in shown
+    (tmp_path / name_of(track)).unlink()
+    status, shown = run_on_a_terminal(["get", track, "--save", "--quiet"], tmp_path, server.address)
+    assert status == 0, shown
+    assert "━" not in shown and "saved " not in shown  # --quiet: nothing at all
+    assert sha256(tmp_path / name_of(track)) == sha256(LIBRARY / track)
+    (tmp_path / name_of(track)).unlink()
+    piped = run_cli("get", track, "--save", server=server.address, cwd=tmp_path)
+    assert piped.returncode == 0
+    assert "━" not in piped.stderr  # not a terminal: no bar
+
+
+def test_play_progress_shows_the_track_time(server, shipped_tracks, tmp_path):
+    track = min(shipped_tracks, key=lambda t: (LIBRARY / t).stat().st_size)
+    script = write_script(tmp_path, "copy_player.py", COPY_PLAYER)
+    copy = tmp_path / "copy.out"
+    status, shown = run_on_a_terminal(
+        ["play", track, "--player", player_cmd(script, copy)], tmp_path, server.address
+    )
+    assert status == 0, shown
+    listed = json.loads(run_cli("ls", "--json", server=server.address).stdout)
+    length = next(t["duration"] for t in listed if t["path"] == track)
+    assert f" / {format_duration(length)}" in shown  # elapsed / total
+    assert copy.read_bytes() == (LIBRARY / track).read_bytes()
+
+
+def test_json_log_records(tmp_path):
+    from conftest import running_server
+
+    shutil.copy(LIBRARY / largest(media_files(LIBRARY)), tmp_path / "a.flac")
+    with running_server(tmp_path, "--log-format", "json", log_level="info") as srv:
+        assert run_cli("get", "nothing-here", server=srv.address).returncode == 4
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as sock:
+            sock.sendall(b"LIST\r\n")  # a bad peer: one warning record
+            while sock.recv(65536):
+                pass
+        srv.wait_for_log("protocol error", timeout=10)
+        records = [json.loads(line) for line in srv.log().splitlines() if line.strip()]
+    assert records and all(set(r) >= {"time", "level", "logger", "message"} for r in records)
+    assert any(r["message"].startswith("listening on 127.0.0.1:") for r in records)
+    assert any(r["level"] == "warning" and "protocol error" in r["message"] for r in records)
