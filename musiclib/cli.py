@@ -560,8 +560,14 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run a command; any musiclib error becomes one line and its exit code."""
     if not logging.getLogger().handlers:
         _setup_logging(os.environ.get("MUSICLIB_LOG_LEVEL", "info"), server=False)
+    from cyclopts.exceptions import CycloptsError
+
     try:
-        app(argv if argv is not None else sys.argv[1:])
+        app(argv if argv is not None else sys.argv[1:], print_error=False, exit_on_error=False)
+    except CycloptsError as bad:  # a command line that does not parse
+        text = " ".join(str(bad).split())
+        print(f"musiclib: {text} (see musiclib --help)", file=sys.stderr)
+        sys.exit(UsageError.exit_code)
     except BaseException as raised:  # the boundary: re-raised unless we can say it in a line
         exc = collapse(raised)
         if isinstance(exc, MusiclibError):

@@ -463,3 +463,33 @@ async def test_errors_in_process_are_typed(address, capsys):
     assert len(ambiguous.value.candidates) >= 2
     assert all(c.startswith(artist + "/") for c in ambiguous.value.candidates)
     assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["ls", "--bogus"], ["get"], ["ls", "--sort", "size"], ["serve", "--port", "x"], ["nope"]],
+)
+def test_a_bad_command_line_is_one_line_and_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert err[0].startswith("musiclib: ") and err[0].endswith("(see musiclib --help)")
+
+
+def test_output_errors_say_what_went_wrong():
+    import errno as e
+
+    from musiclib.fetch import _output_error
+
+    cases = {
+        e.ENOSPC: "the disk is full",
+        e.EACCES: "permission denied",
+        e.EROFS: "read-only",
+        e.ENOENT: "the folder does not exist",
+    }
+    for code, words in cases.items():
+        err = _output_error(OSError(code, os.strerror(code)), Path("/x/y.mp3"))
+        assert err.exit_code == 7
+        assert str(err) == f"cannot write /x/y.mp3: {words}" or words in str(err)

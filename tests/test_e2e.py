@@ -885,3 +885,25 @@ def test_json_log_records(tmp_path):
     assert records and all(set(r) >= {"time", "level", "logger", "message"} for r in records)
     assert any(r["message"].startswith("listening on 127.0.0.1:") for r in records)
     assert any(r["level"] == "warning" and "protocol error" in r["message"] for r in records)
+
+
+def test_a_full_disk_and_a_missing_folder_are_one_line_and_exit_7(server, shipped_tracks, tmp_path):
+    track = largest(shipped_tracks)
+    with open("/dev/full", "wb") as full:  # every write fails with ENOSPC
+        run = subprocess.run(
+            [sys.executable, "-m", "musiclib", "get", track],
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=client_env({"MUSICLIB_SERVER": server.address}),
+            timeout=60,
+        )
+    assert run.returncode == 7, run.stderr
+    assert_one_error_line(run.stderr)
+    assert "disk is full" in run.stderr
+    missing = run_cli(
+        "get", track, "-o", str(tmp_path / "no" / "such" / "x.mp3"), server=server.address
+    )
+    assert missing.returncode == 7
+    assert_one_error_line(missing.stderr)
+    assert "folder does not exist" in missing.stderr
