@@ -493,3 +493,12 @@ def test_output_errors_say_what_went_wrong():
         err = _output_error(OSError(code, os.strerror(code)), Path("/x/y.mp3"))
         assert err.exit_code == 7
         assert str(err) == f"cannot write /x/y.mp3: {words}" or words in str(err)
+
+
+def test_serve_options_come_from_the_environment(monkeypatch, capsys, tmp_path):
+    missing = tmp_path / "no-such-folder"
+    monkeypatch.setenv("MUSICLIB_SERVE_ROOT", str(missing))
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve"])
+    assert exit_.value.code == 2
+    assert f"--root {missing}: not a folder" in capsys.readouterr().err
