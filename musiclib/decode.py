@@ -31,24 +31,20 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import imageio_ffmpeg
 import trio
 
-from .errors import Busy, DecodeFailed, InternalError
+from .errors import Busy, DecodeFailed, InternalError, single_errors
+from .protocol import CHANNELS, SAMPLE_FORMATS, SAMPLE_RATES
 
 if sys.version_info < (3, 11):  # pragma: no cover
-    from exceptiongroup import BaseExceptionGroup
+    pass
 
-#: sample formats a decoded stream can have, and the bytes one sample takes
-SAMPLE_FORMATS: dict[str, int] = {"s16le": 2, "f32le": 4}
-#: accepted numbers of channels and sample rates (Hz)
-CHANNELS = range(1, 9)
-SAMPLE_RATES = range(1000, 384001)
 #: the environment variable naming the ffmpeg binary to use
 FFMPEG_ENV = "MUSICLIB_FFMPEG"
 #: bytes read from ffmpeg's standard output at a time, by default
@@ -292,7 +288,7 @@ async def open_decoder(
         raise InternalError(f"ffmpeg is not available on the server: {ffmpeg}: {reason}") from None
     try:
         decoder = Decoder(process, source, fmt, chunk_size)
-        with _lone_exception():
+        with single_errors():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(decoder._drain_stderr)
                 try:
@@ -312,28 +308,6 @@ async def _kill_and_reap(process: trio.Process) -> None:
     for stream in (process.stdout, process.stderr):
         if stream is not None:
             await stream.aclose()
-
-
-@contextmanager
-def _lone_exception() -> Iterator[None]:
-    """Let an exception raised in a nursery's body out unwrapped when it is the only one.
-
-    trio wraps whatever leaves a nursery in an exception group; the stderr
-    drain never raises, so the group holds just the caller's own exception,
-    and the caller should get it as it was raised.
-    """
-    try:
-        yield
-    except BaseExceptionGroup as group:
-        if len(group.exceptions) != 1 or isinstance(group.exceptions[0], BaseExceptionGroup):
-            raise
-        leaf = group.exceptions[0]
-        context = leaf.__context__
-        try:
-            raise leaf
-        finally:
-            leaf.__context__ = context  # not the group we are unwrapping
-            del leaf  # no cycle through this frame's traceback
 
 
 class DecodeSlots:

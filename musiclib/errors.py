@@ -252,4 +252,9 @@ def single_errors() -> Iterator[None]:
         leaf = collapse(group)
         if leaf is group:
             raise
-        raise leaf from None
+        context = leaf.__context__
+        try:
+            raise leaf
+        finally:
+            leaf.__context__ = context  # its own context, not the group being unwrapped
+            del leaf  # no reference cycle through this frame's traceback
