@@ -182,7 +182,10 @@ async def serve(
     burst: float = 1.0,
     max_decodes: int = 32,
     grace: float = 5.0,
-    rescan_interval: float = 0.0,
+    rescan_interval: float = 300.0,
+    index: Path | None = None,
+    scan_workers: int | None = None,
+    checksums: bool = True,
     max_connections: int = 1000,
     max_message_size: int = 64 * 1024,
     handshake_timeout: float = 10.0,
@@ -211,7 +214,17 @@ async def serve(
     grace
         Seconds running streams get to finish on shutdown.
     rescan_interval
-        Seconds between rescans of the root (0: only at start and on request).
+        Seconds between rescans of the root (0: only at start and on request); a rescan
+        re-reads only files whose size or modification time changed.
+    index
+        SQLite file that keeps the index between runs (default: one per root under
+        $XDG_CACHE_HOME/musiclib/ or ~/.cache/musiclib/).
+    scan_workers
+        Processes reading tags when many files are new (default: one per core, at most 4;
+        0: read them in the scanning thread).
+    checksums
+        Compute every file's sha256 in the background after each scan (--no-checksums:
+        only when a file is first streamed).
     max_connections
         Connections served at once; one more is refused with "busy".
     max_message_size
@@ -246,6 +259,9 @@ async def serve(
         max_decodes=max_decodes,
         grace_period=grace,
         rescan_interval=rescan_interval,
+        index=index,
+        scan_workers=scan_workers,
+        background_checksums=checksums,
         max_connections=max_connections,
         max_message_size=max_message_size,
         handshake_timeout=handshake_timeout,
@@ -266,6 +282,8 @@ async def ls(
     album: str | None = None,
     format: str | None = None,
     sort: Literal["path", "title", "artist", "album", "duration"] = "path",
+    limit: int | None = None,
+    offset: int = 0,
     long: Annotated[bool, Parameter(name=["--long", "-l"], negative="")] = False,
     json_output: Annotated[bool, Parameter(name="--json", negative="")] = False,
     options: ClientOptions = _DEFAULT_CLIENT,
@@ -285,6 +303,10 @@ async def ls(
         Only tracks of this format (file extension: mp3, flac, ...).
     sort
         Order of the list.
+    limit
+        Show at most this many tracks (with --offset, to page through a big library).
+    offset
+        Skip this many tracks of the sorted list first.
     long
         Add the technical columns: codec, sample rate, channels, bit depth, bitrate, size.
     json_output
@@ -292,13 +314,25 @@ async def ls(
     """
     from .ui import select, track_dict
 
+    if (limit is not None and limit < 0) or offset < 0:
+        raise UsageError("--limit and --offset must not be negative")
     async with options.connector()() as client:
-        tracks, end = await client.list(query)
-    tracks = select(tracks, artist=artist, album=album, fmt=format, sort=sort)
+        tracks, end = await client.list(
+            query, artist=artist, album=album, format=format, sort=sort, offset=offset, limit=limit
+        )
+    total = end.total
+    if total is None:  # an older server: it ignored the filters, so apply them here
+        tracks = select(tracks, artist=artist, album=album, fmt=format, sort=sort)
+        total = len(tracks)
+        tracks = tracks[offset:][:limit]
     if json_output:
         print(json.dumps([track_dict(t) for t in tracks], indent=2, ensure_ascii=False))
     else:
         print(format_table(tracks, long=long))
+    if offset + len(tracks) < total or (offset and tracks):
+        first, last = offset + 1, offset + len(tracks)
+        shown = f"tracks {first}-{last}" if tracks else "no tracks"
+        log.warning("%s of %d (--offset %d for the next ones)", shown, total, last)
     if end.scanning:
         log.warning("the server is still indexing its library; the list may be incomplete")
     return 0

@@ -112,9 +112,36 @@ class Client:
         self.welcome = event
         return event
 
-    async def list(self, query: str | None = None) -> tuple[list[TrackInfo], ListEnd]:
-        """Every track matching ``query`` (all when ``None``), and the reply's end marker."""
-        await self._send(ListRequest(query=query or None))
+    async def list(
+        self,
+        query: str | None = None,
+        *,
+        artist: str | None = None,
+        album: str | None = None,
+        format: str | None = None,
+        sort: str = "path",
+        offset: int = 0,
+        limit: int | None = None,
+    ) -> tuple[list[TrackInfo], ListEnd]:
+        """The tracks matching ``query`` and the filters (see :class:`ListRequest`), and
+        the reply's end marker.
+
+        ``end.total`` counts every match; when it is ``None`` the server is
+        older than the filters and paging, and sent every track of ``query``.
+        """
+        request = ListRequest(
+            query=query or None,
+            artist=artist or None,
+            album=album or None,
+            format=format or None,
+            sort=sort,
+            offset=offset,
+            limit=limit,
+        )
+        problem = request.problem()
+        if problem:
+            raise ValueError(problem)
+        await self._send(request)
         tracks: list[TrackInfo] = []
         while True:
             event = await self._reply_event()

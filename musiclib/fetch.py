@@ -589,7 +589,10 @@ async def _pipe_attempts(
 
 
 def _verify(stream: StreamReader, sha256: str, length: int) -> None:
-    """Check an original stream's size and checksum (decoded ones: the protocol counted)."""
+    """Check an original stream's size and checksum (decoded ones: the protocol counted).
+
+    A resumed download is checked whole: the ``.part`` prefix was hashed first.
+    """
     start, end = stream.start, stream.end
     assert start is not None and end is not None
     if start.mode != "original":
@@ -598,11 +601,14 @@ def _verify(stream: StreamReader, sha256: str, length: int) -> None:
         raise IntegrityError(
             f"{start.path}: received {length} bytes, the server announced {start.size}"
         )
-    if end.sha256 is not None and end.sha256 != sha256:
-        raise IntegrityError(
-            f"{start.path}: sha256 mismatch (got {sha256[:12]}..., "
-            f"the server says {end.sha256[:12]}...)"
-        )
+    # the digest may be announced in the header (known from the server's index),
+    # at the end, or both: every one announced must match what arrived
+    for announced in (start.sha256, end.sha256):
+        if announced is not None and announced != sha256:
+            raise IntegrityError(
+                f"{start.path}: sha256 mismatch (got {sha256[:12]}..., "
+                f"the server says {announced[:12]}...)"
+            )
 
 
 def _appends(f: BinaryIO) -> bool:

@@ -1,8 +1,7 @@
 """The music library: scanning, tags, search, name resolution and confined opening.
 
-Everything here is synchronous; the server runs :meth:`Library.rescan` and
-:func:`read_track` in a worker thread and reads :class:`Library` from the
-event-loop thread.
+Everything here is synchronous and thread-safe; the server runs
+:meth:`Library.rescan` and the index queries in worker threads.
 
 Why it looks the way it does:
 
@@ -18,30 +17,35 @@ Why it looks the way it does:
   neither (only ID3 in those containers). The walker reads chunk headers and
   small text chunks only, seeks over the audio, and gives up quietly on
   anything odd. ID3 values win; INFO/NAME fill the gaps.
-* **Immutable snapshots.** Readers (event-loop thread) never lock: the library
-  is one attribute bound to an immutable :class:`_Snapshot`, and the scanning
-  thread publishes progress by rebinding that attribute (atomic under the
-  GIL). Nothing a reader holds is ever mutated. During a rescan the published
-  view is "old tracks plus those found so far", so nothing disappears while
-  the scan runs; the final snapshot is exactly what the scan found.
+* **An incremental scan over a persistent index.** The walk stats every file
+  (cheap); only files whose size or mtime differ from the SQLite index
+  (:mod:`musiclib.index`) are opened. Many changed files are read by a pool of
+  processes (mutagen is pure Python, so threads would share one core:
+  measured in BENCHMARKS.md, scenario 6), and rows are committed in batches
+  that readers in other threads see at once.
 * **Confinement by real path.** Symlinks are followed only when their real
   path stays inside the real root, both when scanning and when opening.
 """
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
+import dataclasses
 import errno
+import itertools
 import logging
 import math
+import multiprocessing
 import os
 import re
 import stat
 import struct
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Literal
 
 import mutagen
 from mutagen.aac import AAC
@@ -58,6 +62,7 @@ from mutagen.wave import WAVE
 from mutagen.wavpack import WavPack
 
 from .errors import Ambiguous, NotFound
+from .index import TRACK_FIELDS, Index, Listing, ListQuery, Row, row_of
 from .protocol import TrackInfo
 from .text import fold
 
@@ -66,8 +71,10 @@ __all__ = [
     "Library",
     "fold",
     "open_confined",
+    "read_rows",
     "read_track",
     "scan",
+    "walk",
 ]
 
 log = logging.getLogger("musiclib.library")
@@ -412,6 +419,11 @@ def _decode_text(raw: bytes) -> str | None:
 # --------------------------------------------------------------------------- scanning
 
 
+def default_workers() -> int:
+    """Tag-reading processes for a big scan: one per core, at most four."""
+    return max(1, min(4, os.cpu_count() or 1))
+
+
 def _inside(real: str, real_root: str) -> bool:
     prefix = real_root if real_root.endswith(os.sep) else real_root + os.sep
     return real == real_root or real.startswith(prefix)
@@ -426,15 +438,16 @@ def _surrogates(name: str) -> bool:
     return False
 
 
-def scan(root: Path) -> Iterator[TrackInfo]:
-    """Yield a :class:`TrackInfo` for every supported file under ``root``.
+def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+    """Yield ``(relative path, stat)`` for every supported file under ``root``.
 
     Hidden names (leading ``.``), ``*.part`` files and names that are not
     printable UTF-8 (they could not travel in a reply) are skipped. Symlinks
     are followed only when their real path stays inside the real root; each
     real directory is listed once, plain directories before symlinked ones so
     that files keep their canonical path. Unreadable directories are skipped.
-    Within a directory, files come in name order, then subdirectories.
+    Within a directory, files come in name order, then subdirectories. The
+    stat is the target's (symlinks followed), taken before any tag is read.
     """
     real_root = os.path.realpath(root)
     visited: set[str] = set()
@@ -469,12 +482,47 @@ def scan(root: Path) -> Iterator[TrackInfo]:
                     continue
                 if is_link and not _inside(os.path.realpath(entry.path), real_root):
                     continue
-                info = read_track(Path(real_root), relpath)
+                st = entry.stat()
             except OSError as exc:  # vanished or unreadable meanwhile
                 log.debug("skipping %s: %s", entry.path, exc)
                 continue
-            yield info
+            yield relpath, st
         plain.extend(reversed(subdirs))
+
+
+def scan(root: Path) -> Iterator[TrackInfo]:
+    """Yield a :class:`TrackInfo` for every file :func:`walk` finds (files that vanish
+    meanwhile are skipped)."""
+    real_root = Path(os.path.realpath(root))
+    for relpath, _ in walk(root):
+        try:
+            yield read_track(real_root, relpath)
+        except OSError as exc:
+            log.debug("skipping %s: %s", relpath, exc)
+
+
+#: One file for a tag-reading worker: relative path, size, mtime (ns), inode.
+WorkItem = tuple[str, int, int, int]
+
+
+def read_rows(root: str, items: Sequence[WorkItem]) -> list[Row]:
+    """Index rows for ``items`` (files that vanished are left out).
+
+    A module-level function of plain arguments so that a process pool can run
+    it; the size and mtime stored are those the walk saw, so a file changed
+    while it is read is read again by the next scan.
+    """
+    rows = []
+    for relpath, size, mtime_ns, inode in items:
+        try:
+            info = read_track(Path(root), relpath)
+        except OSError as exc:
+            log.debug("skipping %s: %s", relpath, exc)
+            continue
+        if info.size != size:
+            info = dataclasses.replace(info, size=size)
+        rows.append(row_of(info, mtime_ns, inode))
+    return rows
 
 
 # --------------------------------------------------------------------------- opening
@@ -524,48 +572,39 @@ def open_confined(root: Path, relpath: str) -> BinaryIO:
 # --------------------------------------------------------------------------- the library
 
 
-class _Snapshot:
-    """An immutable view of the library; the sorted and folded views are built on first use.
-
-    Two threads may build a lazy view at once; both build the same value, so
-    the race is harmless.
-    """
-
-    __slots__ = ("_haystacks", "_sorted", "by_path")
-
-    def __init__(self, by_path: Mapping[str, TrackInfo]) -> None:
-        self.by_path = by_path
-        self._sorted: tuple[TrackInfo, ...] | None = None
-        self._haystacks: tuple[tuple[str, TrackInfo], ...] | None = None
-
-    @property
-    def ordered(self) -> tuple[TrackInfo, ...]:
-        if self._sorted is None:
-            self._sorted = tuple(self.by_path[p] for p in sorted(self.by_path))
-        return self._sorted
-
-    @property
-    def haystacks(self) -> tuple[tuple[str, TrackInfo], ...]:
-        if self._haystacks is None:
-            self._haystacks = tuple(
-                (fold("\n".join(filter(None, (t.title, t.artist, t.album, t.path)))), t)
-                for t in self.ordered
-            )
-        return self._haystacks
+class ScanStopped(Exception):
+    """The scan was asked to stop (the server is shutting down); the index keeps
+    everything committed so far, and the next scan carries on from there."""
 
 
 class Library:
-    """The tracks under one root directory, safe to read while another thread rescans."""
+    """The tracks under one root directory, indexed in SQLite (:mod:`musiclib.index`).
 
-    #: Publish progress after at least this many new tracks...
-    PUBLISH_EVERY = 64
-    #: ...and once ``1/PUBLISH_FRACTION`` of the tracks found so far are new, or
-    #: ``PUBLISH_SECONDS`` have passed: publishing copies the table, so a fixed
-    #: step would make a big scan quadratic.
-    PUBLISH_FRACTION = 16
-    PUBLISH_SECONDS = 1.0
+    Reads (:meth:`search`, :meth:`resolve`, :meth:`listing`) may run in any
+    thread while another thread runs :meth:`rescan`; they see every batch the
+    scan has committed. ``index=None`` keeps the index in the user's cache
+    directory. ``workers`` tag-reading processes help a scan with many files
+    to read (``0``: read in the scanning thread); ``pool="thread"`` exists to
+    measure threads against processes (BENCHMARKS.md, scenario 6).
+    """
 
-    def __init__(self, root: Path) -> None:
+    #: a scan reads tags in a pool only when at least this many files changed
+    PARALLEL_MIN = 256
+    #: files per task sent to a worker
+    BATCH = 64
+    #: the scan commits at least this often (seconds)...
+    COMMIT_SECONDS = 0.25
+    #: ...or every this many rows, whichever comes first
+    COMMIT_ROWS = 512
+
+    def __init__(
+        self,
+        root: Path,
+        index: Path | None = None,
+        *,
+        workers: int | None = None,
+        pool: Literal["process", "thread"] = "process",
+    ) -> None:
         try:
             resolved = Path(root).resolve(strict=True)
         except FileNotFoundError:
@@ -573,8 +612,10 @@ class Library:
         if not resolved.is_dir():
             raise NotADirectoryError(f"library root is not a directory: {root}")
         self._root = resolved
+        self.index = Index(resolved, index)
+        self.workers = default_workers() if workers is None else workers
+        self.pool = pool
         self.scanning: bool = False
-        self._snapshot = _Snapshot({})
         self._scan_lock = threading.Lock()
 
     @property
@@ -582,47 +623,129 @@ class Library:
         """The resolved library root."""
         return self._root
 
-    def rescan(self) -> int:
-        """Scan the root again (blocking; run it in a worker thread); return the track count.
+    @property
+    def count(self) -> int:
+        """Tracks in the index now (kept up to date by the writer, no query)."""
+        return self.index.count
 
-        Readers see tracks as they are found; tracks not found again are
-        dropped only at the end.
+    def close(self) -> None:
+        """Close the index. A scan still running in another thread fails at its next write."""
+        self.index.close()
+
+    def __enter__(self) -> Library:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ scanning
+
+    def rescan(self, stop: threading.Event | None = None) -> int:
+        """Bring the index up to date with the disk (blocking); return the track count.
+
+        Files whose size and mtime match the index are not opened. New and
+        changed files are read (in a process pool when there are many) and
+        committed in batches, so readers see them as they come; files no
+        longer on disk are dropped at the end, so nothing disappears while the
+        scan runs. A renamed file keeps its sha256 (same inode, size, mtime).
+        ``stop`` ends the scan early with :class:`ScanStopped`.
         """
+        stop = stop or threading.Event()
         with self._scan_lock:
             self.scanning = True
             try:
-                old = self._snapshot.by_path
-                found: dict[str, TrackInfo] = {}
-                new = 0
-                last = time.monotonic()
-                for info in scan(self._root):
-                    found[info.path] = info
-                    new += 1
-                    if new >= self.PUBLISH_EVERY and (
-                        new * self.PUBLISH_FRACTION >= len(found)
-                        or time.monotonic() - last >= self.PUBLISH_SECONDS
-                    ):
-                        self._snapshot = _Snapshot({**old, **found})
-                        new, last = 0, time.monotonic()
-                self._snapshot = _Snapshot(found)  # found is never touched again
-                return len(found)
+                known = self.index.versions()
+                seen: set[str] = set()
+                todo: list[WorkItem] = []
+                for relpath, st in walk(self._root):
+                    seen.add(relpath)
+                    old = known.get(relpath)
+                    if old is None or old[0] != st.st_size or old[1] != st.st_mtime_ns:
+                        todo.append((relpath, st.st_size, st.st_mtime_ns, st.st_ino))
+                    if len(seen) % 4096 == 0 and stop.is_set():
+                        raise ScanStopped
+                gone = [p for p in known if p not in seen]
+                carried = {v[:3]: v[3] for p in gone if (v := known[p])[3] is not None}
+                if todo:
+                    log.info("reading %d new or changed files of %d", len(todo), len(seen))
+                self._read_into_index(todo, carried, stop)
+                if gone:
+                    self.index.delete(gone)
+                return self.index.count
             finally:
                 self.scanning = False
 
-    def tracks(self) -> tuple[TrackInfo, ...]:
-        """Every track of the current snapshot, sorted by path."""
-        return self._snapshot.ordered
+    def _read_into_index(
+        self, todo: list[WorkItem], carried: dict[tuple[int, int, int], str], stop: threading.Event
+    ) -> None:
+        pending: list[Row] = []
+        last = time.monotonic()
+        sha_at = TRACK_FIELDS.index("sha256")
+        size_at, mtime_at = TRACK_FIELDS.index("size"), len(TRACK_FIELDS)
+        for rows in self._read(todo, stop):
+            for row in rows:
+                digest = carried.get((row[size_at], row[mtime_at], row[mtime_at + 1]))
+                if digest is not None:  # a renamed file: same inode, size and mtime
+                    row = (*row[:sha_at], digest, *row[sha_at + 1 :])
+                pending.append(row)
+            now = time.monotonic()
+            if len(pending) >= self.COMMIT_ROWS or now - last >= self.COMMIT_SECONDS:
+                self.index.put(pending)
+                pending, last = [], now
+        if pending:
+            self.index.put(pending)
 
-    def search(self, query: str | None) -> list[TrackInfo]:
-        """Tracks whose title, artist, album or path contain every word of ``query``.
+    def _read(self, todo: list[WorkItem], stop: threading.Event) -> Iterator[list[Row]]:
+        """Rows for ``todo`` in batches, in order; in a pool when it pays off."""
+        root = str(self._root)
+        batches = [todo[i : i + self.BATCH] for i in range(0, len(todo), self.BATCH)]
+        if self.workers < 1 or len(todo) < self.PARALLEL_MIN:
+            for batch in batches:
+                if stop.is_set():
+                    raise ScanStopped
+                yield read_rows(root, batch)
+            return
+        executor: concurrent.futures.Executor
+        if self.pool == "thread":
+            executor = concurrent.futures.ThreadPoolExecutor(self.workers)
+        else:  # spawn: forking a process that runs trio's threads is unsafe
+            context = multiprocessing.get_context("spawn")
+            executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+        try:
+            # at most two batches per worker in flight: a stop is noticed quickly
+            # and results do not pile up ahead of the commits
+            window = 2 * self.workers
+            futures: collections.deque[concurrent.futures.Future[list[Row]]] = collections.deque()
+            queued = iter(batches)
+            for batch in itertools.islice(queued, window):
+                futures.append(executor.submit(read_rows, root, batch))
+            while futures:
+                if stop.is_set():
+                    raise ScanStopped
+                rows = futures.popleft().result()
+                for batch in itertools.islice(queued, 1):
+                    futures.append(executor.submit(read_rows, root, batch))
+                yield rows
+        finally:
+            executor.shutdown(wait=True, cancel_futures=True)
 
-        Matching ignores case and accents; no query (or a blank one) lists all.
+    # ------------------------------------------------------------------ reading
+
+    def tracks(self) -> list[TrackInfo]:
+        """Every track, sorted by path."""
+        return self.index.search(ListQuery())
+
+    def search(self, query: str | None = None, **filters: Any) -> list[TrackInfo]:
+        """Tracks matching ``query`` and ``filters`` (the fields of :class:`ListQuery`).
+
+        Words must all appear in title, artist, album or path; matching
+        ignores case and accents; no query (or a blank one) lists all.
         """
-        snapshot = self._snapshot
-        words = fold(query or "").split()
-        if not words:
-            return list(snapshot.ordered)
-        return [t for hay, t in snapshot.haystacks if all(w in hay for w in words)]
+        return self.index.search(ListQuery(query, **filters))
+
+    def listing(self, query: ListQuery) -> Listing:
+        """An open, consistent :class:`Listing` for a list reply sent in pages."""
+        return self.index.listing(query)
 
     def resolve(self, name: str) -> TrackInfo:
         """The one track a user means by ``name``.
@@ -634,26 +757,31 @@ class Library:
         :class:`NotFound`, as does a name matching nothing.
         """
         key = "/".join(_split_name(name))
-        snapshot = self._snapshot
-        exact = snapshot.by_path.get(key)
+        exact = self.index.get(key)
         if exact is not None:
             return exact
         suffix = "/" + key
-        lowered = key.casefold()
-        stages: tuple[Callable[[str], bool], ...] = (
-            lambda p: p.endswith(suffix),
-            lambda p: lowered in p.casefold(),
+        stages = (
+            ("length(path) > ? AND substr(path, -?) = ?", (len(suffix), len(suffix), suffix)),
+            ("instr(path_key, ?) > 0", (key.casefold(),)),
         )
-        for matches in stages:
-            hits = [t for t in snapshot.ordered if matches(t.path)]
-            if len(hits) == 1:
-                return hits[0]
-            if hits:
-                raise Ambiguous(
-                    f"{name!r} matches {len(hits)} tracks",
-                    candidates=[t.path for t in hits[:MAX_CANDIDATES]],
-                )
+        for clause, params in stages:
+            count, paths = self.index.paths_where(clause, params, MAX_CANDIDATES)
+            if count == 1:
+                found = self.index.get(paths[0])
+                if found is not None:  # else deleted in between: keep looking
+                    return found
+            elif count:
+                raise Ambiguous(f"{name!r} matches {count} tracks", candidates=paths)
         raise NotFound(f"no track matches {name!r}")
+
+    def stored_sha256(self, track: TrackInfo, st: os.stat_result) -> str | None:
+        """The index's sha256 of ``track`` if it is of the version ``st`` describes."""
+        return self.index.sha256(track.path, st.st_size, st.st_mtime_ns)
+
+    def store_sha256(self, track: TrackInfo, st: os.stat_result, digest: str) -> None:
+        """Remember ``digest`` for the version of ``track`` that ``st`` describes."""
+        self.index.set_sha256(track.path, st.st_size, st.st_mtime_ns, digest)
 
     def open_track(self, track: TrackInfo) -> BinaryIO:
         """Open ``track`` for binary reading, confined to the root (see :func:`open_confined`)."""

@@ -118,13 +118,23 @@ class TrackInfo:
     error: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        """The msgpack map for this track; fields left at their default are left out."""
-        return _to_wire(self)
+        """The msgpack map for this track; fields left at their default are left out.
+
+        Every optional field defaults to ``None``, so this skips the generic
+        walk over the dataclass fields: a list reply encodes thousands of these.
+        """
+        return {k: v for k in _TRACK_FIELD_NAMES if (v := getattr(self, k)) is not None}
 
     @classmethod
     def from_wire(cls, data: Mapping[str, Any]) -> TrackInfo:
         """Validate a received map; raises :class:`MessageError` when it is not a track."""
         return _from_wire(cls, data)
+
+
+_TRACK_FIELD_NAMES: Final = tuple(f.name for f in dataclasses.fields(TrackInfo))
+assert all(
+    f.default is None for f in dataclasses.fields(TrackInfo) if f.default is not dataclasses.MISSING
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,11 +180,36 @@ class Welcome(Message):
 
 @dataclass(frozen=True, slots=True)
 class ListRequest(Message):
-    """Ask for the tracks matching ``query`` (all of them when absent)."""
+    """Ask for the tracks matching ``query`` and the filters (all tracks when absent).
+
+    ``query``: words that must all appear in the title, artist, album or path;
+    ``artist``/``album``: a substring of that tag; all three ignore case and
+    accents. ``format``: the file extension, exactly. The matches are ordered
+    by ``sort`` (then by path), and ``offset``/``limit`` pick a window of them.
+    """
 
     TYPE: ClassVar[str] = "list"
     SENDER: ClassVar[Role] = Role.CLIENT
     query: str | None = None
+    artist: str | None = None
+    album: str | None = None
+    format: str | None = None
+    sort: str = "path"
+    offset: int = 0
+    limit: int | None = None
+
+    def problem(self) -> str | None:
+        if self.sort not in LIST_SORTS:
+            return f"sort must be one of {', '.join(LIST_SORTS)}"
+        if not 0 <= self.offset < 2**63:
+            return "offset must be 0..2^63-1"
+        if self.limit is not None and not 0 <= self.limit < 2**63:
+            return "limit must be 0..2^63-1"
+        return None
+
+
+#: orders a list reply may be sorted in
+LIST_SORTS: Final = ("path", "title", "artist", "album", "duration")
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,11 +223,17 @@ class TrackPage(Message):
 
 @dataclass(frozen=True, slots=True)
 class ListEnd(Message):
-    """End of a list reply; ``scanning`` says the library index is still being built."""
+    """End of a list reply: ``count`` tracks were sent, of ``total`` that match (before
+    ``offset`` and ``limit``); ``scanning`` says the library index is still being built.
+
+    A server that states ``total`` has applied every field of the request;
+    without it (an older server), a client filters and pages by itself.
+    """
 
     TYPE: ClassVar[str] = "list_end"
     SENDER: ClassVar[Role] = Role.SERVER
     count: int
+    total: int | None = None
     scanning: bool = False
 
 
@@ -307,7 +348,8 @@ class StreamStart(Message):
     so a client can tell whether a partial download belongs to the same file.
     ``length`` is the number of payload bytes that follow, or ``None`` when it
     is not known in advance (decoded streams). A decoded stream states its
-    sample format, rate and channels here, before any sample.
+    sample format, rate and channels here, before any sample. ``sha256`` is the
+    whole file's, when the server knows it already (original streams only).
     """
 
     TYPE: ClassVar[str] = "stream_start"
@@ -322,8 +364,11 @@ class StreamStart(Message):
     sample_rate: int | None = None
     channels: int | None = None
     start: float | None = None
+    sha256: str | None = None
 
     def problem(self) -> str | None:
+        if self.sha256 is not None and not _is_sha256(self.sha256):
+            return "sha256 must be 64 lowercase hexadecimal digits"
         if self.size < 0 or self.offset < 0:
             return "size and offset must not be negative"
         fits = self.length is None or 0 <= self.length <= self.size - self.offset
@@ -519,7 +564,7 @@ def paginate(tracks: Iterable[TrackInfo], budget: int = PAGE_BUDGET) -> Iterator
     page: list[TrackInfo] = []
     size = 0
     for track in tracks:
-        n = len(msgpack.packb(track.to_wire(), use_bin_type=True))
+        n = _wire_size(track.to_wire())
         if page and size + n > budget:
             yield TrackPage(tuple(page))
             page, size = [], 0
@@ -527,6 +572,17 @@ def paginate(tracks: Iterable[TrackInfo], budget: int = PAGE_BUDGET) -> Iterator
         size += n
     if page:
         yield TrackPage(tuple(page))
+
+
+def _wire_size(fields: Mapping[str, Any]) -> int:
+    """An upper bound of the msgpack size of a flat map of short keys and scalar values.
+
+    Cheaper than packing the map once to measure it and again to send it.
+    """
+    size = 5  # the largest map header
+    for key, value in fields.items():
+        size += len(key) + 5 + (len(value.encode()) + 5 if isinstance(value, str) else 9)
+    return size
 
 
 # --------------------------------------------------------------------------

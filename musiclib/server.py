@@ -23,10 +23,13 @@ import math
 import os
 import signal
 import socket
+import sqlite3
 import ssl
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -36,11 +39,13 @@ from .decode import AudioFormat, DecodeSlots, open_decoder, pace_delay
 from .errors import (
     Changed,
     MessageError,
+    NotFound,
     RemoteProtocolError,
     ServerError,
     single_errors,
 )
-from .library import Library
+from .index import ListQuery
+from .library import Library, open_confined
 from .protocol import (
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
@@ -61,11 +66,14 @@ from .protocol import (
     StreamEnd,
     StreamRequest,
     StreamStart,
+    TrackInfo,
     Welcome,
     paginate,
 )
 
 log = logging.getLogger("musiclib.server")
+
+_T = TypeVar("_T")
 
 DEFAULT_PORT = 7650
 
@@ -88,7 +96,13 @@ class ServerConfig:
     #: seconds running replies get to finish when the server is asked to stop
     grace_period: float = 5.0
     #: seconds between background rescans of the library (``0`` disables them)
-    rescan_interval: float = 0.0
+    rescan_interval: float = 300.0
+    #: the SQLite index file (``None``: one per root in the user's cache directory)
+    index: Path | None = None
+    #: tag-reading processes for big scans (``None``: one per core, at most 4; ``0``: none)
+    scan_workers: int | None = None
+    #: compute every file's sha256 in the background after each scan
+    background_checksums: bool = True
     #: decoded streams (ffmpeg processes) running at once
     max_decodes: int = 32
     #: seconds a decoded-stream request waits for a free decoder before "busy"
@@ -107,6 +121,35 @@ class ServerConfig:
     token: str | None = None
     #: TLS for every connection (``None``: plain TCP)
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+
+
+async def run_stoppable(fn: Callable[[threading.Event], _T]) -> _T:
+    """Run ``fn(stop)`` in a worker thread; if cancelled, set ``stop`` and wait for ``fn``.
+
+    A scan must not outlive the server that started it (it holds the index
+    and may run child processes), yet an uncancellable wait would hold up
+    shutdown for a whole scan: ``fn`` checks ``stop`` between batches and
+    returns (or raises) soon after it is set.
+    """
+    stop = threading.Event()
+    started = threading.Event()
+    finished = threading.Event()
+
+    def run() -> _T:
+        started.set()
+        try:
+            return fn(stop)
+        finally:
+            finished.set()
+
+    try:
+        return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+    except trio.Cancelled:
+        stop.set()
+        if started.is_set():
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(finished.wait, 30.0)
+        raise
 
 
 class _PeerGone(Exception):
@@ -132,11 +175,16 @@ class Server:
     _scan_finished: trio.Event = field(default_factory=trio.Event)
     _scan_kick: trio.MemorySendChannel[None] = field(init=False)
     _scan_kicked: trio.MemoryReceiveChannel[None] = field(init=False)
+    _hash_kick: trio.MemorySendChannel[None] = field(init=False)
+    _hash_kicked: trio.MemoryReceiveChannel[None] = field(init=False)
+    #: bounds the threads (and so the index connections) busy with index queries
+    index_threads: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(8))
 
     def __post_init__(self) -> None:
         self.decode_slots = DecodeSlots(self.config.max_decodes, self.config.decode_wait)
         # capacity 1: many requests for a rescan while one is pending ask for one rescan
         self._scan_kick, self._scan_kicked = trio.open_memory_channel[None](1)
+        self._hash_kick, self._hash_kicked = trio.open_memory_channel[None](1)
 
     def stop(self) -> None:
         """Stop taking requests: idle connections close now, running replies may finish."""
@@ -145,10 +193,48 @@ class Server:
             scope.cancel()
 
     async def rescan(self) -> int:
-        """Rebuild the index in a worker thread; the event loop keeps serving meanwhile."""
-        count = await trio.to_thread.run_sync(self.library.rescan, abandon_on_cancel=True)
+        """Update the index in a worker thread; the event loop keeps serving meanwhile."""
+        count = await run_stoppable(self.library.rescan)
         log.info("indexed %d tracks under %s", count, self.library.root)
+        with contextlib.suppress(trio.WouldBlock):
+            self._hash_kick.send_nowait(None)
         return count
+
+    async def in_thread(self, fn: Callable[..., _T], *args: object) -> _T:
+        """Run an index query in a worker thread (they are short; never abandoned)."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.index_threads)
+
+    async def hash_in_background(self) -> None:
+        """After each scan, store the sha256 of every indexed file that has none yet.
+
+        One file at a time, through the same :class:`ChecksumCache` the streams
+        use, so a file being streamed is never hashed twice. Files that moved
+        on since the scan are skipped: the next scan re-reads them.
+        """
+        async for _ in self._hash_kicked:
+            after, hashed = "", 0
+            while True:
+                work = await self.in_thread(self.library.index.without_sha256, after, 64)
+                if not work:
+                    break
+                for path, size, mtime_ns in work:
+                    after = path
+                    hashed += await self._hash_one(path, size, mtime_ns)
+            if hashed:
+                log.info("stored the sha256 of %d files", hashed)
+
+    async def _hash_one(self, path: str, size: int, mtime_ns: int) -> bool:
+        try:
+            with open_confined(self.library.root, path) as f:
+                st = os.fstat(f.fileno())
+                if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                    return False
+                digest = await self.checksums.sha256(f.fileno(), st)
+        except (OSError, NotFound, Changed) as exc:
+            log.debug("no sha256 for %s: %s", path, exc)
+            return False
+        store = self.library.index.set_sha256
+        return bool(await self.in_thread(store, path, size, mtime_ns, digest))
 
     async def rescan_periodically(self) -> None:
         """Scan at start, then on request and every ``rescan_interval`` seconds if set.
@@ -159,7 +245,7 @@ class Server:
         while True:
             try:
                 await self.rescan()
-            except OSError as exc:
+            except (OSError, sqlite3.Error) as exc:
                 log.error("scan of %s failed: %s", self.library.root, exc)
             self.scans_done += 1
             self._scan_finished.set()
@@ -250,7 +336,7 @@ class _ConnectionHandler:
             Welcome(
                 version=PROTOCOL_VERSION,
                 server=f"musiclib/{__version__}",
-                tracks=len(self.library.tracks()),
+                tracks=self.library.count,
                 scanning=self.library.scanning,
             )
         )
@@ -279,14 +365,14 @@ class _ConnectionHandler:
             await self._list(event)
         elif isinstance(event, RescanRequest):
             await self.server.request_rescan(wait=event.wait)
-            tracks = len(self.library.tracks())
-            await self._send(RescanStatus(tracks=tracks, scanning=self.library.scanning))
+            count = self.library.count
+            await self._send(RescanStatus(tracks=count, scanning=self.library.scanning))
         elif isinstance(event, InfoRequest):
-            track = self.library.resolve(event.track)
+            track = await self._resolve(event.track)
             if event.checksum:
                 with self.library.open_track(track) as f:
                     st = os.fstat(f.fileno())
-                    digest = await self.server.checksums.sha256(f.fileno(), st)
+                    digest = await self._sha256(track, f.fileno(), st)
                 track = dataclasses.replace(track, sha256=digest)
             await self._send(InfoReply(track))
         elif isinstance(event, StreamRequest) and event.mode == "decoded":
@@ -296,11 +382,52 @@ class _ConnectionHandler:
         else:  # the state machine lets nothing else through in this state
             raise RemoteProtocolError(f"unexpected {type(event).__name__}")
 
+    async def _resolve(self, name: str) -> TrackInfo:
+        return await self.server.in_thread(self.library.resolve, name)
+
+    async def _known_sha256(self, track: TrackInfo, st: os.stat_result) -> str | None:
+        """The sha256 of this version of ``track`` if computed before (memory, then index)."""
+        known = self.server.checksums.known(st)
+        if known is None:
+            known = await self.server.in_thread(self.library.stored_sha256, track, st)
+        return known
+
+    async def _sha256(self, track: TrackInfo, fd: int, st: os.stat_result) -> str:
+        """The sha256 of this version of ``track``: known, or computed now and stored."""
+        known = await self._known_sha256(track, st)
+        if known is not None:
+            return known
+        digest = await self.server.checksums.sha256(fd, st)
+        await self.server.in_thread(self.library.store_sha256, track, st, digest)
+        return digest
+
     async def _list(self, request: ListRequest) -> None:
-        tracks = self.library.search(request.query)
-        for page in paginate(tracks):
-            await self._send(page)
-        await self._send(ListEnd(count=len(tracks), scanning=self.library.scanning))
+        """The matches as pages of at most :data:`PAGE_BUDGET` bytes, then ``list_end``.
+
+        The index is read a batch at a time inside one read transaction (see
+        :class:`musiclib.index.Listing`), so a list of any length needs memory
+        for one batch only and is consistent even while a scan commits.
+        """
+        query = ListQuery(
+            request.query,
+            artist=request.artist,
+            album=request.album,
+            format=request.format,
+            sort=request.sort,
+            offset=request.offset,
+            limit=request.limit,
+        )
+        listing = await self.server.in_thread(self.library.listing, query)
+        sent = 0
+        try:
+            while batch := await self.server.in_thread(listing.fetch, 512):
+                for page in paginate(batch):
+                    await self._send(page)
+                sent += len(batch)
+        finally:
+            listing.close()
+        end = ListEnd(count=sent, total=listing.total, scanning=self.library.scanning)
+        await self._send(end)
 
     async def _stream_original(self, request: StreamRequest) -> None:
         """A file's bytes from ``offset``, then the whole file's sha256.
@@ -310,11 +437,12 @@ class _ConnectionHandler:
         file is sent with zero-copy ``sendfile`` on plain TCP, by reads
         otherwise (TLS, memory streams in tests).
         """
-        track = self.library.resolve(request.track)
+        track = await self._resolve(request.track)
         f = self.library.open_track(track)
         with f:
             st = os.fstat(f.fileno())
             offset = min(request.offset, st.st_size)
+            known = await self._known_sha256(track, st)
             log.info("%s: stream %s from byte %d", self.peer, track.path, offset)
             await self._send(
                 StreamStart(
@@ -323,12 +451,13 @@ class _ConnectionHandler:
                     version=f"{st.st_size:x}-{st.st_mtime_ns:x}",
                     offset=offset,
                     length=st.st_size - offset,
+                    sha256=known,
                 )
             )
             digest: list[str] = []
 
             async def checksum() -> None:
-                digest.append(await self.server.checksums.sha256(f.fileno(), st))
+                digest.append(await self._sha256(track, f.fileno(), st))
 
             with single_errors():
                 async with trio.open_nursery() as nursery:
@@ -391,7 +520,7 @@ class _ConnectionHandler:
         that cannot be decoded at all gets a plain error instead of a started
         stream; a failure later ends the stream with an error, never silently.
         """
-        track = self.library.resolve(request.track)
+        track = await self._resolve(request.track)
         source, st = self.library.track_path(track)
         fmt = AudioFormat(
             request.sample_format or "s16le",
@@ -570,6 +699,11 @@ def _peer_name(stream: trio.abc.Stream) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def open_library(config: ServerConfig) -> Library:
+    """The library ``config`` names, its index open (close it, or use ``with``)."""
+    return Library(config.root, config.index, workers=config.scan_workers)
+
+
 async def serve(
     config: ServerConfig,
     *,
@@ -584,7 +718,9 @@ async def serve(
     gives running replies ``grace_period`` seconds, then cancels the rest.
     """
     if server is None:
-        server = Server(Library(config.root), config)
+        with open_library(config) as library:
+            await serve(config, server=Server(library, config), task_status=task_status)
+        return
     _raise_open_file_limit()
     try:
         trio_listeners = await trio.open_tcp_listeners(config.port, host=config.host)
@@ -609,6 +745,8 @@ async def serve(
     try:
         async with trio.open_nursery() as background:
             background.start_soon(server.rescan_periodically)
+            if config.background_checksums:
+                background.start_soon(server.hash_in_background)
             async with trio.open_nursery() as connections:
                 accept_scope = trio.CancelScope()
 
@@ -691,8 +829,11 @@ async def run_until_signalled(
 
     A second signal during the grace period cancels everything at once.
     """
-    server = Server(Library(config.root), config)
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+    with (
+        open_library(config) as library,
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+    ):
+        server = Server(library, config)
         async with trio.open_nursery() as nursery:
 
             async def watch() -> None:

@@ -50,6 +50,20 @@ _LISTENING = re.compile(r"listening on \[?[0-9A-Fa-f.:]+\]?:(\d+)")
 _INDEXED = re.compile(r"indexed \d+ tracks")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Every index (ours and the servers' we start) goes to a cache folder of this run,
+    never to the user's ~/.cache."""
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    yield cache
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 def media_files(root: Path) -> list[str]:
     """Every media file under ``root`` as a sorted list of relative posix paths."""
     found = [

@@ -484,23 +484,28 @@ def test_rescan_picks_up_added_and_deleted(music: Library, media: Path) -> None:
 def test_rescan_publishes_progress_and_sets_scanning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    lib = Library(tmp_path)
-    old = TrackInfo(path="old.mp3", title="old", format="mp3", size=1)
-    lib._snapshot = lib_mod._Snapshot({old.path: old})
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / "old.mp3").write_bytes(b"")
+    lib = Library(root, tmp_path / "index.sqlite3", workers=0)
+    assert lib.rescan() == 1
+    (root / "old.mp3").unlink()
+    step = lib.BATCH
+    for i in range(3 * step):
+        (root / f"t{i:04}.mp3").write_bytes(b"")
+    lib.COMMIT_ROWS, lib.COMMIT_SECONDS = step, 1e9  # commit after every batch
     seen: list[tuple[bool, int, bool]] = []
-    step = Library.PUBLISH_EVERY
+    real_read_rows = lib_mod.read_rows
 
-    def fake_scan(root: Path) -> Iterator[TrackInfo]:
-        for i in range(3 * step):
-            if i % step == 0:
-                visible = paths(lib.tracks())
-                seen.append((lib.scanning, len(visible), "old.mp3" in visible))
-            yield TrackInfo(path=f"t{i:04}.mp3", title=str(i), format="mp3", size=1)
+    def watching(root: str, items: list[lib_mod.WorkItem]) -> list[tuple[object, ...]]:
+        visible = paths(lib.tracks())
+        seen.append((lib.scanning, len(visible), "old.mp3" in visible))
+        return real_read_rows(root, items)
 
-    monkeypatch.setattr(lib_mod, "scan", fake_scan)
+    monkeypatch.setattr(lib_mod, "read_rows", watching)
     assert not lib.scanning
     assert lib.rescan() == 3 * step
-    # readers saw tracks appear while the old one stayed until the end
+    # readers saw tracks appear batch by batch while the deleted one stayed until the end
     assert seen == [(True, 1, True), (True, step + 1, True), (True, 2 * step + 1, True)]
     assert not lib.scanning
     assert len(lib.tracks()) == 3 * step and lib.search("old") == []
@@ -509,11 +514,11 @@ def test_rescan_publishes_progress_and_sets_scanning(
 def test_scanning_is_reset_when_the_scan_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def failing_scan(root: Path) -> Iterator[TrackInfo]:
+    def failing_walk(root: Path) -> Iterator[tuple[str, object]]:
         raise RuntimeError("boom")
         yield  # pragma: no cover
 
-    monkeypatch.setattr(lib_mod, "scan", failing_scan)
+    monkeypatch.setattr(lib_mod, "walk", failing_walk)
     lib = Library(tmp_path)
     with pytest.raises(RuntimeError):
         lib.rescan()

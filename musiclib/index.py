@@ -1,0 +1,489 @@
+"""The persistent library index: one SQLite file per library root.
+
+The index is a cache of what the disk says, never a source of truth: every
+row is keyed by its path and carries the file's size and modification time,
+so a rescan re-reads only the files whose size or mtime moved, and a file
+that cannot be trusted is rebuilt from the disk.
+
+Why it looks the way it does:
+
+* **The standard library's sqlite3, WAL mode.** Readers (list, resolve) never
+  wait for the scanner and see each committed batch at once, which is how a
+  list during a scan returns "what is known so far". ``synchronous=NORMAL``:
+  a power cut may lose the last batches, and the next scan re-reads them.
+* **Never trusted blindly.** The file must carry our ``application_id``, our
+  schema version, the same root, and pass ``PRAGMA quick_check``. A file of
+  ours that is merely stale (old schema, other root) is deleted and rebuilt;
+  anything else (corrupt, not SQLite, another program's database) is moved
+  aside to ``<name>.broken`` and rebuilt, so nothing of somebody else's is
+  destroyed.
+* **Search in SQL.** Folded (case- and accent-free) copies of the text fields
+  are stored next to them; a query word matches when ``instr`` finds it, the
+  same rule the in-memory search used. ``LIKE`` is avoided: its ``%``/``_``
+  would need escaping and it folds ASCII only.
+* **A small pool of connections.** A connection is used by one thread at a
+  time, but trio's worker threads come and go, so connections are lent from
+  a pool (closed beyond :attr:`Index.IDLE_CONNECTIONS`) rather than kept per
+  thread. One writer connection, behind a lock, takes every write.
+* **A list is one read transaction.** :class:`Listing` counts the matches and
+  then walks them with one cursor inside the same transaction, so a scan that
+  commits meanwhile can neither duplicate nor skip a track in the reply.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import sqlite3
+import tempfile
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from .protocol import LIST_SORTS, TrackInfo
+from .text import fold
+
+__all__ = [
+    "Index",
+    "ListQuery",
+    "Listing",
+    "default_index_path",
+    "row_of",
+]
+
+log = logging.getLogger("musiclib.index")
+
+#: ``PRAGMA application_id`` of a musiclib index ("mlib")
+APPLICATION_ID: Final = 0x6D6C6962
+#: ``PRAGMA user_version``; bump it whenever the schema changes (old files are rebuilt)
+SCHEMA_VERSION: Final = 1
+
+#: The TrackInfo fields, in the order they are stored (the first columns of a row).
+TRACK_FIELDS: Final = (
+    "path",
+    "title",
+    "format",
+    "size",
+    "artist",
+    "album",
+    "track",
+    "duration",
+    "codec",
+    "sample_rate",
+    "channels",
+    "bitrate",
+    "bits_per_sample",
+    "sha256",
+    "error",
+)
+_N_TRACK = len(TRACK_FIELDS)
+# bookkeeping columns after the TrackInfo ones
+_EXTRA = ("mtime_ns", "inode", "haystack", "path_key", "title_key", "artist_key", "album_key")
+COLUMNS: Final = TRACK_FIELDS + _EXTRA
+
+_SCHEMA = """
+CREATE TABLE tracks (
+    path TEXT PRIMARY KEY,
+    title TEXT NOT NULL,
+    format TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    artist TEXT,
+    album TEXT,
+    track INTEGER,
+    duration REAL,
+    codec TEXT,
+    sample_rate INTEGER,
+    channels INTEGER,
+    bitrate INTEGER,
+    bits_per_sample INTEGER,
+    sha256 TEXT,
+    error TEXT,
+    mtime_ns INTEGER NOT NULL,
+    inode INTEGER NOT NULL,
+    haystack TEXT NOT NULL,
+    path_key TEXT NOT NULL,
+    title_key TEXT NOT NULL,
+    artist_key TEXT,
+    album_key TEXT
+) WITHOUT ROWID;
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+"""
+
+_SELECT_TRACK = "SELECT " + ", ".join(TRACK_FIELDS) + " FROM tracks"
+_INSERT = (
+    f"INSERT OR REPLACE INTO tracks ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
+)
+
+#: ``ORDER BY`` per sort key: missing values last, then by path so the order is total
+_ORDER: Final[dict[str, str]] = {
+    "path": "path",
+    "title": "title_key, path",
+    "artist": "artist_key IS NULL, artist_key, path",
+    "album": "album_key IS NULL, album_key, path",
+    "duration": "duration IS NULL, duration, path",
+}
+assert tuple(_ORDER) == LIST_SORTS
+
+Row = tuple[Any, ...]
+#: What the scanner needs to know of an indexed file: size, mtime_ns, inode, sha256.
+Version = tuple[int, int, int, str | None]
+
+
+def row_of(info: TrackInfo, mtime_ns: int, inode: int) -> Row:
+    """The table row for ``info``: its fields, then the keys search and sorting use."""
+    fields = tuple(getattr(info, name) for name in TRACK_FIELDS)
+    text = "\n".join(filter(None, (info.title, info.artist, info.album, info.path)))
+    return (
+        *fields,
+        mtime_ns,
+        inode,
+        fold(text),
+        info.path.casefold(),
+        fold(info.title),
+        fold(info.artist) if info.artist else None,
+        fold(info.album) if info.album else None,
+    )
+
+
+def track_of(row: Sequence[Any]) -> TrackInfo:
+    """The :class:`TrackInfo` of a row selected with the TrackInfo columns first."""
+    return TrackInfo(*row[:_N_TRACK])
+
+
+@dataclass(frozen=True)
+class ListQuery:
+    """What a list request asks for; every part is optional.
+
+    ``query``: words that must all appear in title, artist, album or path;
+    ``artist``/``album``: substrings of those tags; all case- and
+    accent-insensitive. ``format``: the file extension, exactly.
+    """
+
+    query: str | None = None
+    artist: str | None = None
+    album: str | None = None
+    format: str | None = None
+    sort: str = "path"
+    offset: int = 0
+    limit: int | None = None
+
+    def where(self) -> tuple[str, list[Any]]:
+        """The ``WHERE`` clause (possibly empty) and its parameters."""
+        clauses: list[str] = []
+        params: list[Any] = []
+        for word in fold(self.query or "").split():
+            clauses.append("instr(haystack, ?) > 0")
+            params.append(word)
+        for column, wanted in (("artist_key", self.artist), ("album_key", self.album)):
+            if wanted:
+                clauses.append(f"instr({column}, ?) > 0")
+                params.append(fold(wanted))
+        if self.format:
+            clauses.append("format = ?")
+            params.append(self.format.lower().lstrip("."))
+        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+
+
+def default_index_path(root: Path) -> Path:
+    """Where the index of ``root`` lives by default: the user's cache directory.
+
+    ``$XDG_CACHE_HOME/musiclib/`` (an absolute path only, as the XDG spec
+    says), else ``~/.cache/musiclib/``; the file name carries the folder's
+    name for people and a hash of its real path for uniqueness.
+    """
+    base = os.environ.get("XDG_CACHE_HOME", "")
+    cache = Path(base) if os.path.isabs(base) else Path.home() / ".cache"
+    real = os.path.realpath(root)
+    tag = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    name = "".join(c if c.isalnum() or c in "-_" else "_" for c in Path(real).name)[:40]
+    return cache / "musiclib" / f"{name or 'root'}-{tag}.sqlite3"
+
+
+class _Untrusted(Exception):
+    """Internal: the index file must not be used; ``ours`` says whether it may be deleted."""
+
+    def __init__(self, reason: str, *, ours: bool) -> None:
+        super().__init__(reason)
+        self.ours = ours
+
+
+class Index:
+    """The SQLite index of one library root; every method may be called from any thread.
+
+    ``path=None`` uses :func:`default_index_path`. When that place cannot be
+    written (a read-only home, a full disk), the index lives in a temporary
+    folder for this run only, with a warning: serving matters more than
+    remembering.
+    """
+
+    #: connections kept open in the pool for the next reader
+    IDLE_CONNECTIONS = 4
+
+    def __init__(self, root: Path, path: Path | None = None) -> None:
+        self._root = str(os.path.realpath(root))
+        self._tmpdir: str | None = None
+        target = Path(path) if path is not None else default_index_path(root)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._writer = self._open_trusted(target)
+        except (OSError, sqlite3.Error) as exc:
+            if path is not None:  # the user named it: they want to hear why not
+                raise OSError(f"cannot use the index file {target}: {exc}") from exc
+            self._tmpdir = tempfile.mkdtemp(prefix="musiclib-index-")
+            log.warning(
+                "cannot keep the index in %s (%s); using a temporary one for this run",
+                target,
+                exc,
+            )
+            target = Path(self._tmpdir) / "index.sqlite3"
+            self._writer = self._open_trusted(target)
+        self.path = target
+        self._write_lock = threading.Lock()
+        self._pool_lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._closed = False
+        self.count = self._count(self._writer)
+
+    # ------------------------------------------------------------------ opening
+
+    @staticmethod
+    def _connect(path: Path) -> sqlite3.Connection:
+        conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+        conn.execute("PRAGMA synchronous=NORMAL")
+        return conn
+
+    def _open_trusted(self, path: Path) -> sqlite3.Connection:
+        """A writer connection to a trusted index at ``path``, rebuilt first if need be."""
+        try:
+            conn = self._connect(path)
+        except sqlite3.Error as exc:
+            self._discard(path, _Untrusted(f"cannot open it: {exc}", ours=False))
+            conn = self._connect(path)
+        try:
+            self._check(conn)
+            return conn
+        except _Untrusted as why:
+            conn.close()
+            self._discard(path, why)
+        conn = self._connect(path)
+        self._check(conn)  # a fresh file: creates the schema
+        return conn
+
+    def _check(self, conn: sqlite3.Connection) -> None:
+        """Create the schema in an empty file, or raise :class:`_Untrusted`."""
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            app = conn.execute("PRAGMA application_id").fetchone()[0]
+            version = conn.execute("PRAGMA user_version").fetchone()[0]
+            tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
+            if app == 0 and version == 0 and tables == 0:
+                conn.executescript(
+                    "BEGIN;"
+                    + _SCHEMA
+                    + f"PRAGMA application_id={APPLICATION_ID};"
+                    + f"PRAGMA user_version={SCHEMA_VERSION};"
+                    + "COMMIT;"
+                )
+                conn.execute("INSERT INTO meta VALUES ('root', ?)", (self._root,))
+                return
+            if app != APPLICATION_ID:
+                raise _Untrusted("it is not a musiclib index", ours=False)
+            if version != SCHEMA_VERSION:
+                raise _Untrusted(f"schema {version}, this version uses {SCHEMA_VERSION}", ours=True)
+            row = conn.execute("SELECT value FROM meta WHERE key = 'root'").fetchone()
+            if row is None or row[0] != self._root:
+                raise _Untrusted("it indexes another folder", ours=True)
+            result = conn.execute("PRAGMA quick_check").fetchone()
+            if result is None or result[0] != "ok":
+                raise _Untrusted(f"integrity check: {result[0] if result else '?'}", ours=False)
+        except sqlite3.DatabaseError as exc:  # "file is not a database", malformed...
+            raise _Untrusted(f"unreadable: {exc}", ours=False) from None
+
+    @staticmethod
+    def _discard(path: Path, why: _Untrusted) -> None:
+        """Remove an untrusted index file (ours) or move it aside (anything else)."""
+        if why.ours:
+            log.warning("rebuilding the index %s: %s", path, why)
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        else:
+            aside = path.with_name(path.name + ".broken")
+            log.warning("index %s is not to be trusted (%s); moved to %s", path, why, aside)
+            os.replace(path, aside)
+        for suffix in ("-wal", "-shm", "-journal"):
+            with contextlib.suppress(FileNotFoundError):
+                Path(str(path) + suffix).unlink()
+
+    def close(self) -> None:
+        """Close every connection (and the temporary folder, if one was used)."""
+        with self._pool_lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+        with self._write_lock:
+            self._writer.close()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+    # ------------------------------------------------------------------ the pool
+
+    @contextlib.contextmanager
+    def _reader(self) -> Iterator[sqlite3.Connection]:
+        conn = self._borrow()
+        try:
+            yield conn
+        finally:
+            self._give_back(conn)
+
+    def _borrow(self) -> sqlite3.Connection:
+        with self._pool_lock:
+            if self._closed:
+                raise RuntimeError("the index is closed")
+            if self._idle:
+                return self._idle.pop()
+        return self._connect(self.path)
+
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        if conn.in_transaction:
+            conn.rollback()
+        with self._pool_lock:
+            if not self._closed and len(self._idle) < self.IDLE_CONNECTIONS:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+    # ------------------------------------------------------------------ reading
+
+    @staticmethod
+    def _count(conn: sqlite3.Connection) -> int:
+        return int(conn.execute("SELECT count(*) FROM tracks").fetchone()[0])
+
+    def get(self, path: str) -> TrackInfo | None:
+        """The track stored under exactly ``path``."""
+        with self._reader() as conn:
+            row = conn.execute(_SELECT_TRACK + " WHERE path = ?", (path,)).fetchone()
+        return track_of(row) if row is not None else None
+
+    def paths_where(self, clause: str, params: Sequence[Any], limit: int) -> tuple[int, list[str]]:
+        """How many tracks match ``clause``, and the first ``limit`` of their paths."""
+        with self._reader() as conn:
+            conn.execute("BEGIN")
+            total = conn.execute(f"SELECT count(*) FROM tracks WHERE {clause}", params)
+            count = int(total.fetchone()[0])
+            rows = conn.execute(
+                f"SELECT path FROM tracks WHERE {clause} ORDER BY path LIMIT ?", (*params, limit)
+            ).fetchall()
+        return count, [r[0] for r in rows]
+
+    def search(self, query: ListQuery) -> list[TrackInfo]:
+        """Every track ``query`` selects, at once (see :meth:`listing` for big replies)."""
+        with self.listing(query) as listing:
+            return [t for batch in iter(listing.fetch, []) for t in batch]
+
+    def listing(self, query: ListQuery) -> Listing:
+        """An open :class:`Listing` of ``query``; close it (or use ``with``)."""
+        return Listing(self, query)
+
+    def versions(self) -> dict[str, Version]:
+        """Every indexed path with what a scan compares: size, mtime, inode, sha256."""
+        with self._reader() as conn:
+            rows = conn.execute("SELECT path, size, mtime_ns, inode, sha256 FROM tracks")
+            return {r[0]: (r[1], r[2], r[3], r[4]) for r in rows}
+
+    def sha256(self, path: str, size: int, mtime_ns: int) -> str | None:
+        """The stored sha256 of ``path`` if the index holds this version of it."""
+        with self._reader() as conn:
+            row = conn.execute(
+                "SELECT sha256 FROM tracks WHERE path = ? AND size = ? AND mtime_ns = ?",
+                (path, size, mtime_ns),
+            ).fetchone()
+        return row[0] if row is not None else None
+
+    def without_sha256(self, after: str, limit: int) -> list[tuple[str, int, int]]:
+        """Up to ``limit`` ``(path, size, mtime_ns)`` past ``after`` (in path order) with
+        no sha256 yet: the background hasher's work list, walked in pages."""
+        with self._reader() as conn:
+            rows = conn.execute(
+                "SELECT path, size, mtime_ns FROM tracks WHERE sha256 IS NULL AND path > ? "
+                "ORDER BY path LIMIT ?",
+                (after, limit),
+            ).fetchall()
+        return [(r[0], r[1], r[2]) for r in rows]
+
+    # ------------------------------------------------------------------ writing
+
+    def put(self, rows: Iterable[Row]) -> None:
+        """Insert or replace whole rows (see :func:`row_of`) in one transaction."""
+        with self._write_lock, self._writer:
+            self._writer.execute("BEGIN")
+            self._writer.executemany(_INSERT, rows)
+            self.count = self._count(self._writer)
+
+    def delete(self, paths: Iterable[str]) -> None:
+        """Forget ``paths`` in one transaction."""
+        with self._write_lock, self._writer:
+            self._writer.execute("BEGIN")
+            self._writer.executemany("DELETE FROM tracks WHERE path = ?", ((p,) for p in paths))
+            self.count = self._count(self._writer)
+
+    def set_sha256(self, path: str, size: int, mtime_ns: int, digest: str) -> bool:
+        """Store ``digest`` for this version of ``path``; False if the index moved on."""
+        with self._write_lock, self._writer:
+            cursor = self._writer.execute(
+                "UPDATE tracks SET sha256 = ? WHERE path = ? AND size = ? AND mtime_ns = ?",
+                (digest, path, size, mtime_ns),
+            )
+            return cursor.rowcount > 0
+
+
+class Listing:
+    """The tracks one query selects, in one read transaction, fetched in batches.
+
+    :attr:`total` counts every match (before ``offset`` and ``limit``); the
+    batches then follow in order. Usable from one thread at a time, from any.
+    """
+
+    def __init__(self, index: Index, query: ListQuery) -> None:
+        if query.sort not in _ORDER:
+            raise ValueError(f"sort must be one of {', '.join(LIST_SORTS)}")
+        where, params = query.where()
+        self._index = index
+        self._conn = index._borrow()
+        try:
+            self._conn.execute("BEGIN")
+            self.total = int(
+                self._conn.execute("SELECT count(*) FROM tracks" + where, params).fetchone()[0]
+            )
+            limit = -1 if query.limit is None else query.limit  # SQLite: -1 is "no limit"
+            self._cursor: sqlite3.Cursor | None = self._conn.execute(
+                f"{_SELECT_TRACK}{where} ORDER BY {_ORDER[query.sort]} LIMIT ? OFFSET ?",
+                (*params, limit, query.offset),
+            )
+        except BaseException:
+            index._give_back(self._conn)
+            raise
+
+    def fetch(self, n: int = 512) -> list[TrackInfo]:
+        """The next ``n`` tracks at most; ``[]`` at the end."""
+        if self._cursor is None:
+            return []
+        return [track_of(row) for row in self._cursor.fetchmany(n)]
+
+    def close(self) -> None:
+        """End the transaction and give the connection back; safe to call twice."""
+        if self._cursor is not None:
+            self._cursor.close()
+            self._cursor = None
+            self._index._give_back(self._conn)
+
+    def __enter__(self) -> Listing:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
