@@ -251,6 +251,8 @@ async def serve(
     _setup_logging(log_level, server=True, fmt=log_format)
     if not root.is_dir():  # noqa: ASYNC240 - one stat before anything runs
         raise UsageError(f"--root {root}: not a folder")
+    if scan_workers is not None and scan_workers < 0:
+        raise UsageError("--scan-workers must not be negative")
     config = ServerConfig(
         root=root,
         host=host,
@@ -329,10 +331,12 @@ async def ls(
         print(json.dumps([track_dict(t) for t in tracks], indent=2, ensure_ascii=False))
     else:
         print(format_table(tracks, long=long))
-    if offset + len(tracks) < total or (offset and tracks):
-        first, last = offset + 1, offset + len(tracks)
-        shown = f"tracks {first}-{last}" if tracks else "no tracks"
-        log.warning("%s of %d (--offset %d for the next ones)", shown, total, last)
+    last = offset + len(tracks)
+    if tracks and (offset or last < total):
+        more = f" (--offset {last} for the next ones)" if last < total else ""
+        log.warning("tracks %d-%d of %d%s", offset + 1, last, total, more)
+    elif not tracks and total:
+        log.warning("%d tracks match, none shown from --offset %d", total, offset)
     if end.scanning:
         log.warning("the server is still indexing its library; the list may be incomplete")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import shutil
@@ -560,3 +561,36 @@ def test_mangled_files_never_raise(
     assert info.size == len(data)
     assert info.error is None or "\n" not in info.error
     TrackInfo.from_wire(info.to_wire())  # always valid on the wire
+
+
+def test_an_unwritable_cache_falls_back_to_a_temporary_index(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, media: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("the cache directory cannot be created under a file")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))
+    root = tmp_path / "lib"
+    put(media / "tagged.mp3", root / "a.mp3")
+    with caplog.at_level(logging.WARNING, logger="musiclib.index"):
+        lib = Library(root)
+    assert "using a temporary one" in caplog.text
+    assert not lib.index.path.is_relative_to(blocker)
+    assert lib.rescan() == 1 and paths(lib.tracks()) == ["a.mp3"]
+    lib.close()
+    assert not lib.index.path.parent.exists()  # the temporary folder went with it
+
+
+def test_the_default_index_is_per_root_in_the_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    with Library(tmp_path / "one") as one, Library(tmp_path / "two") as two:
+        assert one.index.path.parent == two.index.path.parent == tmp_path / "cache" / "musiclib"
+        assert one.index.path != two.index.path
+        assert one.index.path.name.startswith("one-")
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/ignored")  # the XDG spec: absolute only
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    with Library(tmp_path / "one") as lib:
+        assert lib.index.path.parent == tmp_path / "home" / ".cache" / "musiclib"

@@ -22,6 +22,7 @@ from musiclib.protocol import (
     HEADER,
     KIND_DATA,
     KIND_MESSAGE,
+    LIST_SORTS,
     MAX_DATA_SIZE,
     NEED_DATA,
     PAGE_BUDGET,
@@ -71,12 +72,18 @@ ALL_MESSAGES: list[Message] = [
     Welcome(version=1, server="musiclib/0", tracks=3, scanning=True),
     ListRequest(query="song"),
     ListRequest(),
+    ListRequest(
+        query="é", artist="a", album="b", format="flac", sort="duration", offset=20, limit=10
+    ),
+    ListRequest(limit=0),
     TrackPage(tracks=(TRACK, TrackInfo(path="a.wav", title="a", format="wav", size=0))),
     ListEnd(count=2, scanning=False),
+    ListEnd(count=10, total=10_000, scanning=True),
     InfoRequest(track="song"),
     InfoReply(track=TRACK),
     StreamRequest(track="a/b.mp3", offset=10),
     StreamStart(path="a/b.mp3", size=100, version="64-1", offset=10, length=90),
+    StreamStart(path="a/b.mp3", size=100, version="64-1", length=100, sha256=SHA),
     StreamEnd(sent=90, sha256=SHA),
     Error(code="ambiguous", message="2 tracks", candidates=("a", "b")),
     Error(code="bad_request", message="no", fatal=True),
@@ -332,9 +339,11 @@ def test_empty_data_frame_is_refused() -> None:
         client.next_event()
 
 
-def test_pages_respect_the_budget_and_keep_every_track() -> None:
+@pytest.mark.parametrize("title", ["t" * 50, "é" * 50, "\U0001f3b5" * 50])
+def test_pages_respect_the_budget_and_keep_every_track(title: str) -> None:
+    # pages are sized by an estimate, not by encoding: multi-byte text must not break it
     tracks = [
-        TrackInfo(path=f"artist/album/{i:05d}.flac", title="t" * 50, format="flac", size=i)
+        TrackInfo(path=f"artist/album/{i:05d}.flac", title=title, format="flac", size=i)
         for i in range(3000)
     ]
     pages = list(paginate(tracks))
@@ -487,6 +496,11 @@ def test_data_header_bounds() -> None:
     [
         StreamStart(path="a", size=10, version="v", offset=5, length=6),
         StreamStart(path="a", size=-1, version="v"),
+        StreamStart(path="a", size=1, version="v", sha256="0" * 63),
+        ListRequest(sort="size"),
+        ListRequest(offset=-1),
+        ListRequest(limit=-1),
+        ListRequest(offset=2**63),
         StreamEnd(sent=1, sha256="ABC"),
         StreamEnd(sent=-1),
         Hello(version=0),
@@ -581,7 +595,16 @@ tracks = st.builds(
 )
 generated_messages = st.one_of(
     st.builds(Hello, version=st.integers(1, 2**31), client=text),
-    st.builds(ListRequest, query=st.none() | text),
+    st.builds(
+        ListRequest,
+        query=st.none() | text,
+        artist=st.none() | text,
+        format=st.none() | text,
+        sort=st.sampled_from(LIST_SORTS),
+        offset=st.integers(0, 2**63 - 1),
+        limit=st.none() | st.integers(0, 2**63 - 1),
+    ),
+    st.builds(ListEnd, count=st.integers(0, 2**40), total=opt_int, scanning=st.booleans()),
     st.builds(TrackPage, tracks=st.lists(tracks, max_size=5).map(tuple)),
     st.builds(StreamRequest, track=text, offset=st.integers(0, 2**62)),
     st.builds(Error, code=text, message=text, candidates=st.lists(text, max_size=4).map(tuple)),
