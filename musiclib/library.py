@@ -33,12 +33,12 @@ import collections
 import concurrent.futures
 import dataclasses
 import errno
-import itertools
 import logging
 import math
 import multiprocessing
 import os
 import re
+import signal
 import stat
 import struct
 import threading
@@ -419,6 +419,14 @@ def _decode_text(raw: bytes) -> str | None:
 # --------------------------------------------------------------------------- scanning
 
 
+def _worker_ignores_signals() -> None:
+    """Scan workers leave Ctrl-C and SIGTERM to the server, which stops them itself: a
+    terminal's Ctrl-C reaches the whole process group, and a worker dying of it would
+    break the pool in the middle of an orderly shutdown."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def default_workers() -> int:
     """Tag-reading processes for a big scan: one per core, at most four."""
     return max(1, min(4, os.cpu_count() or 1))
@@ -696,35 +704,52 @@ class Library:
             self.index.put(pending)
 
     def _read(self, todo: list[WorkItem], stop: threading.Event) -> Iterator[list[Row]]:
-        """Rows for ``todo`` in batches, in order; in a pool when it pays off."""
+        """Rows for ``todo`` in batches, in order; in a pool when it pays off.
+
+        If the pool breaks (a worker killed by the OOM killer or a stray
+        signal), the remaining batches are read in this thread instead: a
+        scan finishes whatever happens to its helpers.
+        """
         root = str(self._root)
-        batches = [todo[i : i + self.BATCH] for i in range(0, len(todo), self.BATCH)]
-        if self.workers < 1 or len(todo) < self.PARALLEL_MIN:
-            for batch in batches:
-                if stop.is_set():
-                    raise ScanStopped
-                yield read_rows(root, batch)
-            return
+        batches = collections.deque(
+            todo[i : i + self.BATCH] for i in range(0, len(todo), self.BATCH)
+        )
+        if self.workers >= 1 and len(todo) >= self.PARALLEL_MIN:
+            yield from self._read_in_pool(root, batches, stop)
+        for batch in batches:  # whatever the pool did not do
+            if stop.is_set():
+                raise ScanStopped
+            yield read_rows(root, batch)
+
+    def _read_in_pool(
+        self, root: str, batches: collections.deque[list[WorkItem]], stop: threading.Event
+    ) -> Iterator[list[Row]]:
+        """Rows for the front of ``batches`` from a pool, popping each batch once its rows
+        are yielded; returns early (leaving the rest in ``batches``) if the pool breaks."""
         executor: concurrent.futures.Executor
         if self.pool == "thread":
             executor = concurrent.futures.ThreadPoolExecutor(self.workers)
         else:  # spawn: forking a process that runs trio's threads is unsafe
-            context = multiprocessing.get_context("spawn")
-            executor = concurrent.futures.ProcessPoolExecutor(self.workers, mp_context=context)
+            executor = concurrent.futures.ProcessPoolExecutor(
+                self.workers,
+                mp_context=multiprocessing.get_context("spawn"),
+                initializer=_worker_ignores_signals,
+            )
+        futures: collections.deque[concurrent.futures.Future[list[Row]]] = collections.deque()
         try:
             # at most two batches per worker in flight: a stop is noticed quickly
             # and results do not pile up ahead of the commits
-            window = 2 * self.workers
-            futures: collections.deque[concurrent.futures.Future[list[Row]]] = collections.deque()
-            queued = iter(batches)
-            for batch in itertools.islice(queued, window):
-                futures.append(executor.submit(read_rows, root, batch))
-            while futures:
+            while batches:
+                while len(futures) < min(2 * self.workers, len(batches)):
+                    futures.append(executor.submit(read_rows, root, batches[len(futures)]))
                 if stop.is_set():
                     raise ScanStopped
-                rows = futures.popleft().result()
-                for batch in itertools.islice(queued, 1):
-                    futures.append(executor.submit(read_rows, root, batch))
+                try:
+                    rows = futures.popleft().result()
+                except concurrent.futures.BrokenExecutor as exc:
+                    log.warning("tag-reading workers failed (%s); reading in one thread", exc)
+                    return
+                batches.popleft()
                 yield rows
         finally:
             executor.shutdown(wait=True, cancel_futures=True)

@@ -247,6 +247,8 @@ class Server:
                 await self.rescan()
             except (OSError, sqlite3.Error) as exc:
                 log.error("scan of %s failed: %s", self.library.root, exc)
+            except Exception as exc:  # a bug: log it, keep serving what the index has
+                log.exception("scan of %s failed: %s", self.library.root, exc)
             self.scans_done += 1
             self._scan_finished.set()
             self._scan_finished = trio.Event()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import concurrent.futures
+import concurrent.futures.process
 import logging
 import os
 import random
@@ -594,3 +596,34 @@ def test_the_default_index_is_per_root_in_the_cache(
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     with Library(tmp_path / "one") as lib:
         assert lib.index.path.parent == tmp_path / "home" / ".cache" / "musiclib"
+
+
+def test_a_broken_worker_pool_falls_back_to_reading_in_the_scanning_thread(
+    media: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "lib"
+    for i in range(12):
+        put(media / "tagged.flac", root / f"{i:02}.flac")
+    lib = Library(root, tmp_path / "index.sqlite3", workers=2)
+    lib.PARALLEL_MIN, lib.BATCH = 1, 2
+
+    def broken_pool(*args: object, **kwargs: object) -> concurrent.futures.Executor:
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        original = pool.submit
+        calls = []
+
+        def submit(fn: Any, *a: Any) -> concurrent.futures.Future[Any]:
+            calls.append(a)
+            if len(calls) < 3:
+                return original(fn, *a)
+            failed: concurrent.futures.Future[Any] = concurrent.futures.Future()
+            failed.set_exception(concurrent.futures.process.BrokenProcessPool("worker died"))
+            return failed
+
+        pool.submit = submit  # type: ignore[method-assign]
+        return pool
+
+    monkeypatch.setattr(concurrent.futures, "ProcessPoolExecutor", broken_pool)
+    assert lib.rescan() == 12  # two batches from the pool, the rest in the thread
+    assert paths(lib.tracks()) == [f"{i:02}.flac" for i in range(12)]
+    assert all(t.error is None and t.codec == "flac" for t in lib.tracks())
