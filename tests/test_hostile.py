@@ -715,27 +715,34 @@ def listed_sizes(address: str) -> dict[str, int]:
     return {t["path"]: t["size"] for t in json.loads(listed.stdout)}
 
 
-def test_rescan_picks_up_added_changed_and_deleted_files(start_server, tmp_path, shipped_tracks):
+def test_rescan_picks_up_added_changed_renamed_and_deleted_files(
+    start_server, tmp_path, shipped_tracks
+):
     mp3 = smallest(shipped_tracks, ".mp3")
     ogg = smallest(shipped_tracks, ".ogg")
     flac = smallest(shipped_tracks, ".flac")
+    wav = smallest(shipped_tracks, ".wav")
     root = tmp_path / "root"
     root.mkdir()
     shutil.copyfile(LIBRARY / mp3, root / "a.mp3")
     shutil.copyfile(LIBRARY / ogg, root / "b.ogg")
+    shutil.copyfile(LIBRARY / wav, root / "d.wav")
     srv = start_server(root)
-    assert sorted(listed_sizes(srv.address)) == ["a.mp3", "b.ogg"]
+    assert sorted(listed_sizes(srv.address)) == ["a.mp3", "b.ogg", "d.wav"]
 
     shutil.copyfile(LIBRARY / flac, root / "c.flac")
     (root / "b.ogg").unlink()
+    (root / "sub").mkdir()
+    (root / "d.wav").rename(root / "sub" / "renamed.wav")
     with open(root / "a.mp3", "ab") as f:
         f.write(b"\0" * 1234)
     rescanned = run_cli("rescan", "--wait", server=srv.address)
     assert rescanned.returncode == 0, rescanned.stderr
-    assert rescanned.stdout.decode().strip() == "2 tracks (done)"
+    assert rescanned.stdout.decode().strip() == "3 tracks (done)"
     assert listed_sizes(srv.address) == {
         "a.mp3": (LIBRARY / mp3).stat().st_size + 1234,
         "c.flac": (LIBRARY / flac).stat().st_size,
+        "sub/renamed.wav": (LIBRARY / wav).stat().st_size,
     }
 
 
