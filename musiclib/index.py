@@ -275,13 +275,19 @@ class Index:
         return conn
 
     def _check(self, conn: sqlite3.Connection) -> None:
-        """Create the schema in an empty file, or raise :class:`_Untrusted`."""
+        """Create the schema in an empty file, or raise :class:`_Untrusted`.
+
+        Only reads until the file is known to be ours (or empty): another
+        program's database is not even switched to WAL mode. The integrity
+        check comes before the meta row is believed, so damage is never
+        mistaken for "another folder's index" and deleted.
+        """
         try:
-            conn.execute("PRAGMA journal_mode=WAL")
             app = conn.execute("PRAGMA application_id").fetchone()[0]
             version = conn.execute("PRAGMA user_version").fetchone()[0]
             tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
             if app == 0 and version == 0 and tables == 0:
+                conn.execute("PRAGMA journal_mode=WAL")
                 conn.executescript(
                     "BEGIN;"
                     + _SCHEMA
@@ -293,14 +299,16 @@ class Index:
                 return
             if app != APPLICATION_ID:
                 raise _Untrusted("it is not a musiclib index", ours=False)
+            result = conn.execute("PRAGMA quick_check").fetchone()
+            if result is None or result[0] != "ok":
+                first = str(result[0]).splitlines()[0] if result else "no result"
+                raise _Untrusted(f"integrity check failed: {first}", ours=False)
             if version != SCHEMA_VERSION:
                 raise _Untrusted(f"schema {version}, this version uses {SCHEMA_VERSION}", ours=True)
             row = conn.execute("SELECT value FROM meta WHERE key = 'root'").fetchone()
             if row is None or row[0] != self._root:
                 raise _Untrusted("it indexes another folder", ours=True)
-            result = conn.execute("PRAGMA quick_check").fetchone()
-            if result is None or result[0] != "ok":
-                raise _Untrusted(f"integrity check: {result[0] if result else '?'}", ours=False)
+            conn.execute("PRAGMA journal_mode=WAL")
         except sqlite3.DatabaseError as exc:  # "file is not a database", malformed...
             raise _Untrusted(f"unreadable: {exc}", ours=False) from None
 

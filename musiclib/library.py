@@ -662,6 +662,8 @@ class Library:
         with self._scan_lock:
             self.scanning = True
             try:
+                if stop.is_set():
+                    raise ScanStopped
                 known = self.index.versions()
                 seen: set[str] = set()
                 todo: list[WorkItem] = []
@@ -672,11 +674,15 @@ class Library:
                         todo.append((relpath, st.st_size, st.st_mtime_ns, st.st_ino))
                     if len(seen) % 4096 == 0 and stop.is_set():
                         raise ScanStopped
+                if stop.is_set():
+                    raise ScanStopped
                 gone = [p for p in known if p not in seen]
                 carried = {v[:3]: v[3] for p in gone if (v := known[p])[3] is not None}
                 if todo:
                     log.info("reading %d new or changed files of %d", len(todo), len(seen))
                 self._read_into_index(todo, carried, stop)
+                if stop.is_set():  # a stopped scan may not have seen every file
+                    raise ScanStopped
                 if gone:
                     self.index.delete(gone)
                 return self.index.count

@@ -419,6 +419,7 @@ class _ConnectionHandler:
             offset=request.offset,
             limit=request.limit,
         )
+        scanning = self.library.scanning  # before the snapshot: a scan may end meanwhile
         listing = await self.server.in_thread(self.library.listing, query)
         sent = 0
         try:
@@ -428,7 +429,7 @@ class _ConnectionHandler:
                 sent += len(batch)
         finally:
             listing.close()
-        end = ListEnd(count=sent, total=listing.total, scanning=self.library.scanning)
+        end = ListEnd(count=sent, total=listing.total, scanning=scanning)
         await self._send(end)
 
     async def _stream_original(self, request: StreamRequest) -> None:
