@@ -186,6 +186,7 @@ async def serve(
     index: Path | None = None,
     scan_workers: int | None = None,
     checksums: bool = True,
+    watch: bool = True,
     max_connections: int = 1000,
     max_message_size: int = 64 * 1024,
     handshake_timeout: float = 10.0,
@@ -225,6 +226,9 @@ async def serve(
     checksums
         Compute every file's sha256 in the background after each scan (--no-checksums:
         only when a file is first streamed).
+    watch
+        Rescan a second after files under the root change (Linux inotify; --no-watch:
+        only periodic and requested rescans).
     max_connections
         Connections served at once; one more is refused with "busy".
     max_message_size
@@ -264,6 +268,7 @@ async def serve(
         index=index,
         scan_workers=scan_workers,
         background_checksums=checksums,
+        watch=watch,
         max_connections=max_connections,
         max_message_size=max_message_size,
         handshake_timeout=handshake_timeout,

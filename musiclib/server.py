@@ -70,6 +70,7 @@ from .protocol import (
     Welcome,
     paginate,
 )
+from .watch import open_watcher
 
 log = logging.getLogger("musiclib.server")
 
@@ -103,6 +104,10 @@ class ServerConfig:
     scan_workers: int | None = None
     #: compute every file's sha256 in the background after each scan
     background_checksums: bool = True
+    #: rescan soon after the library changes (inotify, where available)
+    watch: bool = True
+    #: seconds of quiet after a change before that rescan (a burst gets one rescan)
+    watch_settle: float = 1.0
     #: decoded streams (ffmpeg processes) running at once
     max_decodes: int = 32
     #: seconds a decoded-stream request waits for a free decoder before "busy"
@@ -199,6 +204,34 @@ class Server:
         with contextlib.suppress(trio.WouldBlock):
             self._hash_kick.send_nowait(None)
         return count
+
+    async def watch_for_changes(self) -> None:
+        """Ask for a rescan once the library has changed and then been quiet for
+        ``watch_settle`` seconds (at most ten times that after the first change).
+
+        Without inotify this returns at once; periodic rescans remain.
+        """
+        watcher = await trio.to_thread.run_sync(open_watcher, self.library.root)
+        if watcher is None:
+            return
+        log.info("watching %d folders for changes", watcher.watched)
+        settle = self.config.watch_settle
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(watcher.fd)
+                if not watcher.changes():
+                    continue
+                give_up = trio.current_time() + 10 * settle
+                while trio.current_time() < give_up:
+                    with trio.move_on_after(settle) as quiet:
+                        await trio.lowlevel.wait_readable(watcher.fd)
+                    if quiet.cancelled_caught:
+                        break
+                    watcher.changes()
+                log.debug("the library changed; rescanning")
+                await self.request_rescan(wait=False)
+        finally:
+            watcher.close()
 
     async def in_thread(self, fn: Callable[..., _T], *args: object) -> _T:
         """Run an index query in a worker thread (they are short; never abandoned)."""
@@ -750,6 +783,8 @@ async def serve(
             background.start_soon(server.rescan_periodically)
             if config.background_checksums:
                 background.start_soon(server.hash_in_background)
+            if config.watch:
+                background.start_soon(server.watch_for_changes)
             async with trio.open_nursery() as connections:
                 accept_scope = trio.CancelScope()
 
