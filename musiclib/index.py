@@ -33,6 +33,7 @@ Why it looks the way it does:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -41,11 +42,10 @@ import sqlite3
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from .protocol import LIST_SORTS, TrackInfo
+from .protocol import LIST_SORTS, ListRequest, TrackInfo
 from .text import fold
 
 __all__ = [
@@ -63,24 +63,9 @@ APPLICATION_ID: Final = 0x6D6C6962
 #: ``PRAGMA user_version``; bump it whenever the schema changes (old files are rebuilt)
 SCHEMA_VERSION: Final = 1
 
-#: The TrackInfo fields, in the order they are stored (the first columns of a row).
-TRACK_FIELDS: Final = (
-    "path",
-    "title",
-    "format",
-    "size",
-    "artist",
-    "album",
-    "track",
-    "duration",
-    "codec",
-    "sample_rate",
-    "channels",
-    "bitrate",
-    "bits_per_sample",
-    "sha256",
-    "error",
-)
+#: The TrackInfo fields, in the order they are stored (the first columns of a row);
+#: a field added to TrackInfo needs a column in _SCHEMA and a new SCHEMA_VERSION.
+TRACK_FIELDS: Final = tuple(f.name for f in dataclasses.fields(TrackInfo))
 _N_TRACK = len(TRACK_FIELDS)
 # bookkeeping columns after the TrackInfo ones
 _EXTRA = ("mtime_ns", "inode", "haystack", "path_key", "title_key", "artist_key", "album_key")
@@ -155,38 +140,31 @@ def track_of(row: Sequence[Any]) -> TrackInfo:
     return TrackInfo(*row[:_N_TRACK])
 
 
-@dataclass(frozen=True)
-class ListQuery:
-    """What a list request asks for; every part is optional.
+#: What a list asks for is exactly what the ``list`` message carries (query words,
+#: artist, album, format, sort, offset, limit), so the message is the query.
+ListQuery = ListRequest
 
-    ``query``: words that must all appear in title, artist, album or path;
-    ``artist``/``album``: substrings of those tags; all case- and
-    accent-insensitive. ``format``: the file extension, exactly.
+
+def _where(query: ListQuery) -> tuple[str, list[Any]]:
+    """The ``WHERE`` clause (possibly empty) and its parameters for ``query``.
+
+    Words must all appear in title, artist, album or path; ``artist`` and
+    ``album`` are substrings of those tags; all case- and accent-insensitive.
+    ``format`` is the file extension, exactly.
     """
-
-    query: str | None = None
-    artist: str | None = None
-    album: str | None = None
-    format: str | None = None
-    sort: str = "path"
-    offset: int = 0
-    limit: int | None = None
-
-    def where(self) -> tuple[str, list[Any]]:
-        """The ``WHERE`` clause (possibly empty) and its parameters."""
-        clauses: list[str] = []
-        params: list[Any] = []
-        for word in fold(self.query or "").split():
-            clauses.append("instr(haystack, ?) > 0")
-            params.append(word)
-        for column, wanted in (("artist_key", self.artist), ("album_key", self.album)):
-            if wanted:
-                clauses.append(f"instr({column}, ?) > 0")
-                params.append(fold(wanted))
-        if self.format:
-            clauses.append("format = ?")
-            params.append(self.format.lower().lstrip("."))
-        return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+    clauses: list[str] = []
+    params: list[Any] = []
+    for word in fold(query.query or "").split():
+        clauses.append("instr(haystack, ?) > 0")
+        params.append(word)
+    for column, wanted in (("artist_key", query.artist), ("album_key", query.album)):
+        if wanted:
+            clauses.append(f"instr({column}, ?) > 0")
+            params.append(fold(wanted))
+    if query.format:
+        clauses.append("format = ?")
+        params.append(query.format.lower().lstrip("."))
+    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
 
 
 def default_index_path(root: Path) -> Path:
@@ -460,7 +438,7 @@ class Listing:
     def __init__(self, index: Index, query: ListQuery) -> None:
         if query.sort not in _ORDER:
             raise ValueError(f"sort must be one of {', '.join(LIST_SORTS)}")
-        where, params = query.where()
+        where, params = _where(query)
         self._index = index
         self._conn = index._borrow()
         try:

@@ -44,7 +44,6 @@ from .errors import (
     ServerError,
     single_errors,
 )
-from .index import ListQuery
 from .library import Library, open_confined
 from .protocol import (
     PROTOCOL_VERSION,
@@ -443,17 +442,8 @@ class _ConnectionHandler:
         :class:`musiclib.index.Listing`), so a list of any length needs memory
         for one batch only and is consistent even while a scan commits.
         """
-        query = ListQuery(
-            request.query,
-            artist=request.artist,
-            album=request.album,
-            format=request.format,
-            sort=request.sort,
-            offset=request.offset,
-            limit=request.limit,
-        )
         scanning = self.library.scanning  # before the snapshot: a scan may end meanwhile
-        listing = await self.server.in_thread(self.library.listing, query)
+        listing = await self.server.in_thread(self.library.listing, request)
         sent = 0
         try:
             while batch := await self.server.in_thread(listing.fetch, 512):

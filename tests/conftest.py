@@ -157,9 +157,10 @@ class ServerProcess:
 
 @contextmanager
 def running_server(
-    root: Path, *extra_args: str, log_level: str = "debug"
+    root: Path, *extra_args: str, log_level: str = "debug", wait_indexed: bool = True
 ) -> Iterator[ServerProcess]:
-    """Start ``musiclib serve --root ROOT --port 0``, wait until it has indexed, stop it after.
+    """Start ``musiclib serve --root ROOT --port 0``, wait until it has indexed (or only
+    until it listens: ``wait_indexed=False``), stop it after.
 
     On the way out the server must exit 0 on SIGTERM (unless the test stopped it
     already) and must not have logged a traceback (always a bug).
@@ -181,7 +182,8 @@ def running_server(
         server.address = f"127.0.0.1:{server.port}"
         # The index is built in the background after the listener opens; a list
         # taken before it is done may be partial (the reply says so).
-        server.wait_for_log(_INDEXED, timeout=STARTUP_TIMEOUT)
+        if wait_indexed:
+            server.wait_for_log(_INDEXED, timeout=STARTUP_TIMEOUT)
         yield server
     finally:
         status = server.stop()

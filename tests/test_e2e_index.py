@@ -17,9 +17,6 @@ import os
 import re
 import shutil
 import subprocess
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +24,7 @@ import imageio_ffmpeg
 import pytest
 import trio
 from conftest import (
-    REPO,
-    STARTUP_TIMEOUT,
     ServerProcess,
-    client_env,
     run_cli,
     running_server,
 )
@@ -53,7 +47,6 @@ LAYOUT = {
     f"Disc {disc}/{name}": name for disc in (1, 2, 3) for name in list(SOUNDS)[:4]
 }  # fmt: skip
 
-_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 _READING = re.compile(r"reading (\d+) new or changed files of (\d+)")
 
 
@@ -270,32 +263,6 @@ def test_without_background_hashing_a_get_stores_the_sha256(
 # ---------------------------------------------------------------------------- a list during a scan
 
 
-@contextmanager
-def listening_server(root: Path, *extra_args: str) -> Iterator[ServerProcess]:
-    """Like conftest's ``running_server``, but yields as soon as the server listens,
-    before its first scan is done."""
-    argv = [sys.executable, "-m", "musiclib", "serve", "--root", str(root), "--port", "0"]
-    argv += ["--log-level", "debug", *extra_args]
-    process = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=client_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    server = ServerProcess(process)
-    try:
-        match = server.wait_for_log(_LISTENING, timeout=STARTUP_TIMEOUT)
-        server.port = int(match.group(1))
-        server.address = f"127.0.0.1:{server.port}"
-        yield server
-    finally:
-        status = server.stop()
-    assert status == 0, f"server exited with status {status}; log:\n{server.log()}"
-    assert "Traceback" not in server.log(), server.log()
-
-
 async def list_until_complete(address: str, n: int) -> list[tuple[list[TrackInfo], ListEnd]]:
     """List again and again over one connection until a reply has all ``n`` tracks and
     says the scan is over (bounded)."""
@@ -319,7 +286,7 @@ def test_a_list_during_the_first_scan(sounds: Path, tmp_path: Path) -> None:
         os.link(sounds / "one.mp3", dest)
     every = sorted(f"d{i // 100:02}/t{i:04}.mp3" for i in range(n))
     args = ("--scan-workers", "0", "--no-checksums", "--index", str(tmp_path / "i.sqlite3"))
-    with listening_server(root, *args) as srv:
+    with running_server(root, *args, wait_indexed=False) as srv:
         replies = trio.run(list_until_complete, srv.address, n)
         srv.wait_for_log(rf"indexed {n} tracks")
     during = [(tracks, end) for tracks, end in replies if end.scanning]

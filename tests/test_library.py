@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import concurrent.futures.process
+import dataclasses
 import logging
 import os
 import random
@@ -627,3 +628,19 @@ def test_a_broken_worker_pool_falls_back_to_reading_in_the_scanning_thread(
     assert lib.rescan() == 12  # two batches from the pool, the rest in the thread
     assert paths(lib.tracks()) == [f"{i:02}.flac" for i in range(12)]
     assert all(t.error is None and t.codec == "flac" for t in lib.tracks())
+
+
+def test_the_index_columns_follow_the_track_fields(tmp_path: Path) -> None:
+    """A field added to TrackInfo must get a column (and a new schema version)."""
+    import sqlite3
+
+    from musiclib.index import COLUMNS, Index
+
+    index = Index(tmp_path, tmp_path / "index.sqlite3")
+    with sqlite3.connect(index.path) as conn:
+        columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(tracks)"))
+    index.close()
+    assert columns == COLUMNS
+    assert COLUMNS[: len(dataclasses.fields(TrackInfo))] == tuple(
+        f.name for f in dataclasses.fields(TrackInfo)
+    )
