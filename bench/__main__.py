@@ -2,4 +2,5 @@
 
 from bench.run import main
 
-main()
+if __name__ == "__main__":  # scenario 6 starts tag-reading processes by spawn
+    main()

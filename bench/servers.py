@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO
@@ -40,8 +40,14 @@ STOP_TIMEOUT = 15.0
 class ServerProcess:
     """A running server subprocess and the address it announced."""
 
-    def __init__(self, argv: list[str], announce_on: str = "stderr") -> None:
+    def __init__(
+        self,
+        argv: list[str],
+        announce_on: str = "stderr",
+        on_line: Callable[[float, str], None] | None = None,
+    ) -> None:
         self.argv = argv
+        self._on_line = on_line
         pipe = subprocess.PIPE
         self.process = subprocess.Popen(
             argv,
@@ -65,6 +71,8 @@ class ServerProcess:
     def _read(self, stream: IO[bytes]) -> None:
         for raw in stream:
             line = raw.decode("utf-8", "replace").rstrip()
+            if self._on_line is not None:
+                self._on_line(time.perf_counter(), line)
             self.lines.append(line)
             match = _LISTENING.search(line)
             if match and not self.address:
@@ -96,10 +104,16 @@ class ServerProcess:
 
 
 @contextmanager
-def musiclib_server(root: Path, *options: str) -> Iterator[ServerProcess]:
-    """``musiclib serve --root ROOT --port 0`` (plus ``options``), ready when yielded."""
+def musiclib_server(
+    root: Path, *options: str, on_line: Callable[[float, str], None] | None = None
+) -> Iterator[ServerProcess]:
+    """``musiclib serve --root ROOT --port 0`` (plus ``options``), ready when yielded.
+
+    ``on_line(when, line)`` is called in the reader thread for every log line, with
+    ``time.perf_counter()`` at the moment it was read (to time what the server logs).
+    """
     argv = [PYTHON, "-m", "musiclib", "serve", "--root", str(root), "--port", "0"]
-    server = ServerProcess([*argv, "--log-level", "info", *options])
+    server = ServerProcess([*argv, "--log-level", "info", *options], on_line=on_line)
     try:
         server.wait_ready()
         yield server
