@@ -319,7 +319,7 @@ async def ls(
     json_output
         Print a JSON array of track objects (every field) instead of a table.
     """
-    from .ui import select, track_dict
+    from .ui import json_array, select, track_dict
 
     if (limit is not None and limit < 0) or offset < 0:
         raise UsageError("--limit and --offset must not be negative")
@@ -333,7 +333,7 @@ async def ls(
         total = len(tracks)
         tracks = tracks[offset:][:limit]
     if json_output:
-        print(json.dumps([track_dict(t) for t in tracks], indent=2, ensure_ascii=False))
+        print(json_array(track_dict(t) for t in tracks))
     else:
         print(format_table(tracks, long=long))
     last = offset + len(tracks)

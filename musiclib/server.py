@@ -275,6 +275,9 @@ class Server:
         during a scan are served by the next one, which starts after them.
         """
         while True:
+            # said before the worker thread starts, so no reply in between claims
+            # an up-to-date index
+            self.library.scanning = True
             try:
                 await self.rescan()
             except (OSError, sqlite3.Error) as exc:
@@ -770,6 +773,7 @@ async def serve(
 
     try:
         async with trio.open_nursery() as background:
+            server.library.scanning = True  # the first scan starts in a moment
             background.start_soon(server.rescan_periodically)
             if config.background_checksums:
                 background.start_soon(server.hash_in_background)

@@ -8,6 +8,7 @@ when a real server is needed; that server runs in the same trio run on
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -29,7 +30,7 @@ from musiclib.library import Library
 from musiclib.player import STDIN_ARGS, player_command
 from musiclib.protocol import TrackInfo
 from musiclib.server import Server, ServerConfig, serve
-from musiclib.ui import format_size, select
+from musiclib.ui import format_size, json_array, select, track_dict
 
 REPO = Path(__file__).resolve().parent.parent
 LIBRARY = REPO / "library"
@@ -250,6 +251,18 @@ def test_format_size_and_select():
     assert [t.path for t in select(tracks, sort="title")] == ["a.flac", "c.FLAC", "b.mp3"]
     assert [t.path for t in select(tracks, sort="duration")] == ["a.flac", "b.mp3", "c.FLAC"]
     assert [t.path for t in select(tracks, sort="artist")] == ["a.flac", "b.mp3", "c.FLAC"]
+
+
+def test_json_array_is_json_with_one_object_per_line():
+    tracks = [
+        TrackInfo(path='é/"quoted".mp3', title="Ünïcode ♫", format="mp3", size=1),
+        TrackInfo(path="b.flac", title="b", format="flac", size=2, duration=1.5),
+    ]
+    text = json_array(track_dict(t) for t in tracks)
+    assert json.loads(text) == [track_dict(t) for t in tracks]
+    assert len(text.splitlines()) == 2 + len(tracks) and "♫" in text  # not escaped
+    assert json.loads(json_array([])) == []
+    assert track_dict(tracks[1]) == dataclasses.asdict(tracks[1])
 
 
 @pytest.mark.parametrize("sort", ["path", "title", "artist", "album", "duration"])
