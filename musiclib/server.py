@@ -432,8 +432,11 @@ class _ConnectionHandler:
     async def _sha256(self, track: TrackInfo, fd: int, st: os.stat_result) -> str:
         """The sha256 of this version of ``track``: known, or computed now and stored."""
         known = await self._known_sha256(track, st)
-        if known is not None:
-            return known
+        return known or await self._compute_sha256(track, fd, st)
+
+    async def _compute_sha256(self, track: TrackInfo, fd: int, st: os.stat_result) -> str:
+        """Hash this version of ``track`` (shared with any request already hashing it)
+        and store the digest in the index."""
         digest = await self.server.checksums.sha256(fd, st)
         await self.server.in_thread(self.library.store_sha256, track, st, digest)
         return digest
@@ -486,7 +489,8 @@ class _ConnectionHandler:
             digest: list[str] = []
 
             async def checksum() -> None:
-                digest.append(await self._sha256(track, f.fileno(), st))
+                # the index was asked for the header already: only compute what it lacked
+                digest.append(known or await self._compute_sha256(track, f.fileno(), st))
 
             with single_errors():
                 async with trio.open_nursery() as nursery:
