@@ -9,6 +9,7 @@ their results into output and their errors into one line and an exit code
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -29,8 +30,10 @@ from .ui import format_duration, format_table  # noqa: F401 - part of the CLI's 
 
 if TYPE_CHECKING:
     import ssl
+    from collections.abc import AsyncIterator
 
     from . import fetch
+    from .decode import AudioFormat
     from .fetch import Connector, Decoding, Retry
 
 app = App(
@@ -74,15 +77,23 @@ class ClientOptions:
     quiet: Annotated[bool, Parameter(name=["--quiet", "-q"], negative="")] = False
     """No progress bar and no report lines; errors are still printed."""
 
-    def connector(self) -> Connector:
-        """A factory of connections to the server, one per attempt."""
+    def connector(self, version: int = 1) -> Connector:
+        """A factory of connections to the server, one per attempt.
+
+        File commands speak protocol version 1 (so they work with older
+        servers too); live commands need version 2.
+        """
         from .client import tls_context
 
         ssl_context = None
         if self.tls or self.cafile:
             ssl_context = tls_context(str(self.cafile) if self.cafile else None)
         return lambda: open_client(
-            self.server, timeout=self.timeout, token=self.token, ssl_context=ssl_context
+            self.server,
+            timeout=self.timeout,
+            token=self.token,
+            ssl_context=ssl_context,
+            version=version,
         )
 
     def retry(self) -> Retry:
@@ -195,6 +206,15 @@ async def serve(
     token: Annotated[str | None, Parameter(env_var="MUSICLIB_TOKEN")] = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
+    channel: Annotated[
+        list[str] | None,
+        Parameter(
+            env_var_split=lambda _type, value: [
+                line.strip() for line in value.splitlines() if line.strip()
+            ]
+        ),
+    ] = None,
+    lag_limit: float = 10.0,
     log_level: str = "info",
     log_format: Literal["text", "json"] = "text",
 ) -> int:
@@ -245,16 +265,36 @@ async def serve(
         PEM certificate (chain) to serve TLS with; needs --tls-key.
     tls_key
         PEM private key of --tls-cert.
+    channel
+        A live channel NAME=SOURCE (repeatable; in the environment one per line): mic,
+        mic:DEVICE, track:QUERY (played once in real time), loop:QUERY (forever) or
+        ffmpeg:ARGS (any ffmpeg input); add ?rate=R&channels=C&format=F to set its format
+        (defaults: mic 16000 Hz mono, others 48000 Hz stereo, s16le).
+    lag_limit
+        Seconds a live listener may keep losing audio (falling behind) before it is cut.
     log_level
         debug, info, warning or error.
     log_format
         text: "TIME LEVEL LOGGER: MESSAGE" lines; json: one JSON object per line.
     """
+    from .live.channels import parse_channel
     from .server import ServerConfig, run_until_signalled
 
     _setup_logging(log_level, server=True, fmt=log_format)
     if not root.is_dir():  # noqa: ASYNC240 - one stat before anything runs
         raise UsageError(f"--root {root}: not a folder")
+    specs = [parse_channel(text) for text in channel or ()]
+    names = [spec.name for spec in specs]
+    if len(set(names)) != len(names):
+        raise UsageError("--channel: each channel needs a name of its own")
+    if any(spec.kind == "mic" for spec in specs):
+        from .devices import find_device
+
+        for spec in specs:  # a missing device or extra: one line now, not a dead channel later
+            if spec.kind == "mic":
+                find_device(spec.arg or None, "input")
+    if lag_limit <= 0:
+        raise UsageError("--lag-limit must be positive")
     if scan_workers is not None and scan_workers < 0:
         raise UsageError("--scan-workers must not be negative")
     config = ServerConfig(
@@ -276,6 +316,8 @@ async def serve(
         send_timeout=send_timeout,
         token=token or None,
         ssl_context=_server_tls(tls_cert, tls_key),
+        channels=specs,
+        lag_limit=lag_limit,
     )
     await run_until_signalled(config)
     return 0
@@ -562,6 +604,277 @@ async def play(
         if outcome.saved_to is None:
             raise PlayerError(message)
         log.warning("%s", message)
+    return 0
+
+
+@app.command(name="channels")
+async def channels_command(
+    *,
+    json_output: Annotated[bool, Parameter(name="--json", negative="")] = False,
+    options: ClientOptions = _DEFAULT_CLIENT,
+) -> int:
+    """List the server's live channels: name, source, format, listeners, latency, state.
+
+    Parameters
+    ----------
+    json_output
+        Print one JSON object per channel and line instead of a table.
+    """
+    from .ui import format_channels
+
+    async with options.connector(version=2)() as client:
+        found = await client.channels()
+    if json_output:
+        for info in found:
+            print(json.dumps(dataclasses.asdict(info), ensure_ascii=False))
+    else:
+        print(format_channels(found))
+    return 0
+
+
+@app.command
+async def listen(
+    channel: str,
+    *,
+    format: Literal["s16le", "f32le", "wav"] | None = None,
+    rate: int | None = None,
+    channels: int | None = None,
+    max_latency: int = 500,
+    preroll: int = 0,
+    duration: float | None = None,
+    output: Annotated[Path | None, Parameter(name=["--output", "-o"])] = None,
+    speaker: Annotated[bool, Parameter(negative="")] = False,
+    device: str | None = None,
+    player: Annotated[str | None, Parameter(env_var="MUSICLIB_PLAYER")] = None,
+    fill_gaps: bool = True,
+    options: ClientOptions = _DEFAULT_CLIENT,
+) -> int:
+    """Receive a live channel: to standard output, a WAV file, the speaker, or a player.
+
+    Each chunk is written as it arrives. Audio the server had to drop because
+    this listener fell behind is reported, and replaced by silence of the same
+    length (--no-fill-gaps: left out). Ctrl-C stops cleanly (a WAV file is
+    finished); a second Ctrl-C quits at once.
+
+    Parameters
+    ----------
+    channel
+        The channel's name (see musiclib channels).
+    format
+        s16le or f32le: bare interleaved samples; wav: a WAV stream (default: wav for -o,
+        --player and --speaker, else the channel's own sample format, bare).
+    rate
+        Sample rate in Hz (default: the channel's own; another rate is converted by ffmpeg).
+    channels
+        Channel count (default: the channel's own).
+    max_latency
+        Milliseconds this listener may fall behind before the server drops its oldest audio.
+    preroll
+        Start with this many milliseconds of the most recent audio (at most 10000).
+    duration
+        Stop after this many seconds of the channel's audio.
+    output
+        Write to this file (a WAV file unless --format s16le/f32le), header exact at the end.
+    speaker
+        Play on this machine's speaker (needs musiclib[devices]).
+    device
+        With --speaker: the output device (a part of its name, or its index).
+    player
+        Feed a media player (a WAV stream on its standard input), e.g. mpv.
+    fill_gaps
+        Write silence for lost audio, so the output keeps the channel's timing.
+    """
+    from . import liveclient
+    from .player import open_player, player_command
+
+    targets = sum([output is not None, speaker, player is not None])
+    if targets > 1:
+        raise UsageError("choose one of -o, --speaker and --player")
+    if device is not None and not speaker:
+        raise UsageError("--device goes with --speaker")
+    if duration is not None and not duration > 0:
+        raise UsageError("--duration must be positive")
+    if not 1 <= max_latency <= 60_000 or not 0 <= preroll <= 10_000:
+        raise UsageError("--max-latency must be 1..60000 ms and --preroll 0..10000 ms")
+    raw = format in ("s16le", "f32le")
+    if (speaker or player is not None) and raw:
+        raise UsageError("--speaker and --player take the samples as they are; drop --format")
+    if not targets and sys.stdout.isatty():
+        raise UsageError(
+            "refusing to write audio to a terminal: use -o FILE, --speaker, --player, "
+            "or redirect the output"
+        )
+    if speaker:
+        from .devices import find_device
+
+        find_device(device, "output")  # a missing device or extra: say so before connecting
+    argv = player_command(player, decoded=True) if player is not None else None
+    if argv is not None and shutil.which(argv[0]) is None:
+        raise PlayerNotFound(f"player {argv[0]!r} not found: install it or choose another")
+    listen_options = liveclient.ListenOptions(
+        sample_format=format if raw else None,
+        sample_rate=rate,
+        channels=channels,
+        max_latency_ms=max_latency,
+        preroll_ms=preroll,
+        duration=duration,
+        fill_gaps=fill_gaps,
+    )
+
+    @contextlib.asynccontextmanager
+    async def open_sink(fmt: AudioFormat) -> AsyncIterator[liveclient.Sink]:
+        if output is not None:
+            if raw:
+                sink: liveclient.Sink = liveclient.RawFileSink(output)
+            else:
+                sink = liveclient.WavFileSink(output, fmt)
+        elif speaker:
+            from .devices import open_output
+
+            async with open_output(device, fmt) as out:
+                spk = liveclient.SpeakerSink(out)
+                try:
+                    yield spk
+                finally:
+                    await spk.close()
+                    if out.underruns:
+                        log.warning("the speaker ran dry %d times (underruns)", out.underruns)
+            return
+        elif argv is not None:
+            async with open_player(argv) as p:
+                yield liveclient.PlayerSink(p, fmt)
+                await p.finish()
+            return
+        else:
+            header = b"" if format != "wav" else _stream_wav_header(fmt)
+            sink = liveclient.FdSink(sys.stdout.fileno(), header)
+        try:
+            yield sink
+        finally:
+            await sink.close()
+
+    async with options.connector(version=2)() as client:
+        stats = await liveclient.listen(client, channel, listen_options, open_sink)
+    if not options.quiet and stats.start is not None:
+        end = stats.end
+        why = end.message if end is not None else "stopped"
+        log.info("%s: %s (%s)", channel, stats.summary(), why)
+    return 0
+
+
+def _stream_wav_header(fmt: AudioFormat) -> bytes:
+    from .wav import wav_header
+
+    return wav_header(fmt.sample_format, fmt.sample_rate, fmt.channels, None)
+
+
+@app.command
+async def publish(
+    channel: str,
+    *,
+    from_: Annotated[str, Parameter(name="--from")] = "mic",
+    format: Literal["s16le", "f32le"] = "s16le",
+    rate: int | None = None,
+    channels: int | None = None,
+    realtime: Annotated[bool, Parameter(negative="")] = False,
+    options: ClientOptions = _DEFAULT_CLIENT,
+) -> int:
+    """Feed a live channel of the server: from a microphone, a file, or standard input.
+
+    The channel exists while this runs; listeners hear it end when it stops.
+    Ctrl-C stops cleanly.
+
+    Parameters
+    ----------
+    channel
+        The channel's name: letters, digits, '-', '_' and '.'.
+    from_
+        mic, mic:DEVICE, a media file (decoded and paced in real time), or - for raw
+        samples on standard input (--format, --rate and --channels say what they are).
+    format
+        Sample format sent (and, with --from -, read).
+    rate
+        Sample rate in Hz (default: a file's own, else 16000).
+    channels
+        Channel count (default: a file's own, else 1).
+    realtime
+        With --from -: pace standard input in real time (for a file piped in; a live
+        recorder such as arecord is paced already).
+    """
+    import trio
+
+    from . import liveclient
+    from .decode import AudioFormat
+
+    if realtime and from_ != "-":
+        raise UsageError("--realtime goes with --from - (files are always paced)")
+    source: liveclient.PublishSource
+    if from_ == "-":
+        fmt = AudioFormat(format, rate or 16000, channels or 1)
+        _check_format(fmt)
+        source = liveclient.stdin_source(fmt, sys.stdin.fileno(), realtime=realtime)
+    elif from_ == "mic" or from_.startswith("mic:"):
+        device = from_[4:] or None
+        fmt = AudioFormat(format, rate or 16000, channels or 1)
+        _check_format(fmt)
+        from .devices import find_device
+
+        find_device(device, "input")
+        source = liveclient.mic_source(device, fmt)
+    else:
+        path = Path(from_)
+        if not path.is_file():  # noqa: ASYNC240 - one stat before anything runs
+            raise UsageError(f"--from {from_}: no such file (or use mic, mic:DEVICE or -)")
+        from .library import read_track
+
+        facts = await trio.to_thread.run_sync(read_track, path.parent, path.name)
+        fmt = AudioFormat(
+            format, rate or facts.sample_rate or 48000, channels or facts.channels or 2
+        )
+        _check_format(fmt)
+        source = liveclient.file_source(path, fmt)
+    async with options.connector(version=2)() as client:
+        stats = await liveclient.publish(client, channel, source)
+    if not options.quiet:
+        lost = f", {stats.lost} not sent (the network fell behind)" if stats.lost else ""
+        log.info(
+            "%s: published %d frames (%.2f s) from %s%s",
+            channel,
+            stats.frames,
+            stats.frames / fmt.sample_rate,
+            source.description,
+            lost,
+        )
+    return 0
+
+
+def _check_format(fmt: AudioFormat) -> None:
+    problem = fmt.problem()
+    if problem:
+        raise UsageError(problem)
+
+
+@app.command
+async def devices(
+    *,
+    json_output: Annotated[bool, Parameter(name="--json", negative="")] = False,
+) -> int:
+    """List this machine's audio devices (microphones and speakers) for --device and mic:NAME.
+
+    Parameters
+    ----------
+    json_output
+        Print one JSON object per device and line instead of a table.
+    """
+    from .devices import list_devices
+    from .ui import format_devices
+
+    found = list_devices()
+    if json_output:
+        for dev in found:
+            print(json.dumps(dataclasses.asdict(dev), ensure_ascii=False))
+    else:
+        print(format_devices(found))
     return 0
 
 

@@ -10,6 +10,7 @@ exceptions become :mod:`musiclib.errors` here and nowhere else.
 from __future__ import annotations
 
 import errno
+import math
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -29,23 +30,35 @@ from .errors import (
     server_error,
 )
 from .protocol import (
-    PROTOCOL_VERSION,
+    Audio,
+    ChannelInfo,
+    ChannelList,
+    ChannelsRequest,
     Closed,
     Connection,
     Data,
     Error,
     Event,
+    GapNotice,
     Hello,
     InfoReply,
     InfoRequest,
     ListEnd,
+    ListenEnd,
+    ListenRequest,
+    ListenStart,
     ListRequest,
     Message,
     NeedData,
+    PublishDone,
+    PublishEnd,
+    PublishReady,
+    PublishRequest,
     RescanRequest,
     RescanStatus,
     Role,
     State,
+    StopRequest,
     StreamEnd,
     StreamRequest,
     StreamStart,
@@ -94,18 +107,28 @@ class Client:
     """A handshaken connection to a musiclib server; one request at a time."""
 
     def __init__(
-        self, stream: trio.abc.Stream, *, timeout: float = 30.0, token: str | None = None
+        self,
+        stream: trio.abc.Stream,
+        *,
+        timeout: float = 30.0,
+        token: str | None = None,
+        version: int = 1,
     ) -> None:
         self._stream = stream
         self._conn = Connection(Role.CLIENT)
         self._token = token
+        self._version = version
         self.timeout = timeout
         self.welcome: Welcome | None = None
 
     async def handshake(self) -> Welcome:
-        """Send ``hello`` and wait for ``welcome``; a refusal raises its ServerError."""
+        """Send ``hello`` and wait for ``welcome``; a refusal raises its ServerError.
+
+        File requests need only version 1, so that a client keeps working with
+        servers older than live audio; live requests ask for version 2.
+        """
         client = f"musiclib/{__version__}"
-        await self._send(Hello(version=PROTOCOL_VERSION, client=client, token=self._token))
+        await self._send(Hello(version=self._version, client=client, token=self._token))
         event = await self._reply_event()
         if not isinstance(event, Welcome):
             raise RemoteProtocolError(f"expected welcome, got {type(event).__name__}")
@@ -203,6 +226,79 @@ class Client:
             ),
         )
 
+    async def channels(self) -> tuple[ChannelInfo, ...]:
+        """The server's live channels (protocol version 2)."""
+        await self._send(ChannelsRequest())
+        event = await self._reply_event()
+        if not isinstance(event, ChannelList):
+            raise RemoteProtocolError(f"expected channel_list, got {type(event).__name__}")
+        return event.channels
+
+    def listen(
+        self,
+        channel: str,
+        *,
+        sample_format: str | None = None,
+        sample_rate: int | None = None,
+        channels: int | None = None,
+        max_latency_ms: int = 500,
+        preroll_ms: int = 0,
+        frames: int | None = None,
+    ) -> ListenReader:
+        """Receive ``channel`` live: ``async with client.listen(...) as audio``, then
+        ``async for event in audio`` gives :class:`Audio` chunks and gaps (:class:`GapNotice`).
+        """
+        request = ListenRequest(
+            channel=channel,
+            sample_format=sample_format,
+            sample_rate=sample_rate,
+            channels=channels,
+            max_latency_ms=max_latency_ms,
+            preroll_ms=preroll_ms,
+            frames=frames,
+        )
+        problem = request.problem()
+        if problem:
+            raise UsageError(problem)
+        return ListenReader(self, request)
+
+    @asynccontextmanager
+    async def publish(
+        self,
+        channel: str,
+        *,
+        sample_rate: int,
+        channels: int,
+        sample_format: str = "s16le",
+        source: str | None = None,
+    ) -> AsyncIterator[Publisher]:
+        """Become the source of ``channel``; send samples with ``await pub.send(data)``.
+
+        The server may end the publish at any time (it is shutting down): the
+        block is then interrupted with that error. Leaving the block normally
+        sends ``publish_end`` and waits for the server's count.
+        """
+        request = PublishRequest(
+            channel=channel,
+            sample_rate=sample_rate,
+            channels=channels,
+            sample_format=sample_format,
+            source=source,
+        )
+        problem = request.problem()
+        if problem:
+            raise UsageError(problem)
+        await self._send(request)
+        event = await self._reply_event()
+        if not isinstance(event, PublishReady):
+            raise RemoteProtocolError(f"expected publish_ready, got {type(event).__name__}")
+        publisher = Publisher(self, request)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(publisher._watch)
+            yield publisher
+            await publisher._end()
+            nursery.cancel_scope.cancel()
+
     async def aclose(self) -> None:
         """Close the connection (also in the middle of a stream)."""
         with trio.CancelScope(shield=True):
@@ -212,11 +308,14 @@ class Client:
     # ---- I/O boundary ---------------------------------------------------
 
     async def _send(self, msg: Message) -> None:
-        if self._conn.state is not State.IDLE and not isinstance(msg, Hello):
+        idle = self._conn.state is State.IDLE or isinstance(msg, (Hello, StopRequest, PublishEnd))
+        if not idle:
             raise LocalProtocolError(
                 "the previous reply is unfinished; the connection cannot take a request"
             )
-        data = self._conn.send(msg)
+        await self._send_bytes(self._conn.send(msg))
+
+    async def _send_bytes(self, data: bytes) -> None:
         try:
             with trio.fail_after(self.timeout):
                 await self._stream.send_all(data)
@@ -225,23 +324,24 @@ class Client:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionLost(f"connection lost: {exc}") from None
 
-    async def _next_event(self) -> Event:
+    async def _next_event(self, timeout: float | None = None) -> Event:
+        timeout = self.timeout if timeout is None else timeout
         while True:
             event = self._conn.next_event()
             if not isinstance(event, NeedData):
                 return event
             try:
-                with trio.fail_after(self.timeout):
+                with trio.fail_after(timeout):
                     data = await self._stream.receive_some(READ_SIZE)
             except trio.TooSlowError:
-                raise Timeout(f"the server sent nothing for {self.timeout:g} s") from None
+                raise Timeout(f"the server sent nothing for {timeout:g} s") from None
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 raise ConnectionLost(f"connection lost: {exc}") from None
             self._conn.receive_data(data)
 
-    async def _reply_event(self) -> Event:
+    async def _reply_event(self, timeout: float | None = None) -> Event:
         """The next event of a reply; errors and a closed connection become exceptions."""
-        event = await self._next_event()
+        event = await self._next_event(timeout)
         if isinstance(event, Error):
             raise server_error(event.code, event.message, event.candidates)
         if isinstance(event, Closed):
@@ -295,6 +395,94 @@ class StreamReader:
         raise RemoteProtocolError(f"unexpected {type(event).__name__} in a stream")
 
 
+class ListenReader:
+    """One listen: ``start`` once entered, then :class:`Audio` and :class:`GapNotice`
+    events, then ``end`` (a :class:`ListenEnd`).
+
+    :meth:`stop` asks the server to end the listen; the events already on
+    their way still arrive, then the iteration ends. Leaving the block before
+    the end closes the connection (the rest of the listen cannot be skipped).
+    """
+
+    def __init__(self, client: Client, request: ListenRequest) -> None:
+        self._client = client
+        self._request = request
+        self.start: ListenStart | None = None
+        self.end: ListenEnd | None = None
+
+    async def __aenter__(self) -> ListenReader:
+        await self._client._send(self._request)
+        event = await self._client._reply_event()
+        if not isinstance(event, ListenStart):
+            raise RemoteProtocolError(f"expected listen_start, got {type(event).__name__}")
+        self.start = event
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._client._conn.state is not State.IDLE:
+            await self._client.aclose()
+
+    async def stop(self) -> None:
+        """Ask the server to end the listen (once; later calls do nothing)."""
+        if self._client._conn.state is State.LISTENING:
+            await self._client._send(StopRequest())
+
+    def __aiter__(self) -> AsyncIterator[Audio | GapNotice]:
+        return self
+
+    async def __anext__(self) -> Audio | GapNotice:
+        if self.end is not None:
+            raise StopAsyncIteration
+        event = await self._client._reply_event()
+        if isinstance(event, (Audio, GapNotice)):
+            return event
+        if isinstance(event, ListenEnd):
+            self.end = event
+            raise StopAsyncIteration
+        raise RemoteProtocolError(f"unexpected {type(event).__name__} in a listen")
+
+
+class Publisher:
+    """The sending side of a publish; get one from :meth:`Client.publish`."""
+
+    def __init__(self, client: Client, request: PublishRequest) -> None:
+        self._client = client
+        self.request = request
+        #: payload bytes sent so far
+        self.sent = 0
+        self.done: PublishDone | None = None
+        self._done = trio.Event()
+
+    async def send(self, data: bytes) -> None:
+        """Send samples (any number of bytes; frames may straddle calls)."""
+        if not data:
+            return
+        conn = self._client._conn
+        view = memoryview(data)
+        for i in range(0, len(data), 256 * 1024):
+            piece = view[i : i + 256 * 1024]
+            await self._client._send_bytes(conn.send_data_header(len(piece)) + piece)
+            self.sent += len(piece)
+
+    async def _end(self) -> None:
+        await self._client._send(PublishEnd(sent=self.sent))
+        await self._done.wait()
+
+    async def _watch(self) -> None:
+        """The only reader while publishing: the server's count, or its error."""
+        # no deadline: a publisher hears nothing until it ends, unless the server ends it
+        event = await self._client._reply_event(math.inf)  # an error or a close raises here
+        if not isinstance(event, PublishDone):
+            raise RemoteProtocolError(f"unexpected {type(event).__name__} while publishing")
+        self.done = event
+        self._done.set()
+
+
 @asynccontextmanager
 async def open_client(
     address: str = DEFAULT_SERVER,
@@ -302,6 +490,7 @@ async def open_client(
     timeout: float = 30.0,
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
+    version: int = 1,
 ) -> AsyncIterator[Client]:
     """Connect to ``HOST:PORT`` (over TLS with ``ssl_context``), shake hands, yield a Client.
 
@@ -324,7 +513,7 @@ async def open_client(
         raise ConnectError(f"TLS with {address} failed: {_ssl_reason(reason)}") from None
     except OSError as exc:
         raise ConnectError(f"cannot connect to {address}: {_connect_reason(exc)}") from None
-    client = Client(stream, timeout=timeout, token=token)
+    client = Client(stream, timeout=timeout, token=token, version=version)
     try:
         await client.handshake()
         yield client

@@ -27,10 +27,14 @@ the CLI is a bug and is reported as such.
     │   ├── Busy                       the server is at a capacity limit
     │   ├── Changed                    the file changed while it was being served
     │   ├── DecodeFailed               the server could not decode the file
+    │   ├── ChannelBusy                the live channel already has a source
+    │   ├── TooSlow                    a listener fell behind for too long and was cut
+    │   ├── ShuttingDown               the server is stopping
     │   └── InternalError              the server failed; not the client's fault
     ├── IntegrityError                 received bytes do not match the server's checksum
     ├── PlayerError                    the media player could not be used
     │   └── PlayerNotFound             the player program is not installed
+    ├── DeviceError                    an audio device could not be used
     ├── OutputError                    a local file could not be written or read
     └── UsageError                     a command line that cannot work as given
 
@@ -156,6 +160,27 @@ class DecodeFailed(ServerError):
     exit_code = 5
 
 
+class ChannelBusy(ServerError):
+    """The live channel already has a source (a publisher, or one the server reads)."""
+
+    code = "channel_busy"
+    exit_code = 3
+
+
+class TooSlow(ServerError):
+    """The listener kept falling behind the live channel and was disconnected."""
+
+    code = "too_slow"
+    exit_code = 3
+
+
+class ShuttingDown(ServerError):
+    """The server is stopping and takes no more audio or listeners."""
+
+    code = "shutting_down"
+    exit_code = 3
+
+
 class InternalError(ServerError):
     """The server failed in a way that is not the client's fault."""
 
@@ -177,6 +202,13 @@ class PlayerError(MusiclibError):
 
 class PlayerNotFound(PlayerError):
     """The player program is not installed or not on PATH."""
+
+
+class DeviceError(MusiclibError):
+    """A microphone or speaker could not be used (missing, busy, or the devices extra is
+    not installed)."""
+
+    exit_code = 8
 
 
 class OutputError(MusiclibError):
@@ -202,6 +234,9 @@ _BY_CODE: dict[str, type[ServerError]] = {
         Busy,
         Changed,
         DecodeFailed,
+        ChannelBusy,
+        TooSlow,
+        ShuttingDown,
         InternalError,
     )
 }

@@ -36,14 +36,19 @@ import msgpack
 
 from .errors import LocalProtocolError, MessageError, ProtocolError, RemoteProtocolError
 
-#: The protocol version this implementation speaks (see "Versions" in PROTOCOL.md).
-PROTOCOL_VERSION: Final = 1
-#: Versions a server built from this module accepts in a ``hello``.
-SUPPORTED_VERSIONS: Final = frozenset({1})
+#: The newest protocol version this implementation speaks (see "Versions" in PROTOCOL.md).
+PROTOCOL_VERSION: Final = 2
+#: Versions a server built from this module accepts in a ``hello``: version 2 is
+#: version 1 plus live audio, so a version 1 client keeps working unchanged.
+SUPPORTED_VERSIONS: Final = frozenset({1, 2})
 
 HEADER: Final = struct.Struct(">BI")
 KIND_MESSAGE: Final = 1
 KIND_DATA: Final = 2
+#: a live audio chunk (version 2): position, capture time, then samples
+KIND_AUDIO: Final = 3
+#: what precedes the samples in an audio frame's body: position (u64), time_ns (i64)
+AUDIO_HEADER: Final = struct.Struct(">Qq")
 
 #: Default limit on one message frame's body (both directions).
 MAX_MESSAGE_SIZE: Final = 1 << 20
@@ -71,6 +76,14 @@ class State(enum.Enum):
     RESCAN = "rescan"  # the server sends rescan_status (or an error)
     STREAM_HEAD = "stream_head"  # the server sends stream_start (or an error)
     STREAMING = "streaming"  # data frames, then stream_end
+    CHANNELS = "channels"  # the server sends channel_list (or an error)
+    LISTEN_HEAD = "listen_head"  # the server sends listen_start (or an error)
+    LISTENING = "listening"  # audio frames and gaps; the client may send stop
+    LISTEN_STOPPING = "listen_stopping"  # the client sent stop; listen_end is coming
+    PUBLISH_HEAD = "publish_head"  # the server sends publish_ready (or an error)
+    PUBLISHING = "publishing"  # the client sends data frames, then publish_end
+    PUBLISH_CLOSING = "publish_closing"  # publish_end sent; publish_done is coming
+    PUBLISH_ABORTED = "publish_aborted"  # the server ended the publish; publish_end due
     CLOSED = "closed"  # a fatal error or end of file; nothing more may pass
     ERROR = "error"  # the peer broke the framing; the connection is dead
 
@@ -143,6 +156,8 @@ class Message:
 
     TYPE: ClassVar[str] = ""
     SENDER: ClassVar[Role]
+    #: the first protocol version that has this message
+    VERSION: ClassVar[int] = 1
 
     def problem(self) -> str | None:
         """Why the field values are invalid, or ``None``; types are checked separately."""
@@ -423,6 +438,252 @@ class Error(Message):
     fatal: bool = False
 
 
+# --------------------------------------------------------------------------
+# Version 2: live channels. A channel is one live source (a microphone, a
+# track played in real time, any ffmpeg input, or a publishing client) fanned
+# out to many listeners. Listening and publishing are the two replies in which
+# both ends speak: a listener may send ``stop`` while audio flows, a publisher
+# sends data frames while the server may end the publish with an ``error``.
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelInfo:
+    """One live channel as ``channel_list`` describes it.
+
+    ``state``: ``live`` (audio is flowing), ``waiting`` (no audio yet) or
+    ``ended``; ``latency_ms``: how far behind its slowest listener is now.
+    """
+
+    name: str
+    source: str
+    sample_format: str
+    sample_rate: int
+    channels: int
+    state: str
+    listeners: int = 0
+    position: int = 0
+    latency_ms: float = 0.0
+
+    def to_wire(self) -> dict[str, Any]:
+        """The msgpack map for this channel."""
+        return _to_wire(self)
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelsRequest(Message):
+    """Ask which live channels the server has."""
+
+    TYPE: ClassVar[str] = "channels"
+    SENDER: ClassVar[Role] = Role.CLIENT
+    VERSION: ClassVar[int] = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelList(Message):
+    """The live channels, by name."""
+
+    TYPE: ClassVar[str] = "channel_list"
+    SENDER: ClassVar[Role] = Role.SERVER
+    VERSION: ClassVar[int] = 2
+    channels: tuple[ChannelInfo, ...]
+
+
+#: bounds of a listener's declared maximum latency and preroll, in milliseconds
+MAX_LATENCY_MS: Final = range(1, 60_001)
+PREROLL_MS: Final = range(0, 60_001)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenRequest(Message):
+    """Receive a channel live, in the channel's format or another one.
+
+    ``max_latency_ms``: how far behind the listener may fall before the server
+    drops its oldest audio (and says so with ``gap``); ``preroll_ms``: start
+    with this much of the most recent audio; ``frames``: end after that many.
+    """
+
+    TYPE: ClassVar[str] = "listen"
+    SENDER: ClassVar[Role] = Role.CLIENT
+    VERSION: ClassVar[int] = 2
+    channel: str
+    sample_format: str | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    max_latency_ms: int = 500
+    preroll_ms: int = 0
+    frames: int | None = None
+
+    def problem(self) -> str | None:
+        if self.max_latency_ms not in MAX_LATENCY_MS:
+            return f"max_latency_ms must be {MAX_LATENCY_MS.start}..{MAX_LATENCY_MS.stop - 1}"
+        if self.preroll_ms not in PREROLL_MS:
+            return f"preroll_ms must be {PREROLL_MS.start}..{PREROLL_MS.stop - 1}"
+        if self.frames is not None and not 0 < self.frames < 2**63:
+            return "frames must be positive"
+        return _audio_problem(self.sample_format, self.sample_rate, self.channels)
+
+
+@dataclass(frozen=True, slots=True)
+class ListenStart(Message):
+    """The listen is accepted: the format of the audio that follows and where it starts.
+
+    ``position`` is the first frame that will follow; the first ``preroll``
+    frames of it are history, the rest is live. ``converted`` is true when the
+    samples are ffmpeg's conversion of the source, not the source's own.
+    """
+
+    TYPE: ClassVar[str] = "listen_start"
+    SENDER: ClassVar[Role] = Role.SERVER
+    VERSION: ClassVar[int] = 2
+    channel: str
+    sample_format: str
+    sample_rate: int
+    channels: int
+    position: int = 0
+    preroll: int = 0
+    converted: bool = False
+    source: str | None = None
+
+    def problem(self) -> str | None:
+        if self.position < 0 or self.preroll < 0:
+            return "position and preroll must not be negative"
+        return _audio_problem(self.sample_format, self.sample_rate, self.channels)
+
+    @property
+    def bytes_per_frame(self) -> int:
+        """Bytes of one sample frame (all channels)."""
+        return SAMPLE_FORMATS[self.sample_format] * self.channels
+
+
+@dataclass(frozen=True, slots=True)
+class GapNotice(Message):
+    """``frames`` frames from ``position`` on are lost to this listener (it fell behind,
+    or the source itself had a hole); the next audio starts at ``position + frames``."""
+
+    TYPE: ClassVar[str] = "gap"
+    SENDER: ClassVar[Role] = Role.SERVER
+    VERSION: ClassVar[int] = 2
+    position: int
+    frames: int
+
+    def problem(self) -> str | None:
+        return None if self.position >= 0 and self.frames > 0 else "a gap must be positive"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenEnd(Message):
+    """End of a listen: why, and the frames sent and lost in it.
+
+    ``reason``: ``stopped`` (the listener's ``stop``), ``complete`` (the
+    requested ``frames`` were sent), ``source_ended``, ``publisher_left``,
+    ``source_failed`` or ``shutdown``; receivers treat unknown reasons as ends.
+    """
+
+    TYPE: ClassVar[str] = "listen_end"
+    SENDER: ClassVar[Role] = Role.SERVER
+    VERSION: ClassVar[int] = 2
+    reason: str
+    message: str
+    frames: int
+    lost: int = 0
+
+
+#: reasons a listen ends with, besides those a future server may add
+LISTEN_END_REASONS: Final = (
+    "stopped",
+    "complete",
+    "source_ended",
+    "publisher_left",
+    "source_failed",
+    "shutdown",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StopRequest(Message):
+    """Sent by a listener while audio flows: end this listen (``listen_end`` follows).
+
+    A ``stop`` that crosses the end of the listen on the wire arrives when the
+    server is idle again; the server ignores it there.
+    """
+
+    TYPE: ClassVar[str] = "stop"
+    SENDER: ClassVar[Role] = Role.CLIENT
+    VERSION: ClassVar[int] = 2
+
+
+@dataclass(frozen=True, slots=True)
+class PublishRequest(Message):
+    """Become the source of channel ``channel``: samples in this format follow as data frames."""
+
+    TYPE: ClassVar[str] = "publish"
+    SENDER: ClassVar[Role] = Role.CLIENT
+    VERSION: ClassVar[int] = 2
+    channel: str
+    sample_rate: int
+    channels: int
+    sample_format: str = "s16le"
+    source: str | None = None
+
+    def problem(self) -> str | None:
+        if not channel_name_ok(self.channel):
+            return CHANNEL_NAME_RULE
+        return _audio_problem(self.sample_format, self.sample_rate, self.channels)
+
+    @property
+    def bytes_per_frame(self) -> int:
+        """Bytes of one sample frame (all channels)."""
+        return SAMPLE_FORMATS[self.sample_format] * self.channels
+
+
+CHANNEL_NAME_RULE: Final = (
+    "a channel name is 1-64 characters: letters, digits, '-', '_' and '.', not starting with '.'"
+)
+
+
+def channel_name_ok(name: str) -> bool:
+    """Whether ``name`` is a valid channel name (see :data:`CHANNEL_NAME_RULE`)."""
+    return (
+        0 < len(name) <= 64
+        and not name.startswith(".")
+        and all(c.isascii() and (c.isalnum() or c in "-_.") for c in name)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class PublishReady(Message):
+    """The publish is accepted: the client may send samples as data frames now."""
+
+    TYPE: ClassVar[str] = "publish_ready"
+    SENDER: ClassVar[Role] = Role.SERVER
+    VERSION: ClassVar[int] = 2
+    channel: str
+
+
+@dataclass(frozen=True, slots=True)
+class PublishEnd(Message):
+    """The publisher is done; ``sent`` counts the payload bytes of its data frames."""
+
+    TYPE: ClassVar[str] = "publish_end"
+    SENDER: ClassVar[Role] = Role.CLIENT
+    VERSION: ClassVar[int] = 2
+    sent: int
+
+    def problem(self) -> str | None:
+        return None if self.sent >= 0 else "sent must not be negative"
+
+
+@dataclass(frozen=True, slots=True)
+class PublishDone(Message):
+    """The answer to ``publish_end``: the frames the channel received from this publisher."""
+
+    TYPE: ClassVar[str] = "publish_done"
+    SENDER: ClassVar[Role] = Role.SERVER
+    VERSION: ClassVar[int] = 2
+    frames: int
+
+
 @dataclass(frozen=True, slots=True)
 class Data:
     """A piece of stream payload (kind-2 frame body, possibly a part of one)."""
@@ -431,11 +692,25 @@ class Data:
 
 
 @dataclass(frozen=True, slots=True)
+class Audio:
+    """One live audio chunk (a kind-3 frame): whole frames of samples and their place.
+
+    ``position`` counts frames since the channel started; ``time_ns`` is the
+    wall clock (nanoseconds since the Unix epoch) at which the source
+    delivered the chunk, so a listener's latency is its arrival time minus it.
+    """
+
+    position: int
+    time_ns: int
+    payload: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Closed:
     """The peer closed its side at a frame boundary."""
 
 
-Event = Message | Data | Closed
+Event = Message | Data | Audio | Closed
 
 MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
     cls.TYPE: cls
@@ -453,6 +728,17 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
         StreamStart,
         StreamEnd,
         Error,
+        ChannelsRequest,
+        ChannelList,
+        ListenRequest,
+        ListenStart,
+        GapNotice,
+        ListenEnd,
+        StopRequest,
+        PublishRequest,
+        PublishReady,
+        PublishEnd,
+        PublishDone,
     )
 }
 
@@ -469,7 +755,7 @@ def _to_wire(obj: Any) -> dict[str, Any]:
         if value is None or value == f.default:  # absent means the default on the wire
             continue
         if isinstance(value, tuple):
-            value = [v.to_wire() if isinstance(v, TrackInfo) else v for v in value]
+            value = [v.to_wire() if isinstance(v, (TrackInfo, ChannelInfo)) else v for v in value]
         elif isinstance(value, TrackInfo):
             value = value.to_wire()
         out[f.name] = value
@@ -497,10 +783,10 @@ def _check_value(hint: Any, value: Any, where: str) -> Any:
         if not isinstance(value, list):
             raise MessageError(f"{where} must be an array")
         return tuple(_check_value(item, v, f"{where}[{i}]") for i, v in enumerate(value))
-    if hint is TrackInfo:
+    if hint is TrackInfo or hint is ChannelInfo:
         if not isinstance(value, dict):
             raise MessageError(f"{where} must be a map")
-        return _from_wire(TrackInfo, value, where)
+        return _from_wire(hint, value, where)
     if hint is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         if not ok:
@@ -639,7 +925,36 @@ _TRANSITIONS: Final[dict[tuple[State, type[Message]], State]] = {
     (State.STREAM_HEAD, Error): State.IDLE,
     (State.STREAMING, StreamEnd): State.IDLE,
     (State.STREAMING, Error): State.IDLE,
+    # version 2: live channels
+    (State.IDLE, ChannelsRequest): State.CHANNELS,
+    (State.CHANNELS, ChannelList): State.IDLE,
+    (State.CHANNELS, Error): State.IDLE,
+    (State.IDLE, ListenRequest): State.LISTEN_HEAD,
+    (State.LISTEN_HEAD, ListenStart): State.LISTENING,
+    (State.LISTEN_HEAD, Error): State.IDLE,
+    (State.LISTENING, GapNotice): State.LISTENING,
+    (State.LISTENING, StopRequest): State.LISTEN_STOPPING,
+    (State.LISTENING, ListenEnd): State.IDLE,
+    (State.LISTENING, Error): State.IDLE,
+    (State.LISTEN_STOPPING, GapNotice): State.LISTEN_STOPPING,
+    (State.LISTEN_STOPPING, ListenEnd): State.IDLE,
+    (State.LISTEN_STOPPING, Error): State.IDLE,
+    (State.IDLE, PublishRequest): State.PUBLISH_HEAD,
+    (State.PUBLISH_HEAD, PublishReady): State.PUBLISHING,
+    (State.PUBLISH_HEAD, Error): State.IDLE,
+    (State.PUBLISHING, PublishEnd): State.PUBLISH_CLOSING,
+    (State.PUBLISHING, Error): State.PUBLISH_ABORTED,  # the client still owes publish_end
+    (State.PUBLISH_CLOSING, PublishDone): State.IDLE,
+    (State.PUBLISH_CLOSING, Error): State.IDLE,
+    (State.PUBLISH_ABORTED, PublishEnd): State.IDLE,
 }
+
+#: where each role may send payload: data frames (kind 2) and audio frames (kind 3)
+_DATA_STATES: Final = {
+    Role.SERVER: frozenset({State.STREAMING}),
+    Role.CLIENT: frozenset({State.PUBLISHING, State.PUBLISH_ABORTED}),
+}
+_AUDIO_STATES: Final = frozenset({State.LISTENING, State.LISTEN_STOPPING})
 
 
 class Connection:
@@ -672,6 +987,12 @@ class Connection:
         self._stream_left: int | None = None  # payload bytes still expected, if known
         self._stream_sent = 0  # payload bytes seen in the current stream
         self._frame_bytes: int | None = None  # bytes per sample frame, decoded streams
+        #: the protocol version of the conversation, known once the welcome has passed
+        self.version = 1
+        self._hello_version = 1
+        self._audio_next = 0  # position the next audio frame must start at (listening)
+        self._audio_frames = 0  # frames sent in audio frames in the current listen
+        self._audio_body: int | None = None  # length of the audio frame being received
 
     # ---- receiving ------------------------------------------------------
 
@@ -732,6 +1053,8 @@ class Connection:
             self._start_data_frame(length)
             del buf[: HEADER.size]
             return self._next_event()
+        if kind == KIND_AUDIO:
+            return self._audio_frame(length)
         if kind != KIND_MESSAGE:
             raise RemoteProtocolError(f"unknown frame kind {kind}")
         if length > self.max_message_size:
@@ -744,6 +1067,9 @@ class Connection:
         del buf[: HEADER.size + length]
         try:
             msg = decode_message(body)
+            if self.version < msg.VERSION and self.state is not State.AWAIT_HELLO:
+                # what a server of the conversation's version would say of it
+                raise MessageError(f"unknown message type {msg.TYPE!r} in protocol version 1")
         except MessageError as exc:
             if self.our_role is Role.SERVER and self.state is State.IDLE:
                 raise  # a bad request: answer it with an error, keep the connection
@@ -751,14 +1077,40 @@ class Connection:
         self._process(msg, self.their_role)
         return msg
 
+    def _audio_frame(self, length: int) -> Event | NeedData:
+        """A whole kind-3 frame: position, time, samples (small: one chunk of live audio)."""
+        if self.their_role is not Role.SERVER or self.state not in _AUDIO_STATES:
+            raise RemoteProtocolError("audio frame outside of a listen")
+        bpf = self._frame_bytes or 1
+        if length <= AUDIO_HEADER.size or (length - AUDIO_HEADER.size) % bpf:
+            raise RemoteProtocolError(f"audio frame of {length} bytes is not whole sample frames")
+        if length > self.max_data_size + AUDIO_HEADER.size:
+            raise RemoteProtocolError(
+                f"audio frame of {length} bytes exceeds the limit of {self.max_data_size}"
+            )
+        buf = self._buf
+        if len(buf) < HEADER.size + length:
+            return self._need_data("in an audio frame")
+        position, time_ns = AUDIO_HEADER.unpack_from(buf, HEADER.size)
+        payload = bytes(buf[HEADER.size + AUDIO_HEADER.size : HEADER.size + length])
+        del buf[: HEADER.size + length]
+        self._count_audio(position, len(payload) // bpf, RemoteProtocolError)
+        return Audio(position, time_ns, payload)
+
+    def _count_audio(self, position: int, frames: int, exc: type[ProtocolError]) -> None:
+        if position != self._audio_next:
+            raise exc(f"audio at frame {position} where frame {self._audio_next} was due")
+        self._audio_next += frames
+        self._audio_frames += frames
+
     def _need_data(self, where: str) -> NeedData:
         if self._eof:
             raise RemoteProtocolError(f"connection closed {where}")
         return NEED_DATA
 
     def _start_data_frame(self, length: int) -> None:
-        if self.their_role is not Role.SERVER or self.state is not State.STREAMING:
-            raise RemoteProtocolError("data frame outside of a stream")
+        if self.state not in _DATA_STATES[self.their_role]:
+            raise RemoteProtocolError("data frame outside of a stream or a publish")
         if length == 0:
             raise RemoteProtocolError("empty data frame")
         if length > self.max_data_size:
@@ -791,12 +1143,31 @@ class Connection:
         Returning only the header lets the shell send the payload straight
         from its buffer (or with ``sendfile``) instead of copying it here.
         """
-        if self.our_role is not Role.SERVER or self.state is not State.STREAMING:
-            raise LocalProtocolError("data may only be sent by a server inside a stream")
+        if self.state not in _DATA_STATES[self.our_role]:
+            raise LocalProtocolError(
+                "data may only be sent by a server inside a stream or a client publishing"
+            )
         if not 0 < length <= MAX_DATA_SIZE:
             raise LocalProtocolError(f"data frame length must be 1..{MAX_DATA_SIZE}")
         self._count_payload(length, LocalProtocolError)
         return HEADER.pack(KIND_DATA, length)
+
+    def send_audio_header(self, position: int, time_ns: int, length: int) -> bytes:
+        """Header of an audio frame (kind 3) for ``length`` bytes of samples that the
+        caller writes next; the position must continue the listen without a hole."""
+        if self.our_role is not Role.SERVER or self.state not in _AUDIO_STATES:
+            raise LocalProtocolError("audio may only be sent by a server inside a listen")
+        bpf = self._frame_bytes or 1
+        if length <= 0 or length % bpf or length > MAX_DATA_SIZE:
+            raise LocalProtocolError(f"audio of {length} bytes is not 1..{MAX_DATA_SIZE} frames")
+        self._count_audio(position, length // bpf, LocalProtocolError)
+        return HEADER.pack(KIND_AUDIO, AUDIO_HEADER.size + length) + AUDIO_HEADER.pack(
+            position, time_ns
+        )
+
+    def send_failed(self) -> None:
+        """Our write failed part way: the byte stream is broken, nothing more may be sent."""
+        self.state = State.ERROR
 
     # ---- the transition table ------------------------------------------
 
@@ -807,9 +1178,37 @@ class Connection:
         if isinstance(msg, Error) and msg.fatal and self.state is not State.CLOSED:
             self.state = State.CLOSED
             return
+        if self.version < msg.VERSION and self.state is not State.AWAIT_HELLO:
+            raise exc(f"{msg.TYPE!r} needs protocol version {msg.VERSION}")
+        if isinstance(msg, StopRequest) and self.state is State.IDLE and self.their_role is sender:
+            return  # a listener's stop that crossed the end of its listen: nothing to do
         new = _TRANSITIONS.get((self.state, type(msg)))
         if new is None:
             raise exc(f"{msg.TYPE!r} is not allowed in state {self.state.value}")
+        if isinstance(msg, Hello):
+            self._hello_version = msg.version
+        elif isinstance(msg, Welcome):
+            self.version = min(msg.version, PROTOCOL_VERSION)
+        elif isinstance(msg, ListenStart):
+            self._frame_bytes = msg.bytes_per_frame
+            self._audio_next = msg.position
+            self._audio_frames = 0
+        elif isinstance(msg, ListenEnd):
+            if msg.frames != self._audio_frames:
+                raise exc(f"listen_end says {msg.frames} frames, {self._audio_frames} were sent")
+        elif isinstance(msg, GapNotice):
+            if msg.position != self._audio_next:
+                raise exc(f"gap at frame {msg.position} where frame {self._audio_next} was due")
+            self._audio_next += msg.frames
+        elif isinstance(msg, PublishRequest):
+            self._frame_bytes = msg.bytes_per_frame
+            self._stream_left = None
+            self._stream_sent = 0
+        elif isinstance(msg, PublishEnd):
+            if msg.sent != self._stream_sent:
+                raise exc(f"publish_end says {msg.sent} bytes, {self._stream_sent} were sent")
+            if self._frame_bytes and msg.sent % self._frame_bytes:
+                raise exc(f"{msg.sent} bytes are not a whole number of sample frames")
         if isinstance(msg, StreamStart):
             self._stream_left = msg.length
             self._stream_sent = 0

@@ -45,23 +45,33 @@ from .errors import (
     single_errors,
 )
 from .library import Library, open_confined
+from .live.channels import Channel, Channels, ChannelSpec, channel_format, source_reader, tracks_for
+from .live.hub import Hub
+from .live.requests import PeerLeft, serve_channels, serve_listen, serve_publish
 from .protocol import (
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
+    ChannelsRequest,
     Closed,
     Connection,
+    Data,
     Error,
     Event,
     Hello,
     InfoReply,
     InfoRequest,
     ListEnd,
+    ListenRequest,
     ListRequest,
     Message,
     NeedData,
+    PublishEnd,
+    PublishRequest,
     RescanRequest,
     RescanStatus,
     Role,
+    State,
+    StopRequest,
     StreamEnd,
     StreamRequest,
     StreamStart,
@@ -125,6 +135,12 @@ class ServerConfig:
     token: str | None = None
     #: TLS for every connection (``None``: plain TCP)
     ssl_context: ssl.SSLContext | None = field(default=None, repr=False)
+    #: live channels read by the server itself (``--channel NAME=SOURCE``)
+    channels: list[ChannelSpec] = field(default_factory=list)
+    #: seconds a listener may keep losing audio (falling behind) before it is cut
+    lag_limit: float = 10.0
+    #: seconds of recent audio each channel keeps for listeners' preroll
+    history: float = 10.0
 
 
 async def run_stoppable(fn: Callable[[threading.Event], _T]) -> _T:
@@ -183,9 +199,12 @@ class Server:
     _hash_kicked: trio.MemoryReceiveChannel[None] = field(init=False)
     #: bounds the threads (and so the index connections) busy with index queries
     index_threads: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(8))
+    #: the live channels and their sources
+    channels: Channels = field(init=False)
 
     def __post_init__(self) -> None:
         self.decode_slots = DecodeSlots(self.config.max_decodes, self.config.decode_wait)
+        self.channels = Channels(ffmpeg=self.config.ffmpeg, history_seconds=self.config.history)
         # capacity 1: many requests for a rescan while one is pending ask for one rescan
         self._scan_kick, self._scan_kicked = trio.open_memory_channel[None](1)
         self._hash_kick, self._hash_kicked = trio.open_memory_channel[None](1)
@@ -193,8 +212,26 @@ class Server:
     def stop(self) -> None:
         """Stop taking requests: idle connections close now, running replies may finish."""
         self.stopping.set()
+        self.channels.shutdown()
         for scope in self._idle_scopes:
             scope.cancel()
+
+    def channel_sources(self) -> list[tuple[Channel, Callable[[Hub], Awaitable[None]]]]:
+        """Register the configured channels; each with the coroutine reading its source."""
+        sources = []
+        for spec in self.config.channels:
+            fmt = channel_format(spec)
+            channel = self.channels.add(spec.name, spec.description, fmt)
+
+            async def tracks(query: str = spec.arg) -> list[Path]:
+                while self.scans_done < 1:  # the first scan must be done to find anything
+                    await self._scan_finished.wait()
+                found = await self.in_thread(tracks_for, self.library, query)
+                return [self.library.track_path(t)[0] for t in found]
+
+            read = source_reader(spec, fmt, ffmpeg=self.config.ffmpeg, tracks=tracks)
+            sources.append((channel, read))
+        return sources
 
     async def rescan(self) -> int:
         """Update the index in a worker thread; the event loop keeps serving meanwhile."""
@@ -312,7 +349,7 @@ class Server:
                 await handler.refuse_busy()
             else:
                 await handler.run()
-        except _PeerGone as exc:
+        except (_PeerGone, PeerLeft) as exc:
             log.info("%s: %s", peer, exc)
         except RemoteProtocolError as exc:
             log.warning("%s: protocol error: %s", peer, exc)
@@ -371,7 +408,7 @@ class _ConnectionHandler:
             return
         await self._send(
             Welcome(
-                version=PROTOCOL_VERSION,
+                version=min(hello.version, PROTOCOL_VERSION),
                 server=f"musiclib/{__version__}",
                 tracks=self.library.count,
                 scanning=self.library.scanning,
@@ -398,6 +435,27 @@ class _ConnectionHandler:
                 await self._send(Error(exc.code, exc.message, candidates=exc.candidates))
 
     async def _dispatch(self, event: Event) -> None:
+        if isinstance(event, StopRequest) or (
+            isinstance(event, (Data, PublishEnd))
+            and self.conn.state in (State.PUBLISH_ABORTED, State.IDLE)
+        ):
+            # a stop that crossed the end of its listen, or what a publisher sent after
+            # the server ended its publish (up to its publish_end): nothing to do
+            return
+        if isinstance(event, ChannelsRequest):
+            await serve_channels(self, self.server.channels, event)
+            return
+        if isinstance(event, ListenRequest):
+            lag = self.config.lag_limit
+            await serve_listen(self, self.server.channels, event, lag_limit=lag)
+            return
+        if isinstance(event, PublishRequest):
+            silence = self.config.send_timeout
+            await serve_publish(self, self.server.channels, event, silence_timeout=silence)
+            return
+        await self._dispatch_v1(event)
+
+    async def _dispatch_v1(self, event: Event) -> None:
         if isinstance(event, ListRequest):
             await self._list(event)
         elif isinstance(event, RescanRequest):
@@ -645,6 +703,19 @@ class _ConnectionHandler:
         stream_scope.cancel()
 
     # ---- I/O boundary ---------------------------------------------------
+    # (the Session interface of musiclib.live.requests: send, send_bytes, next_event)
+
+    async def send(self, msg: Message) -> None:
+        """Send one message under the send deadline."""
+        await self._send(msg)
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Send bytes the protocol object produced, under the send deadline."""
+        await self._send_bytes(data)
+
+    async def next_event(self, timeout: float) -> Event:
+        """The next event from the peer (``_PeerGone`` after ``timeout`` s of silence)."""
+        return await self._next_event(timeout)
 
     async def _next_event(self, timeout: float, *, idle: bool = False) -> Event:
         while True:
@@ -779,6 +850,7 @@ async def serve(
         async with trio.open_nursery() as background:
             server.library.scanning = True  # the first scan starts in a moment
             background.start_soon(server.rescan_periodically)
+            await background.start(server.channels.run, server.channel_sources())
             if config.background_checksums:
                 background.start_soon(server.hash_in_background)
             if config.watch:

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import IO, Any, Literal
 
-from .protocol import TrackInfo
+from .protocol import ChannelInfo, TrackInfo
 from .text import fold
 
 _TRACK_FIELDS = tuple(f.name for f in dataclasses.fields(TrackInfo))
@@ -107,16 +107,77 @@ def format_table(tracks: Sequence[TrackInfo], *, long: bool = False) -> str:
                 format_size(t.size),
             ]
         rows.append(row)
+    lines = _columns(header, rows, right)
+    lines.append(totals(tracks))
+    return "\n".join(lines)
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters shown as ``\\xNN``: what a server sends never
+    moves the cursor, clears the screen or retitles the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+
+
+def _columns(header: list[str], rows: list[list[str]], right: set[str]) -> list[str]:
+    """Rows as aligned text columns (``right``-aligned where named), header first."""
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
+    return [
         "  ".join(
             cell.rjust(w) if name in right else cell.ljust(w)
             for name, cell, w in zip(header, row, widths, strict=True)
         ).rstrip()
         for row in [header, *rows]
     ]
-    lines.append(totals(tracks))
-    return "\n".join(lines)
+
+
+def format_channels(channels: Sequence[ChannelInfo]) -> str:
+    """The ``channels`` table: name, source, format, listeners, latency, state."""
+    header = ["NAME", "SOURCE", "FORMAT", "LISTENERS", "LATENCY", "STATE", "TIME"]
+    rows = [
+        [
+            c.name,
+            c.source,
+            f"{c.sample_format} {c.sample_rate} Hz {c.channels} ch",
+            str(c.listeners),
+            f"{c.latency_ms:.0f} ms",
+            c.state,
+            format_duration(c.position / c.sample_rate),
+        ]
+        for c in channels
+    ]
+    if not rows:
+        return "no live channels (serve --channel NAME=SOURCE, or musiclib publish NAME)"
+    return "\n".join(_columns(header, rows, {"LISTENERS", "LATENCY", "TIME"}))
+
+
+def format_devices(devices: Sequence[Any]) -> str:
+    """The ``devices`` table; ``*`` marks the default input and output."""
+    header = ["#", "NAME", "API", "IN", "OUT", "RATE", ""]
+    rows = [
+        [
+            str(d.index),
+            d.name,
+            d.hostapi,
+            str(d.max_input_channels),
+            str(d.max_output_channels),
+            f"{d.default_samplerate:g}",
+            " ".join(
+                w
+                for w, on in (
+                    ("default input", d.is_default_input),
+                    ("default output", d.is_default_output),
+                )
+                if on
+            ),
+        ]
+        for d in devices
+    ]
+    if not rows:
+        return "no audio devices found"
+    return "\n".join(_columns(header, rows, {"#", "IN", "OUT", "RATE"}))
 
 
 def track_dict(track: TrackInfo) -> dict[str, Any]:

@@ -1,0 +1,271 @@
+"""The live requests (``channels``, ``listen``, ``publish``), apart from the socket.
+
+Each function serves one request over a :class:`Session`: the connection
+handler's small interface (send a message or raw bytes under its deadline,
+read the next event). The session owns the socket and the protocol object;
+this module owns what a request means: which hub, which format, when a
+listen ends, how a publisher's bytes become chunks.
+
+A listen runs two tasks: the sender takes the listener's subscription item
+by item and writes it (audio frames, gaps, the end), and the reader waits for
+the listener's ``stop`` or its hang-up. A stop interrupts only a *wait* for
+audio, never a write, so a frame is never cut in half.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Protocol
+
+import trio
+
+from ..decode import AudioFormat
+from ..errors import MessageError, RemoteProtocolError, ShuttingDown, TooSlow, single_errors
+from ..protocol import (
+    ChannelList,
+    ChannelsRequest,
+    Closed,
+    Connection,
+    Data,
+    Event,
+    GapNotice,
+    ListenEnd,
+    ListenRequest,
+    ListenStart,
+    Message,
+    PublishDone,
+    PublishEnd,
+    PublishReady,
+    PublishRequest,
+    StopRequest,
+)
+from .channels import CHUNK_SECONDS, Channels
+from .hub import Chunk, End, Gap, Subscription
+
+log = logging.getLogger("musiclib.live")
+
+
+class Session(Protocol):
+    """What a live request needs of the connection serving it."""
+
+    peer: str
+    conn: Connection
+
+    async def send(self, msg: Message) -> None:
+        """Send one message under the send deadline."""
+
+    async def send_bytes(self, data: bytes) -> None:
+        """Send raw bytes (a frame the protocol object produced) under the send deadline."""
+
+    async def next_event(self, timeout: float) -> Event:
+        """The next event from the peer; the peer silent for ``timeout`` s ends the session."""
+
+
+class PeerLeft(Exception):
+    """The listener or publisher closed its connection during the request."""
+
+
+async def serve_channels(session: Session, channels: Channels, request: ChannelsRequest) -> None:
+    """Answer ``channels`` with every channel's description."""
+    await session.send(ChannelList(tuple(channels.infos(time.time_ns()))))
+
+
+async def serve_listen(
+    session: Session, channels: Channels, request: ListenRequest, *, lag_limit: float
+) -> None:
+    """Send a channel live until it ends, the listener stops, or has its ``frames``.
+
+    Raises ``TooSlow`` (sent as an error) when the hub cut the listener, and
+    ``PeerLeft`` when the listener hung up.
+    """
+    channel = channels.get(request.channel)
+    own = channel.format
+    fmt = AudioFormat(
+        request.sample_format or own.sample_format,
+        request.sample_rate or own.sample_rate,
+        request.channels or own.channels,
+    )
+    async with channels.feed(channel, fmt) as hub:
+        rate = fmt.sample_rate
+        backlog = max(1, request.max_latency_ms * rate // 1000)
+        preroll = request.preroll_ms * rate // 1000
+        with hub.subscribe(
+            max_backlog_frames=backlog, preroll_frames=preroll, lag_limit=lag_limit
+        ) as sub:
+            start = sub.start_position
+            await session.send(
+                ListenStart(
+                    channel=channel.name,
+                    sample_format=fmt.sample_format,
+                    sample_rate=rate,
+                    channels=fmt.channels,
+                    position=start,
+                    preroll=hub.position - start,
+                    converted=fmt != own,
+                    source=channel.source,
+                )
+            )
+            log.info(
+                "%s: listen %s as %s %d Hz %d ch (max latency %d ms, preroll %d ms)",
+                session.peer,
+                channel.name,
+                fmt.sample_format,
+                rate,
+                fmt.channels,
+                request.max_latency_ms,
+                request.preroll_ms,
+            )
+            listen = _Listen(session, fmt, request.frames)
+            with single_errors():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(listen.watch_for_stop, nursery.cancel_scope)
+                    end = await listen.send_items(sub)
+                    nursery.cancel_scope.cancel()
+            if listen.hung_up:
+                raise PeerLeft("hung up during a listen")
+            if end.reason == "too_slow":
+                log.warning("%s: cut from %s: %s", session.peer, channel.name, end.message)
+                raise TooSlow(end.message)
+            if end.reason == "shutdown" and channels.stopping:
+                end = End("shutdown", "the server is shutting down")
+            await session.send(
+                ListenEnd(
+                    reason=end.reason, message=end.message, frames=listen.sent, lost=listen.lost
+                )
+            )
+            log.info(
+                "%s: listen %s ended (%s): %d frames, %d lost",
+                session.peer,
+                channel.name,
+                end.reason,
+                listen.sent,
+                listen.lost,
+            )
+
+
+class _Listen:
+    """One listen's sending loop and its listener watch."""
+
+    def __init__(self, session: Session, fmt: AudioFormat, frames: int | None) -> None:
+        self.session = session
+        self.bpf = fmt.bytes_per_frame
+        self.left = frames  # positions still to cover (audio and gaps), if limited
+        self.sent = 0
+        self.lost = 0
+        self.stopped = False
+        self.hung_up = False
+        self._waiting: trio.CancelScope | None = None
+
+    async def _next(self, sub: Subscription) -> Chunk | Gap | End | None:
+        """The next item; waits for one, unless a stop arrives first (then ``None``)."""
+        item = sub.next_nowait()
+        if item is not None:
+            return item
+        with trio.CancelScope() as waiting:
+            self._waiting = waiting
+            item = await sub.next()
+        self._waiting = None
+        return None if waiting.cancelled_caught else item
+
+    async def send_items(self, sub: Subscription) -> End:
+        """Write the subscription's items until an end; returns why it ended."""
+        session, conn = self.session, self.session.conn
+        while True:
+            if self.stopped:
+                return End("stopped", "stopped by the listener")
+            item = await self._next(sub)
+            if item is None:
+                continue  # a stop arrived while nothing was queued
+            if isinstance(item, End):
+                return item
+            frames = len(item.data) // self.bpf if isinstance(item, Chunk) else item.frames
+            if self.left is not None and frames > self.left:
+                frames = self.left
+                if isinstance(item, Chunk):
+                    item = Chunk(item.position, item.time_ns, item.data[: frames * self.bpf])
+                else:
+                    item = Gap(item.position, frames)
+            if isinstance(item, Chunk):
+                data = item.data
+                head = conn.send_audio_header(item.position, item.time_ns, len(data))
+                await session.send_bytes(head + data)
+                self.sent += frames
+            else:
+                await session.send(GapNotice(position=item.position, frames=item.frames))
+                self.lost += item.frames
+            if self.left is not None:
+                self.left -= frames
+                if not self.left:
+                    return End("complete", "the requested frames were sent")
+
+    async def watch_for_stop(self, scope: trio.CancelScope) -> None:
+        """Read the listener's side: a ``stop`` ends the listen, end of file ends all."""
+        while True:
+            try:
+                event = await self.session.next_event(float("inf"))
+            except MessageError as exc:
+                raise RemoteProtocolError(str(exc)) from None
+            if isinstance(event, StopRequest):
+                self.stopped = True
+                if self._waiting is not None:
+                    self._waiting.cancel()
+                return
+            if isinstance(event, Closed):
+                self.hung_up = True
+                scope.cancel()
+                return
+            raise RemoteProtocolError(f"unexpected {type(event).__name__} during a listen")
+
+
+async def serve_publish(
+    session: Session, channels: Channels, request: PublishRequest, *, silence_timeout: float
+) -> None:
+    """Take a client's samples as the source of a new channel until ``publish_end``.
+
+    The channel ends for its listeners when the publisher ends or leaves
+    (``publisher_left``), and its name is free again.
+    """
+    fmt = AudioFormat(request.sample_format, request.sample_rate, request.channels)
+    source = f"publish:{request.source}" if request.source else "publish"
+    channel = channels.add(request.channel, source, fmt, publisher=session.peer)
+    hub = channel.hub
+    bpf = fmt.bytes_per_frame
+    chunk_bytes = max(1, round(fmt.sample_rate * CHUNK_SECONDS)) * bpf
+    frames = 0
+    pending = bytearray()
+    reason = "the publisher disconnected"
+    try:
+        await session.send(PublishReady(channel=channel.name))
+        log.info(
+            "%s: publishes %s as %s %d Hz %d ch",
+            session.peer,
+            channel.name,
+            fmt.sample_format,
+            fmt.sample_rate,
+            fmt.channels,
+        )
+        while True:
+            event = await session.next_event(silence_timeout)
+            if isinstance(event, Data):
+                pending += event.payload
+                whole = len(pending) - len(pending) % bpf
+                for i in range(0, whole, chunk_bytes):  # a flood still arrives in live-sized chunks
+                    piece = bytes(pending[i : min(i + chunk_bytes, whole)])
+                    hub.publish(piece)
+                    frames += len(piece) // bpf
+                del pending[:whole]
+                if channels.stopping:
+                    raise ShuttingDown("the server is shutting down")
+            elif isinstance(event, PublishEnd):
+                reason = "the publisher ended"
+                await session.send(PublishDone(frames=frames))
+                return
+            elif isinstance(event, Closed):
+                raise PeerLeft("hung up while publishing")
+            else:
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} while publishing")
+    finally:
+        log.info("%s: publish %s ended: %d frames", session.peer, channel.name, frames)
+        hub.close("publisher_left", f"channel {channel.name!r}: {reason}")
+        channels.remove(channel)

@@ -1,0 +1,405 @@
+"""The client's side of live audio: ``listen`` into a sink, ``publish`` from a source.
+
+Listening writes every chunk to its sink as it arrives (standard output is
+written unbuffered, so a pipe to a wake-word detector sees each chunk at
+once). When the server says audio was lost (``gap``), the sink gets the same
+number of frames of silence by default, so a recording keeps its length and
+a detector its sample clock; the loss is reported on standard error.
+
+Publishing reads a local source into a local :class:`~musiclib.live.hub.Hub`
+with the same readers the server uses (a file is decoded and paced in real
+time; a microphone is read through PortAudio) and forwards the hub to the
+server as one listener of it. Standard input is forwarded as it comes.
+
+Sinks and sources are small objects behind one interface each, so the CLI
+only picks them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import signal
+import statistics
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO, Protocol
+
+import trio
+
+from .client import Client
+from .decode import AudioFormat
+from .errors import OutputError, single_errors
+from .live.hub import Chunk, End, Gap, Hub
+from .protocol import Audio, ListenEnd, ListenStart
+from .wav import patch_sizes, wav_header
+
+log = logging.getLogger("musiclib.client")
+
+Connector = Callable[[], AbstractAsyncContextManager[Client]]
+
+
+class Sink(Protocol):
+    """Where a listen's samples go."""
+
+    async def write(self, data: bytes) -> bool:
+        """Write samples; ``False`` when the sink is gone (a player quit, a pipe closed)."""
+
+    async def close(self) -> None:
+        """Everything written has been passed on (a WAV header is patched)."""
+
+
+class FdSink:
+    """Raw samples (or a streamed WAV) to a file descriptor, each chunk as it arrives."""
+
+    def __init__(self, fd: int, header: bytes = b"") -> None:
+        self.fd = fd
+        self._pending = header
+
+    async def write(self, data: bytes) -> bool:
+        if self._pending:
+            data, self._pending = self._pending + data, b""
+        try:
+            await trio.to_thread.run_sync(_write_all, self.fd, data)
+        except BrokenPipeError:
+            return False
+        except OSError as exc:
+            raise OutputError(f"cannot write the output: {exc.strerror or exc}") from None
+        return True
+
+    async def close(self) -> None:
+        if self._pending:
+            await self.write(b"")
+
+
+class WavFileSink:
+    """A WAV file whose header states the real length once the listen ends.
+
+    The header is patched on every way out, Ctrl-C included, so what was
+    recorded is always a valid file.
+    """
+
+    def __init__(self, path: Path, fmt: AudioFormat) -> None:
+        self.path = path
+        try:
+            self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
+            self._file.write(wav_header(fmt.sample_format, fmt.sample_rate, fmt.channels, None))
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        self.data_bytes = 0
+
+    async def write(self, data: bytes) -> bool:
+        try:
+            await trio.to_thread.run_sync(self._file.write, data)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+        self.data_bytes += len(data)
+        return True
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True):
+            try:
+                await trio.to_thread.run_sync(self._finish)
+            except OSError as exc:
+                raise OutputError(f"cannot write {self.path}: {exc.strerror or exc}") from None
+
+    def _finish(self) -> None:
+        with self._file:
+            self._file.flush()
+            patch_sizes(self._file, self.data_bytes)
+
+
+class RawFileSink(WavFileSink):
+    """Bare samples to a file (``-o FILE --format s16le``): no header to patch."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
+        except OSError as exc:
+            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        self.data_bytes = 0
+
+    def _finish(self) -> None:
+        with self._file:
+            self._file.flush()
+
+
+class PlayerSink:
+    """A WAV stream into a media player's standard input."""
+
+    def __init__(self, player: object, fmt: AudioFormat) -> None:
+        from .player import Player
+
+        assert isinstance(player, Player)
+        self.player = player
+        self._header = wav_header(fmt.sample_format, fmt.sample_rate, fmt.channels, None)
+
+    async def write(self, data: bytes) -> bool:
+        if self._header:
+            data, self._header = self._header + data, b""
+        return await self.player.feed(data)
+
+    async def close(self) -> None:
+        pass
+
+
+class SpeakerSink:
+    """This machine's speaker through PortAudio, with a small jitter buffer."""
+
+    def __init__(self, speaker: object) -> None:
+        self.speaker = speaker
+
+    async def write(self, data: bytes) -> bool:
+        await self.speaker.write(data)  # type: ignore[attr-defined]
+        return True
+
+    async def close(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await self.speaker.drain()  # type: ignore[attr-defined]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.write(fd, view)
+        view = view[n:]
+
+
+@dataclass
+class ListenStats:
+    """What a listen received, lost and how late it was."""
+
+    start: ListenStart | None = None
+    end: ListenEnd | None = None
+    frames: int = 0
+    lost: int = 0
+    gaps: int = 0
+    latencies_ms: list[float] = field(default_factory=list)
+    stopped_by_user: bool = False
+    sink_gone: bool = False
+
+    def summary(self) -> str:
+        """One line for standard error."""
+        assert self.start is not None
+        rate = self.start.sample_rate
+        parts = [f"{self.frames} frames ({self.frames / rate:.2f} s)"]
+        if self.lost:
+            parts.append(f"{self.lost} lost in {self.gaps} gaps")
+        if self.latencies_ms:
+            lat = sorted(self.latencies_ms)
+            p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+            parts.append(f"latency median {statistics.median(lat):.1f} ms, p99 {p99:.1f} ms")
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class ListenOptions:
+    """How to listen: the format asked for, the latency bound, the preroll, the length."""
+
+    sample_format: str | None = None
+    sample_rate: int | None = None
+    channels: int | None = None
+    max_latency_ms: int = 500
+    preroll_ms: int = 0
+    duration: float | None = None
+    fill_gaps: bool = True
+
+
+SinkOpener = Callable[[AudioFormat], AbstractAsyncContextManager[Sink]]
+
+
+async def listen(
+    client: Client, channel: str, options: ListenOptions, open_sink: SinkOpener
+) -> ListenStats:
+    """Receive ``channel`` into the sink ``open_sink`` makes for the stream's format.
+
+    The first Ctrl-C (SIGINT) or SIGTERM asks the server to stop, so the
+    audio already on its way is still written and a WAV file is finished
+    properly; a second one interrupts at once. ``--duration`` becomes an
+    exact frame count for the server (at the channel's rate, asked first on
+    the same connection when no ``--rate`` is given).
+    """
+    stats = ListenStats()
+    frames = None
+    if options.duration is not None:
+        rate = options.sample_rate
+        if rate is None:
+            known = {c.name: c for c in await client.channels()}
+            rate = known[channel].sample_rate if channel in known else 48000
+        frames = max(1, round(options.duration * rate))
+    async with client.listen(
+        channel,
+        sample_format=options.sample_format,
+        sample_rate=options.sample_rate,
+        channels=options.channels,
+        max_latency_ms=options.max_latency_ms,
+        preroll_ms=options.preroll_ms,
+        frames=frames,
+    ) as audio:
+        start = audio.start
+        assert start is not None
+        stats.start = start
+        fmt = AudioFormat(start.sample_format, start.sample_rate, start.channels)
+        bpf = fmt.bytes_per_frame
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async with open_sink(fmt) as sink, trio.open_nursery() as nursery:
+
+                async def on_signal() -> None:
+                    async for _ in signals:
+                        if stats.stopped_by_user:
+                            nursery.cancel_scope.cancel()  # the second signal: now
+                            raise KeyboardInterrupt
+                        stats.stopped_by_user = True
+                        await audio.stop()
+
+                nursery.start_soon(on_signal)
+                async for event in audio:
+                    if isinstance(event, Audio):
+                        stats.latencies_ms.append((time.time_ns() - event.time_ns) / 1e6)
+                        ok = await sink.write(event.payload)
+                        stats.frames += len(event.payload) // bpf
+                    else:
+                        stats.gaps += 1
+                        stats.lost += event.frames
+                        log.warning(
+                            "lost %d frames (%.0f ms) at frame %d: this listener fell behind",
+                            event.frames,
+                            event.frames * 1000 / fmt.sample_rate,
+                            event.position,
+                        )
+                        ok = not options.fill_gaps or await sink.write(bytes(event.frames * bpf))
+                    if not ok:
+                        stats.sink_gone = True
+                        await audio.stop()
+                        break
+                nursery.cancel_scope.cancel()
+        stats.end = audio.end
+    return stats
+
+
+@dataclass(frozen=True)
+class PublishSource:
+    """A local source for ``publish``: its format, a description, and its reader."""
+
+    format: AudioFormat
+    description: str
+    read: Callable[[Hub], Awaitable[None]]
+
+
+#: frames of live audio per chunk a publisher sends: 20 ms
+def chunk_frames(fmt: AudioFormat) -> int:
+    """Frames in one 20 ms chunk of ``fmt``."""
+    return max(1, fmt.sample_rate // 50)
+
+
+def file_source(path: Path, fmt: AudioFormat, ffmpeg: str | None = None) -> PublishSource:
+    """A local file, decoded by ffmpeg to ``fmt`` and paced in real time."""
+    from .live.sources import run_decoded
+
+    async def read(hub: Hub) -> None:
+        await run_decoded(hub, [path], loop=False, ffmpeg=ffmpeg, chunk_frames=chunk_frames(fmt))
+
+    return PublishSource(fmt, path.name, read)
+
+
+def mic_source(device: str | None, fmt: AudioFormat) -> PublishSource:
+    """This machine's microphone (or the input device named ``device``)."""
+    from .live.sources import run_mic
+
+    async def read(hub: Hub) -> None:
+        await run_mic(hub, device, chunk_frames=chunk_frames(fmt))
+
+    return PublishSource(fmt, f"mic:{device}" if device else "mic", read)
+
+
+def stdin_source(fmt: AudioFormat, fd: int = 0, *, realtime: bool = False) -> PublishSource:
+    """Raw samples from standard input, forwarded as they come (paced with ``realtime``)."""
+    from .live.pacing import Pacer
+    from .live.sources import FrameCutter
+
+    async def read(hub: Hub) -> None:
+        cutter = FrameCutter(fmt.bytes_per_frame, chunk_frames(fmt))
+        pacer = Pacer(fmt.sample_rate) if realtime else None
+        while True:
+            try:
+                data = await trio.to_thread.run_sync(os.read, fd, 64 * 1024, abandon_on_cancel=True)
+            except OSError as exc:
+                raise OutputError(f"cannot read standard input: {exc.strerror or exc}") from None
+            pieces = cutter.feed(data) if data else [t for t in [cutter.flush()] if t]
+            for piece in pieces:
+                if pacer is not None:
+                    await pacer.wait_for(hub.position + len(piece) // fmt.bytes_per_frame)
+                hub.publish(piece)
+            if not data:
+                return
+
+    return PublishSource(fmt, "stdin", read)
+
+
+@dataclass
+class PublishStats:
+    """What a publish sent."""
+
+    frames: int = 0
+    lost: int = 0
+    accepted: int | None = None
+    stopped_by_user: bool = False
+
+
+async def publish(client: Client, channel: str, source: PublishSource) -> PublishStats:
+    """Feed ``channel`` from ``source`` until the source ends or Ctrl-C.
+
+    The source publishes into a local hub and this function is its one
+    listener, forwarding to the server: the network never holds up a device
+    callback, and if the network falls behind by more than 5 s the oldest
+    local audio is dropped (and reported) instead of growing a queue.
+    """
+    fmt = source.format
+    stats = PublishStats()
+    hub = Hub(fmt, history_seconds=0)
+    with (
+        trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
+        hub.subscribe(max_backlog_frames=5 * fmt.sample_rate, lag_limit=math.inf) as sub,
+    ):
+        async with client.publish(
+            channel,
+            sample_rate=fmt.sample_rate,
+            channels=fmt.channels,
+            sample_format=fmt.sample_format,
+            source=source.description,
+        ) as pub:
+            with single_errors():
+                async with trio.open_nursery() as nursery:
+                    reading = trio.CancelScope()
+
+                    async def read() -> None:
+                        with reading:
+                            await source.read(hub)
+                        hub.close("source_ended", "the source ended")
+
+                    async def on_signal() -> None:
+                        async for _ in signals:
+                            if stats.stopped_by_user:
+                                nursery.cancel_scope.cancel()
+                                raise KeyboardInterrupt
+                            stats.stopped_by_user = True
+                            reading.cancel()
+
+                    nursery.start_soon(read)
+                    nursery.start_soon(on_signal)
+                    while not isinstance(item := await sub.next(), End):
+                        if isinstance(item, Gap):
+                            stats.lost += item.frames
+                            log.warning("the network fell behind: %d frames not sent", item.frames)
+                            continue
+                        assert isinstance(item, Chunk)
+                        await pub.send(item.data)
+                        stats.frames += len(item.data) // fmt.bytes_per_frame
+                    nursery.cancel_scope.cancel()
+        stats.accepted = pub.done.frames if pub.done is not None else None
+    return stats
