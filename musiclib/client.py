@@ -28,6 +28,7 @@ from .errors import (
     Timeout,
     UsageError,
     server_error,
+    single_errors,
 )
 from .protocol import (
     Audio,
@@ -293,11 +294,12 @@ class Client:
         if not isinstance(event, PublishReady):
             raise RemoteProtocolError(f"expected publish_ready, got {type(event).__name__}")
         publisher = Publisher(self, request)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(publisher._watch)
-            yield publisher
-            await publisher._end()
-            nursery.cancel_scope.cancel()
+        with single_errors():
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(publisher._watch)
+                yield publisher
+                await publisher._end()
+                nursery.cancel_scope.cancel()
 
     async def aclose(self) -> None:
         """Close the connection (also in the middle of a stream)."""

@@ -26,18 +26,22 @@ from musiclib.protocol import (
     MAX_DATA_SIZE,
     NEED_DATA,
     PAGE_BUDGET,
+    Audio,
     Closed,
     Connection,
     Data,
     Error,
     Event,
+    GapNotice,
     Hello,
     InfoReply,
     InfoRequest,
     ListEnd,
+    ListenEnd,
     ListRequest,
     Message,
     NeedData,
+    PublishDone,
     Role,
     State,
     StreamEnd,
@@ -633,10 +637,24 @@ def test_the_example_in_protocol_md_is_exact() -> None:
     import re
     from pathlib import Path
 
+    seen = _replay_example("## Example\n", 6)
+    assert seen[0] == Hello(version=1, client="demo")
+    assert seen[3] == StreamStart(path="a/x.mp3", size=3, version="3-0", length=3)
+    assert seen[4] == Data(b"ID3")
+    assert seen[5] == StreamEnd(sent=3, sha256=hashlib.sha256(b"ID3").hexdigest())
+
+
+def _replay_example(heading: str, frames: int) -> list[Event]:
+    """Feed one example section of PROTOCOL.md through a client and a server object:
+    each frame must parse, and the sender must produce exactly those bytes."""
+    import re
+    from pathlib import Path
+
     doc = (Path(__file__).parent.parent / "PROTOCOL.md").read_text()
-    example = doc[doc.index("## Example") :]
-    lines = re.findall(r"^\s+([CS]) ([0-9a-f]{2}) ([0-9a-f]{8}) \| ([0-9a-f ]+)$", example, re.M)
-    assert len(lines) == 6
+    section = doc[doc.index(heading) :]
+    section = section[: section.find("\n## ", 1) if "\n## " in section[1:] else None]
+    lines = re.findall(r"^\s+([CS]) ([0-9a-f]{2}) ([0-9a-f]{8}) \| ([0-9a-f ]+)$", section, re.M)
+    assert len(lines) == frames
     client, server = Connection(Role.CLIENT), Connection(Role.SERVER)
     seen: list[Event] = []
     for who, kind, length, body in lines:
@@ -651,11 +669,24 @@ def test_the_example_in_protocol_md_is_exact() -> None:
                 assert _send(sender, event) == frame
             elif isinstance(event, Data):
                 assert _send(sender, event.payload) == frame
-    assert seen[0] == Hello(version=1, client="demo")
-    assert seen[3] == StreamStart(path="a/x.mp3", size=3, version="3-0", length=3)
-    assert seen[4] == Data(b"ID3")
-    assert seen[5] == StreamEnd(sent=3, sha256=hashlib.sha256(b"ID3").hexdigest())
+            elif isinstance(event, Audio):
+                head = sender.send_audio_header(event.position, event.time_ns, len(event.payload))
+                assert head + event.payload == frame
     assert client.state is server.state is State.IDLE
+    return seen
+
+
+def test_the_version_2_example_in_protocol_md_is_exact() -> None:
+    """The live example: a listen with a gap and a stop, then a publish."""
+    seen = _replay_example("## Example, version 2", 13)
+    assert seen[0] == Hello(version=2, client="demo")
+    assert seen[4] == Audio(320, 1_796_000_000_000_000_000, b"\x01\x00\xff\xff")
+    assert seen[5] == GapNotice(position=322, frames=160)
+    assert seen[7] == ListenEnd(
+        reason="stopped", message="stopped by the listener", frames=2, lost=160
+    )
+    assert seen[10] == Data(b"\x01\x00\xff\xff")
+    assert seen[12] == PublishDone(frames=2)
 
 
 def _client_in_decoded_stream(fmt: str = "s16le", channels: int = 2) -> Connection:

@@ -161,6 +161,8 @@ class Channel:
     hub: Hub
     #: the address of the publishing client, for a published channel
     publisher: str | None = None
+    #: called when the server shuts down (a publish stops reading its client)
+    on_shutdown: Callable[[], None] | None = None
     _converters: dict[AudioFormat, _Converter] = field(default_factory=dict)
 
     @property
@@ -253,8 +255,10 @@ class Channels:
     def shutdown(self) -> None:
         """End every channel for its listeners (``shutdown``); sources stop with the nursery."""
         self.stopping = True
-        for channel in self._channels.values():
+        for channel in tuple(self._channels.values()):
             channel.hub.close("shutdown", "the server is shutting down")
+            if channel.on_shutdown is not None:
+                channel.on_shutdown()
 
     async def run(
         self,
@@ -348,21 +352,20 @@ class Channels:
             del channel._converters[fmt]
 
 
-#: input frames ffmpeg may hold back: its raw PCM demuxer reads 1024-sample packets
-CONVERTER_HOLD = 1024
-
-
 async def _caught_up(source: Hub, out: Hub, *, limit: float = 2.0) -> None:
     """Wait (at most ``limit`` s) until a new converter has converted the history it
     was primed with, so that its first listeners join at the live edge instead of
     finding seconds of history queued as if it were live."""
-    from .convert import scale_position
+    from .convert import input_packet_frames, scale_position
 
     in_rate, out_rate = source.format.sample_rate, out.format.sample_rate
-    held = CONVERTER_HOLD + 2 * round(in_rate * CHUNK_SECONDS)
+    # ffmpeg's raw PCM demuxer holds back up to one packet (1024 frames at 16 kHz)
+    held = input_packet_frames(in_rate) + 2 * round(in_rate * CHUNK_SECONDS)
     target = scale_position(max(0, source.position - held), in_rate, out_rate)
     with trio.move_on_after(limit):
-        while out.position < target and not out.closed:
+        # a short bounded poll: the hub has no "position reached" wake-up, and this
+        # runs once per converter start
+        while out.position < target and not out.closed:  # noqa: ASYNC110
             await trio.sleep(0.005)
 
 

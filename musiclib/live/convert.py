@@ -19,9 +19,12 @@ chunk is stamped with the capture time of the input frame it corresponds
 to, interpolated from the source chunk holding that frame.
 
 Latency: ffmpeg's raw PCM demuxer reads its input in packets of the largest
-power of two of frames not above a tenth of a second (1024 frames at 16 kHz:
-64 ms; 4096 at 44.1 or 48 kHz: 85-93 ms) and waits for a whole packet before
-converting, so a conversion adds up to that much. Neither ``-fflags
+power of two of frames not above a tenth of a second
+(:func:`input_packet_frames`: 1024 frames at 16 kHz, 64 ms; 4096 at 44.1 or
+48 kHz, 85-93 ms) and waits for a whole packet before converting, so a
+conversion adds up to that much: measured from a source's capture stamp to
+the converted chunk's publication, 20-80 ms (median 40) from 16 kHz and
+20-100 ms (median 60) from 44.1 or 48 kHz, with 20 ms source chunks. Neither ``-fflags
 nobuffer``, ``-avioflags direct``, ``-probesize`` nor ``-blocksize`` changes
 it (measured with ffmpeg 9.0); it is documented rather than fought.
 """
@@ -67,6 +70,18 @@ def convert_command(ffmpeg: str, source: AudioFormat, target: AudioFormat) -> li
     cmd += ["-ar", str(target.sample_rate), "-ac", str(target.channels)]
     cmd += ["-flush_packets", "1", "pipe:1"]
     return cmd
+
+
+def input_packet_frames(sample_rate: int) -> int:
+    """Input frames ffmpeg's raw PCM demuxer waits for before converting any of them.
+
+    The largest power of two not above a tenth of a second: 512 at 8 kHz, 1024
+    at 11.025-16 kHz, 2048 at 22.05-32 kHz, 4096 at 44.1-48 kHz (measured with
+    ffmpeg 9.0 for all of these, mono and stereo). A converter holds back up to
+    this much of its input, so this is the latency a conversion adds at most,
+    besides the output cutter's partial chunk.
+    """
+    return 1 << max(0, (sample_rate // 10).bit_length() - 1)
 
 
 def scale_position(position: int, from_rate: int, to_rate: int) -> int:

@@ -245,26 +245,28 @@ async def serve_publish(
             fmt.sample_rate,
             fmt.channels,
         )
-        while True:
-            event = await session.next_event(silence_timeout)
-            if isinstance(event, Data):
-                pending += event.payload
-                whole = len(pending) - len(pending) % bpf
-                for i in range(0, whole, chunk_bytes):  # a flood still arrives in live-sized chunks
-                    piece = bytes(pending[i : min(i + chunk_bytes, whole)])
-                    hub.publish(piece)
-                    frames += len(piece) // bpf
-                del pending[:whole]
-                if channels.stopping:
-                    raise ShuttingDown("the server is shutting down")
-            elif isinstance(event, PublishEnd):
-                reason = "the publisher ended"
-                await session.send(PublishDone(frames=frames))
-                return
-            elif isinstance(event, Closed):
-                raise PeerLeft("hung up while publishing")
-            else:
-                raise RemoteProtocolError(f"unexpected {type(event).__name__} while publishing")
+        with trio.CancelScope() as reading:
+            channel.on_shutdown = reading.cancel  # a read cancelled between frames loses nothing
+            while True:
+                event = await session.next_event(silence_timeout)
+                if isinstance(event, Data):
+                    pending += event.payload
+                    whole = len(pending) - len(pending) % bpf
+                    for i in range(0, whole, chunk_bytes):  # a flood still goes out in live chunks
+                        piece = bytes(pending[i : min(i + chunk_bytes, whole)])
+                        hub.publish(piece)
+                        frames += len(piece) // bpf
+                    del pending[:whole]
+                elif isinstance(event, PublishEnd):
+                    reason = "the publisher ended"
+                    await session.send(PublishDone(frames=frames))
+                    return
+                elif isinstance(event, Closed):
+                    raise PeerLeft("hung up while publishing")
+                else:
+                    raise RemoteProtocolError(f"unexpected {type(event).__name__} while publishing")
+        reason = "the server is shutting down"
+        raise ShuttingDown("the server is shutting down")
     finally:
         log.info("%s: publish %s ended: %d frames", session.peer, channel.name, frames)
         hub.close("publisher_left", f"channel {channel.name!r}: {reason}")

@@ -31,6 +31,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Literal
 
 import trio
 
@@ -172,7 +173,7 @@ class _PacedPublisher:
     captured just before ffmpeg handed it over).
     """
 
-    def __init__(self, hub: Hub, *, stamp: str) -> None:
+    def __init__(self, hub: Hub, *, stamp: Literal["schedule", "now"]) -> None:
         self.hub = hub
         self.stamp_schedule = stamp == "schedule"
         self.bytes_per_frame = hub.format.bytes_per_frame
