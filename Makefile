@@ -5,7 +5,11 @@ BIN     := $(VENV)/bin
 ROOT    ?= library
 PORT    ?= 7650
 
-.PHONY: install serve test test-fast lint fuzz library bench clean
+.PHONY: install system-deps serve test test-fast lint fuzz library bench clean
+
+# What the device tests (tests/test_devices.py) need from the system: PortAudio, ALSA's
+# pulse plugin and a PulseAudio daemon with its tools. Without them those tests skip.
+SYSTEM_DEPS := libportaudio2 libasound2-plugins pulseaudio pulseaudio-utils
 
 $(BIN)/musiclib: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,10 +19,31 @@ $(BIN)/musiclib: pyproject.toml
 
 install: $(BIN)/musiclib  ## create .venv and install musiclib with its dev tools
 
+system-deps:  ## install SYSTEM_DEPS with apt-get when root; never fails, says what is missing
+	-@if ! command -v dpkg >/dev/null 2>&1; then \
+		echo "system-deps: no dpkg to check for $(SYSTEM_DEPS); device tests skip what is missing"; \
+		exit 0; \
+	fi; \
+	missing=""; \
+	for pkg in $(SYSTEM_DEPS); do \
+		dpkg-query -W -f='$${Status}' $$pkg 2>/dev/null | grep -q 'ok installed' \
+			|| missing="$$missing $$pkg"; \
+	done; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "system-deps: installing$$missing (for the device tests)"; \
+		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+			apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
+		|| echo "system-deps: could not install$$missing; device tests will skip"; \
+	else \
+		echo "system-deps: missing$$missing (install them as root); device tests will skip"; \
+	fi; \
+	exit 0
+
 serve: install  ## install, then serve ./library on 127.0.0.1:7650
 	$(BIN)/musiclib serve --root $(ROOT) --port $(PORT)
 
-test: install  ## the whole test suite, then lint
+test: install system-deps  ## the whole test suite, then lint
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory lint
 

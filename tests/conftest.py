@@ -290,3 +290,46 @@ def cli_popen() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
             for pipe in (process.stdout, process.stderr):
                 if pipe is not None:
                     pipe.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Sound devices without a sound card (musiclib.devices, issue 11). The machinery, and what
+# PulseAudio and PortAudio preserve, is in tests/audio_env.py; these fixtures only call it.
+# ---------------------------------------------------------------------------------------------
+
+import audio_env  # noqa: E402  (a plain module next to this file)
+
+
+@pytest.fixture(scope="session")
+def pulse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[audio_env.Pulse]:
+    """A private PulseAudio daemon for the rest of the session: paplay into ``mic`` is the
+    default input, the default output is heard on ``spk.monitor``. Sets XDG_RUNTIME_DIR,
+    HOME and PULSE_SERVER for this process and its children; skips if a part is missing."""
+    problem = audio_env.pulse_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    with audio_env.running_pulse(tmp_path_factory.mktemp("pulse")) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def alsa_file_input(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., audio_env.FileInput]]:
+    """Factory: ``alsa_file_input(data, paced=False)`` defines an ALSA input device that
+    yields ``data`` byte for byte, for this test (one at a time); ``paced`` needs ``pulse``."""
+    problem = audio_env.portaudio_problem()
+    if problem is not None:
+        pytest.skip(problem)
+    with ExitStack() as stack:
+
+        def make(data: bytes, *, paced: bool = False) -> audio_env.FileInput:
+            if paced:
+                problem = audio_env.pulse_problem()
+                if problem is not None:
+                    pytest.skip(problem)
+                request.getfixturevalue("pulse")
+            stack.close()  # the previous one, if any: the environment holds one device
+            return stack.enter_context(audio_env.file_input(tmp_path, data, paced=paced))
+
+        yield make
