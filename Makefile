@@ -50,8 +50,8 @@ test: install system-deps  ## the whole test suite, then lint
 test-fast: install  ## the suite without the real-socket end-to-end tests
 	$(BIN)/python -m pytest -q -m "not e2e"
 
-fuzz: install  ## the protocol's three property tests, 40 000 generated cases each
-	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_protocol.py \
+fuzz: install  ## the protocol property tests (versions 1 and 2), 40 000 generated cases each
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_protocol.py tests/test_protocol_live.py \
 		-k "random_bytes or any_split or generated_messages" --hypothesis-profile=fuzz \
 		--hypothesis-show-statistics
 

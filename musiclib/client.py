@@ -294,12 +294,33 @@ class Client:
         if not isinstance(event, PublishReady):
             raise RemoteProtocolError(f"expected publish_ready, got {type(event).__name__}")
         publisher = Publisher(self, request)
-        with single_errors():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(publisher._watch)
-                yield publisher
-                await publisher._end()
-                nursery.cancel_scope.cancel()
+        try:
+            with single_errors():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(publisher._watch)
+                    yield publisher
+                    await publisher._end()
+                    nursery.cancel_scope.cancel()
+        finally:
+            await self._settle_publish()
+
+    async def _settle_publish(self) -> None:
+        """After a publish that did not end cleanly: owe the server nothing.
+
+        The server ended it with an error: ``publish_end`` returns the
+        connection to idle (PROTOCOL.md). Anything else unfinished (we were
+        interrupted mid-publish) cannot be resumed: close the connection.
+        """
+        state = self._conn.state
+        if state is State.PUBLISH_ABORTED:
+            with trio.CancelScope(shield=True), trio.move_on_after(1):
+                try:
+                    await self._send(PublishEnd(sent=self._conn.payload_sent))
+                    return
+                except (ConnectionLost, Timeout, LocalProtocolError):
+                    pass
+        if state is not State.IDLE:
+            await self.aclose()
 
     async def aclose(self) -> None:
         """Close the connection (also in the middle of a stream)."""

@@ -192,6 +192,9 @@ class Welcome(Message):
     tracks: int = 0
     scanning: bool = False
 
+    def problem(self) -> str | None:
+        return "version must be positive" if self.version < 1 else None
+
 
 @dataclass(frozen=True, slots=True)
 class ListRequest(Message):
@@ -992,7 +995,8 @@ class Connection:
         self._hello_version = 1
         self._audio_next = 0  # position the next audio frame must start at (listening)
         self._audio_frames = 0  # frames sent in audio frames in the current listen
-        self._audio_body: int | None = None  # length of the audio frame being received
+        self._audio_lost = 0  # frames announced in gaps in the current listen
+        self._write_broken = False  # a write of ours stopped part way (send_failed)
 
     # ---- receiving ------------------------------------------------------
 
@@ -1010,6 +1014,11 @@ class Connection:
             self._direct_size += len(piece)
             data = data[len(piece) :]
         self._buf += data
+
+    @property
+    def payload_sent(self) -> int:
+        """Payload bytes of data frames in the current stream or publish so far."""
+        return self._stream_sent
 
     @property
     def trailing_data(self) -> tuple[bytes, bool]:
@@ -1131,6 +1140,8 @@ class Connection:
 
     def send(self, msg: Message) -> bytes:
         """The frame for ``msg``, after checking that we may send it now."""
+        if self._write_broken:
+            raise LocalProtocolError("a write failed part way; nothing more may be sent")
         problem = msg.problem()
         if problem:
             raise LocalProtocolError(f"{msg.TYPE}: {problem}")
@@ -1160,6 +1171,8 @@ class Connection:
         bpf = self._frame_bytes or 1
         if length <= 0 or length % bpf or length > MAX_DATA_SIZE:
             raise LocalProtocolError(f"audio of {length} bytes is not 1..{MAX_DATA_SIZE} frames")
+        if not (0 <= position < 2**64 and -(2**63) <= time_ns < 2**63):
+            raise LocalProtocolError("position or time_ns out of range for an audio frame")
         self._count_audio(position, length // bpf, LocalProtocolError)
         return HEADER.pack(KIND_AUDIO, AUDIO_HEADER.size + length) + AUDIO_HEADER.pack(
             position, time_ns
@@ -1167,6 +1180,7 @@ class Connection:
 
     def send_failed(self) -> None:
         """Our write failed part way: the byte stream is broken, nothing more may be sent."""
+        self._write_broken = True
         self.state = State.ERROR
 
     # ---- the transition table ------------------------------------------
@@ -1188,18 +1202,24 @@ class Connection:
         if isinstance(msg, Hello):
             self._hello_version = msg.version
         elif isinstance(msg, Welcome):
+            if msg.version > self._hello_version:  # the server picks, at most the client's
+                raise exc(f"welcome of version {msg.version} to a hello of {self._hello_version}")
             self.version = min(msg.version, PROTOCOL_VERSION)
         elif isinstance(msg, ListenStart):
             self._frame_bytes = msg.bytes_per_frame
             self._audio_next = msg.position
             self._audio_frames = 0
+            self._audio_lost = 0
         elif isinstance(msg, ListenEnd):
             if msg.frames != self._audio_frames:
                 raise exc(f"listen_end says {msg.frames} frames, {self._audio_frames} were sent")
+            if msg.lost != self._audio_lost:
+                raise exc(f"listen_end says {msg.lost} frames lost, gaps said {self._audio_lost}")
         elif isinstance(msg, GapNotice):
             if msg.position != self._audio_next:
                 raise exc(f"gap at frame {msg.position} where frame {self._audio_next} was due")
             self._audio_next += msg.frames
+            self._audio_lost += msg.frames
         elif isinstance(msg, PublishRequest):
             self._frame_bytes = msg.bytes_per_frame
             self._stream_left = None

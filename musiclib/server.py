@@ -743,6 +743,9 @@ class _ConnectionHandler:
         try:
             with trio.fail_after(self.config.send_timeout):
                 await self.stream.send_all(data)
+        except trio.Cancelled:
+            self.conn.send_failed()  # part of the frame may be out: nothing else may follow
+            raise
         except trio.TooSlowError:
             raise _PeerGone(f"stopped reading for {self.config.send_timeout:g} s") from None
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

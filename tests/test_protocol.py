@@ -634,8 +634,6 @@ def test_protocol_module_imports_no_io_libraries() -> None:
 
 def test_the_example_in_protocol_md_is_exact() -> None:
     """Feed PROTOCOL.md's example through real connection objects of both roles."""
-    import re
-    from pathlib import Path
 
     seen = _replay_example("## Example\n", 6)
     assert seen[0] == Hello(version=1, client="demo")

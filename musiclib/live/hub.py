@@ -14,7 +14,8 @@ here the listener keeps a sample-exact account.
 A listener that keeps losing audio (at least once a second) for ``lag_limit``
 seconds is cut: its queue is freed and it gets an :class:`End` whose reason
 is ``too_slow``. Memory per listener is therefore bounded by what it declared
-(``max_backlog_frames`` plus the preroll it asked for), and the chunks
+(``max_backlog_frames`` plus the preroll it asked for; the newest chunk is never
+dropped, so a backlog shorter than one chunk still gets audio), and the chunks
 themselves are shared: a queue holds references, not copies.
 
 The hub also keeps the last ``history_seconds`` of audio, so a new listener
@@ -265,7 +266,9 @@ class Subscription:
         """Drop the oldest audio until the queue fits again; cut a listener that stays behind."""
         limit = self.max_backlog_frames + self._preroll_left
         queue = self._queue
-        while self._queued > limit and queue:
+        lost_before = self.lost_frames
+        # the newest chunk (just offered) is not behind, even when it alone exceeds the limit
+        while self._queued > limit and len(queue) > 1:
             item = queue.popleft()
             span = _span(item, self._bpf)
             if isinstance(item, Chunk):
@@ -277,6 +280,8 @@ class Subscription:
             self._lost = (
                 Gap(item.position, span) if lost is None else Gap(lost.position, lost.frames + span)
             )
+        if self.lost_frames == lost_before:
+            return  # no audio lost: not a step towards a cut
         now = trio.current_time()
         if self._last_drop is None or now - self._last_drop > LAG_WINDOW:
             self._streak_start = now
@@ -338,11 +343,15 @@ class Subscription:
         return self._end
 
     async def next(self) -> Chunk | Gap | End:
-        """The next chunk, gap, or the end; waits for the source if nothing is queued."""
+        """The next chunk, gap, or the end; waits for the source if nothing is queued.
+
+        Cancellation-safe: a cancelled call has taken nothing from the queue.
+        """
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             item = self.next_nowait()
             if item is not None:
-                await trio.lowlevel.checkpoint()
+                await trio.lowlevel.cancel_shielded_checkpoint()
                 return item
             await self._lot.park()
 
@@ -353,6 +362,8 @@ class Subscription:
         self._queued = 0
         if self._end is None:
             self._end = End("closed", "the subscription was closed")
+        if self._lot:
+            self._lot.unpark_all()  # a reader waiting in next() gets the end
 
     def __enter__(self) -> Subscription:
         return self

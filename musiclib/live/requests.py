@@ -28,6 +28,7 @@ from ..protocol import (
     Closed,
     Connection,
     Data,
+    Error,
     Event,
     GapNotice,
     ListenEnd,
@@ -44,6 +45,9 @@ from .channels import CHUNK_SECONDS, Channels
 from .hub import Chunk, End, Gap, Subscription
 
 log = logging.getLogger("musiclib.live")
+
+#: seconds a cut listener gets to take the frame being written to it and the error
+CUT_GRACE = 1.0
 
 
 class Session(Protocol):
@@ -117,6 +121,7 @@ async def serve_listen(
                 request.preroll_ms,
             )
             listen = _Listen(session, fmt, request.frames)
+            sub.on_cut = listen.cut
             with single_errors():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(listen.watch_for_stop, nursery.cancel_scope)
@@ -124,9 +129,16 @@ async def serve_listen(
                     nursery.cancel_scope.cancel()
             if listen.hung_up:
                 raise PeerLeft("hung up during a listen")
+            if listen.write_cut:
+                log.warning("%s: cut from %s: stuck mid-frame; closing", session.peer, channel.name)
+                raise PeerLeft("fell behind and stopped reading; closed")
             if end.reason == "too_slow":
                 log.warning("%s: cut from %s: %s", session.peer, channel.name, end.message)
-                raise TooSlow(end.message)
+                with trio.move_on_after(CUT_GRACE) as sending:  # a peer that reads so little
+                    await session.send(Error(TooSlow.code, end.message))  # gets little time
+                if sending.cancelled_caught:
+                    raise PeerLeft("fell behind and stopped reading; closed")
+                return
             if end.reason == "shutdown" and channels.stopping:
                 end = End("shutdown", "the server is shutting down")
             await session.send(
@@ -155,7 +167,18 @@ class _Listen:
         self.lost = 0
         self.stopped = False
         self.hung_up = False
+        #: the hub cut this listener while a frame was being written to it
+        self.write_cut = False
         self._waiting: trio.CancelScope | None = None
+        self._writing: trio.CancelScope | None = None
+
+    def cut(self) -> None:
+        """The hub cut this listener. Waiting for audio, it finds the end next. Stuck
+        writing a frame to a peer that stopped reading, the write gets :data:`CUT_GRACE`
+        more seconds; after that it is abandoned, and the connection with it (half a
+        frame cannot be taken back)."""
+        if self._writing is not None:
+            self._writing.deadline = min(self._writing.deadline, trio.current_time() + CUT_GRACE)
 
     async def _next(self, sub: Subscription) -> Chunk | Gap | End | None:
         """The next item; waits for one, unless a stop arrives first (then ``None``)."""
@@ -189,7 +212,13 @@ class _Listen:
             if isinstance(item, Chunk):
                 data = item.data
                 head = conn.send_audio_header(item.position, item.time_ns, len(data))
-                await session.send_bytes(head + data)
+                with trio.CancelScope() as writing:
+                    self._writing = writing
+                    await session.send_bytes(head + data)
+                self._writing = None
+                if writing.cancelled_caught:
+                    self.write_cut = True
+                    return End("too_slow", "cut while writing")
                 self.sent += frames
             else:
                 await session.send(GapNotice(position=item.position, frames=item.frames))
@@ -259,14 +288,15 @@ async def serve_publish(
                     del pending[:whole]
                 elif isinstance(event, PublishEnd):
                     reason = "the publisher ended"
-                    await session.send(PublishDone(frames=frames))
-                    return
+                    break
                 elif isinstance(event, Closed):
                     raise PeerLeft("hung up while publishing")
                 else:
                     raise RemoteProtocolError(f"unexpected {type(event).__name__} while publishing")
-        reason = "the server is shutting down"
-        raise ShuttingDown("the server is shutting down")
+        if reading.cancelled_caught:
+            reason = "the server is shutting down"
+            raise ShuttingDown("the server is shutting down")
+        await session.send(PublishDone(frames=frames))
     finally:
         log.info("%s: publish %s ended: %d frames", session.peer, channel.name, frames)
         hub.close("publisher_left", f"channel {channel.name!r}: {reason}")

@@ -331,6 +331,8 @@ async def run_mic(hub: Hub, device: str | None, *, chunk_frames: int) -> None:
     async with open_input(device, hub.format, block_frames=chunk_frames) as blocks:
         dropped = blocks.overflows
         async for data, time_ns in blocks:
+            if hub.closed:  # ended from outside (the server shuts down): release the device
+                return
             lost, dropped = blocks.overflows - dropped, blocks.overflows
             if lost:
                 log.warning("live: the microphone reader fell behind; %d blocks lost", lost)
