@@ -163,6 +163,8 @@ class Channel:
     publisher: str | None = None
     #: called when the server shuts down (a publish stops reading its client)
     on_shutdown: Callable[[], None] | None = None
+    #: the scope the server-side source runs in: cancelled at shutdown
+    source_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     _converters: dict[AudioFormat, _Converter] = field(default_factory=dict)
 
     @property
@@ -259,6 +261,10 @@ class Channels:
             channel.hub.close("shutdown", "the server is shutting down")
             if channel.on_shutdown is not None:
                 channel.on_shutdown()
+            # devices and ffmpeg are released now, not after the connections' grace period
+            channel.source_scope.cancel()
+            for conv in channel._converters.values():
+                conv.scope.cancel()
 
     async def run(
         self,
@@ -277,7 +283,10 @@ class Channels:
     async def _run_source(self, channel: Channel, read: Callable[[Hub], Awaitable[None]]) -> None:
         hub = channel.hub
         try:
-            await read(hub)
+            with channel.source_scope:
+                await read(hub)
+            if channel.source_scope.cancelled_caught:
+                return  # shut down: the hub says so already
         except MusiclibError as exc:
             log.error("channel %s: %s", channel.name, exc)
             hub.close("source_failed", f"channel {channel.name!r}: {exc}")

@@ -126,9 +126,13 @@ class Hub:
 
     def publish_chunk(self, chunk: Chunk) -> None:
         """Like :meth:`publish` with the position given: a position past :attr:`position`
-        leaves a hole, which every listener is told about as a :class:`Gap`."""
+        leaves a hole, which every listener is told about as a :class:`Gap`.
+
+        After :meth:`close` this does nothing: a source that is still being
+        stopped when its channel ends has nobody left to hear it.
+        """
         if self.end is not None:
-            raise RuntimeError("publish after the hub was closed")
+            return
         frames = self.frames_of(chunk.data)
         if chunk.position < self.position:
             raise ValueError(f"chunk at {chunk.position} overlaps audio up to {self.position}")
