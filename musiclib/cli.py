@@ -772,7 +772,7 @@ def _stream_wav_header(fmt: AudioFormat) -> bytes:
 async def publish(
     channel: str,
     *,
-    from_: Annotated[str, Parameter(name="--from")] = "mic",
+    from_: Annotated[str, Parameter(name="--from", allow_leading_hyphen=True)] = "mic",
     format: Literal["s16le", "f32le"] = "s16le",
     rate: int | None = None,
     channels: int | None = None,

@@ -172,7 +172,7 @@ async def run_stoppable(fn: Callable[[threading.Event], _T]) -> _T:
         raise
 
 
-class _PeerGone(Exception):
+class _PeerGone(PeerLeft):
     """Internal: the peer vanished or stalled; the connection just ends."""
 
 
@@ -349,7 +349,7 @@ class Server:
                 await handler.refuse_busy()
             else:
                 await handler.run()
-        except (_PeerGone, PeerLeft) as exc:
+        except PeerLeft as exc:  # _PeerGone included
             log.info("%s: %s", peer, exc)
         except RemoteProtocolError as exc:
             log.warning("%s: protocol error: %s", peer, exc)

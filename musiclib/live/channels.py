@@ -247,12 +247,14 @@ class Channels:
         return channel
 
     def remove(self, channel: Channel) -> None:
-        """Forget ``channel`` (its name may be used again), ending it if it still runs."""
+        """Forget ``channel`` (its name may be used again), ending it if it still runs.
+
+        Its converters are left to finish: they see the end, let ffmpeg flush
+        the last samples to their listeners, and stop by themselves.
+        """
         channel.hub.close("source_ended", f"channel {channel.name!r} ended")
         if self._channels.get(channel.name) is channel:
             del self._channels[channel.name]
-        for conv in channel._converters.values():
-            conv.scope.cancel()
 
     def shutdown(self) -> None:
         """End every channel for its listeners (``shutdown``); sources stop with the nursery."""

@@ -198,6 +198,8 @@ class _Listen:
             if self.stopped:
                 return End("stopped", "stopped by the listener")
             item = await self._next(sub)
+            if self.hung_up:
+                return End("closed", "the listener hung up")
             if item is None:
                 continue  # a stop arrived while nothing was queued
             if isinstance(item, End):
@@ -235,6 +237,8 @@ class _Listen:
                 event = await self.session.next_event(float("inf"))
             except MessageError as exc:
                 raise RemoteProtocolError(str(exc)) from None
+            except PeerLeft:  # reset or closed under us: the same as a hang-up
+                event = Closed()
             if isinstance(event, StopRequest):
                 self.stopped = True
                 if self._waiting is not None:
