@@ -1,8 +1,8 @@
 """Run the benchmark scenarios, print a table for each, write ``bench/results.json``.
 
 ``python -m bench [--quick] [--only NAME ...]`` (or ``python bench/run.py``). Scenario
-names: ``download``, ``concurrent``, ``paced``, ``startup``, ``client-rss``, ``index``
-(or their numbers 1-6). A scenario that fails is reported as an error and the others
+names: ``download``, ``concurrent``, ``paced``, ``startup``, ``client-rss``, ``index``,
+``live`` (or their numbers 1-7). A scenario that fails is reported as an error and the others
 still run; the exit status is 1 if any failed to run (a FAIL against a target is a
 finding, not an error, and leaves the status at 0).
 """
@@ -47,6 +47,7 @@ SCENARIOS = (
     ("4", "startup", "bench.s4_startup"),
     ("5", "client-rss", "bench.s5_client_rss"),
     ("6", "index", "bench.s6_index"),
+    ("7", "live", "bench.s7_live"),
 )
 
 

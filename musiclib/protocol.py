@@ -1163,9 +1163,16 @@ class Connection:
         self._count_payload(length, LocalProtocolError)
         return HEADER.pack(KIND_DATA, length)
 
-    def send_audio_header(self, position: int, time_ns: int, length: int) -> bytes:
+    def send_audio_header(
+        self, position: int, time_ns: int, length: int, *, commit: bool = True
+    ) -> bytes:
         """Header of an audio frame (kind 3) for ``length`` bytes of samples that the
-        caller writes next; the position must continue the listen without a hole."""
+        caller writes next; the position must continue the listen without a hole.
+
+        With ``commit=False`` the frame is checked but not counted yet: a caller
+        that tries a non-blocking write calls :meth:`commit_audio` once some of
+        it went out, and nothing if none did.
+        """
         if self.our_role is not Role.SERVER or self.state not in _AUDIO_STATES:
             raise LocalProtocolError("audio may only be sent by a server inside a listen")
         bpf = self._frame_bytes or 1
@@ -1173,10 +1180,17 @@ class Connection:
             raise LocalProtocolError(f"audio of {length} bytes is not 1..{MAX_DATA_SIZE} frames")
         if not (0 <= position < 2**64 and -(2**63) <= time_ns < 2**63):
             raise LocalProtocolError("position or time_ns out of range for an audio frame")
-        self._count_audio(position, length // bpf, LocalProtocolError)
+        if commit:
+            self._count_audio(position, length // bpf, LocalProtocolError)
+        elif position != self._audio_next:
+            raise LocalProtocolError(f"audio at {position} where {self._audio_next} was due")
         return HEADER.pack(KIND_AUDIO, AUDIO_HEADER.size + length) + AUDIO_HEADER.pack(
             position, time_ns
         )
+
+    def commit_audio(self, position: int, length: int) -> None:
+        """Count an audio frame checked with ``send_audio_header(..., commit=False)``."""
+        self._count_audio(position, length // (self._frame_bytes or 1), LocalProtocolError)
 
     def send_failed(self) -> None:
         """Our write failed part way: the byte stream is broken, nothing more may be sent."""

@@ -717,6 +717,12 @@ class _ConnectionHandler:
         """The next event from the peer (``_PeerGone`` after ``timeout`` s of silence)."""
         return await self._next_event(timeout)
 
+    def raw_fd(self) -> int | None:
+        """The plain TCP socket's descriptor (``None`` under TLS or on a memory stream)."""
+        if isinstance(self.stream, trio.SocketStream):
+            return self.stream.socket.fileno()
+        return None
+
     async def _next_event(self, timeout: float, *, idle: bool = False) -> Event:
         while True:
             event = self.conn.next_event()

@@ -253,17 +253,25 @@ class Subscription:
         #: first position this listener will see
         self.start_position = preroll[0].position if preroll else hub.position
         self.on_cut: Callable[[], None] | None = None
+        #: a synchronous delivery, tried (from the source's task) for a chunk that would
+        #: otherwise wake a reader waiting on an empty queue; True: it was delivered
+        self.direct: Callable[[Chunk], bool] | None = None
+        self._idle = False  # the reader waits in wait() with nothing taken and nothing queued
+        self._poked = False
 
     # ---- the hub's side -------------------------------------------------
 
     def _offer(self, item: Item, frames: int) -> None:
         if self._end is not None:
             return
+        if self._idle and self.direct is not None and isinstance(item, Chunk) and self.direct(item):
+            return  # the order holds: the reader waits with nothing queued or taken
         self._queue.append(item)
         self._queued += frames
         if self._queued > self.max_backlog_frames + self._preroll_left:
             self._fall_behind()
         if self._lot:
+            self._idle = False
             self._lot.unpark()
 
     def _fall_behind(self) -> None:
@@ -308,6 +316,7 @@ class Subscription:
     def _finish(self, end: End) -> None:
         if self._end is None:
             self._end = end
+        self._idle = False
         if self._lot:
             self._lot.unpark_all()
 
@@ -345,6 +354,27 @@ class Subscription:
                     self._preroll_left = max(0, self._preroll_left - span)
             return item
         return self._end
+
+    def wake(self) -> None:
+        """Make a pending :meth:`wait` return now, though nothing arrived."""
+        self._poked = True
+        self._idle = False
+        if self._lot:
+            self._lot.unpark_all()
+
+    async def wait(self) -> None:
+        """Wait until an item is ready (or :meth:`wake`); takes nothing, so cancelling it
+        loses nothing. While it waits, :attr:`direct` may deliver chunks instead."""
+        if self._poked or self._lost is not None or self._queue or self._end is not None:
+            self._poked = False
+            await trio.lowlevel.checkpoint()
+            return
+        self._idle = True
+        try:
+            await self._lot.park()
+        finally:
+            self._idle = False
+            self._poked = False
 
     async def next(self) -> Chunk | Gap | End:
         """The next chunk, gap, or the end; waits for the source if nothing is queued.

@@ -15,6 +15,7 @@ audio, never a write, so a frame is never cut in half.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from typing import Protocol
 
@@ -48,6 +49,8 @@ log = logging.getLogger("musiclib.live")
 
 #: seconds a cut listener gets to take the frame being written to it and the error
 CUT_GRACE = 1.0
+#: queued audio a listener's task writes at once, at most (about 1 s of 16 kHz stereo)
+BATCH_BYTES = 64 * 1024
 
 
 class Session(Protocol):
@@ -61,6 +64,10 @@ class Session(Protocol):
 
     async def send_bytes(self, data: bytes) -> None:
         """Send raw bytes (a frame the protocol object produced) under the send deadline."""
+
+    def raw_fd(self) -> int | None:
+        """The plain TCP socket's descriptor, for non-blocking writes; ``None`` under TLS
+        or on another kind of stream."""
 
     async def next_event(self, timeout: float) -> Event:
         """The next event from the peer; the peer silent for ``timeout`` s ends the session."""
@@ -120,12 +127,15 @@ async def serve_listen(
                 request.max_latency_ms,
                 request.preroll_ms,
             )
-            listen = _Listen(session, fmt, request.frames)
+            listen = _Listen(session, sub, fmt, request.frames)
             sub.on_cut = listen.cut
             with single_errors():
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(listen.watch_for_stop, nursery.cancel_scope)
-                    end = await listen.send_items(sub)
+                    try:
+                        end = await listen.send_items()
+                    finally:
+                        sub.direct = None
                     nursery.cancel_scope.cancel()
             if listen.hung_up:
                 raise PeerLeft("hung up during a listen")
@@ -157,10 +167,24 @@ async def serve_listen(
 
 
 class _Listen:
-    """One listen's sending loop and its listener watch."""
+    """One listen's sending loop, its direct path, and its listener watch.
 
-    def __init__(self, session: Session, fmt: AudioFormat, frames: int | None) -> None:
+    Two ways out for a chunk. Usually the listener is up to date: its task
+    waits with nothing queued, and the source's own task writes the frame
+    straight into the socket with one non-blocking write (:meth:`direct`),
+    without waking anybody: 1000 listeners cost 1000 writes per chunk, not
+    1000 task switches and deadlines. Otherwise (TLS, a full socket buffer, a
+    backlog, a gap to tell) the chunk is queued and the listener's task sends
+    it under the send deadline. The order holds because the hub offers the
+    direct path only while the task waits with nothing queued or taken, and a
+    half-written direct frame is finished by the task before anything else.
+    """
+
+    def __init__(
+        self, session: Session, sub: Subscription, fmt: AudioFormat, frames: int | None
+    ) -> None:
         self.session = session
+        self.sub = sub
         self.bpf = fmt.bytes_per_frame
         self.left = frames  # positions still to cover (audio and gaps), if limited
         self.sent = 0
@@ -169,8 +193,11 @@ class _Listen:
         self.hung_up = False
         #: the hub cut this listener while a frame was being written to it
         self.write_cut = False
-        self._waiting: trio.CancelScope | None = None
         self._writing: trio.CancelScope | None = None
+        self._pending = b""  # the rest of a frame the direct path could not write whole
+        self._fd = session.raw_fd()
+        if self._fd is not None:
+            sub.direct = self.direct
 
     def cut(self) -> None:
         """The hub cut this listener. Waiting for audio, it finds the end next. Stuck
@@ -180,55 +207,100 @@ class _Listen:
         if self._writing is not None:
             self._writing.deadline = min(self._writing.deadline, trio.current_time() + CUT_GRACE)
 
-    async def _next(self, sub: Subscription) -> Chunk | Gap | End | None:
-        """The next item; waits for one, unless a stop arrives first (then ``None``)."""
-        item = sub.next_nowait()
-        if item is not None:
-            return item
-        with trio.CancelScope() as waiting:
-            self._waiting = waiting
-            item = await sub.next()
-        self._waiting = None
-        return None if waiting.cancelled_caught else item
+    def direct(self, chunk: Chunk) -> bool:
+        """Write ``chunk`` now, from the source's task, if the socket takes it at once."""
+        frames = len(chunk.data) // self.bpf
+        if self.stopped or self.hung_up or self._pending or self._fd is None:
+            return False
+        if self.left is not None and frames >= self.left:
+            return False  # the last one: the task ends the listen after it
+        conn = self.session.conn
+        frame = conn.send_audio_header(chunk.position, chunk.time_ns, len(chunk.data), commit=False)
+        frame += chunk.data
+        try:
+            written = os.write(self._fd, frame)
+        except OSError:  # full (EAGAIN), or broken: the task's own send finds out which
+            return False
+        conn.commit_audio(chunk.position, len(chunk.data))
+        self.sent += frames
+        if self.left is not None:
+            self.left -= frames
+        if written < len(frame):
+            self._pending = frame[written:]
+            self.sub.wake()
+        return True
 
-    async def send_items(self, sub: Subscription) -> End:
-        """Write the subscription's items until an end; returns why it ended."""
-        session, conn = self.session, self.session.conn
+    async def _write(self, data: bytes) -> bool:
+        """Write under the send deadline; False when a cut ran out of grace meanwhile."""
+        with trio.CancelScope() as writing:
+            self._writing = writing
+            await self.session.send_bytes(data)
+        self._writing = None
+        if writing.cancelled_caught:
+            self.write_cut = True
+            return False
+        return True
+
+    async def send_items(self) -> End:
+        """Write the subscription's items until an end; returns why it ended.
+
+        Whatever is queued goes out in one write (up to :data:`BATCH_BYTES`): a
+        listener that fell behind catches up in one wake-up instead of one per
+        chunk, which is what keeps an overloaded server from sliding further.
+        """
+        sub, conn = self.sub, self.session.conn
+        held: Chunk | Gap | End | None = None
         while True:
-            if self.stopped:
-                return End("stopped", "stopped by the listener")
-            item = await self._next(sub)
+            if self._pending:
+                pending, self._pending = self._pending, b""
+                if not await self._write(pending):
+                    return End("too_slow", "cut while writing")
             if self.hung_up:
                 return End("closed", "the listener hung up")
+            if self.stopped:
+                return End("stopped", "stopped by the listener")
+            item, held = held or sub.next_nowait(), None
             if item is None:
-                continue  # a stop arrived while nothing was queued
-            if isinstance(item, End):
-                return item
-            frames = len(item.data) // self.bpf if isinstance(item, Chunk) else item.frames
-            if self.left is not None and frames > self.left:
-                frames = self.left
+                await sub.wait()
+                continue
+            batch: list[bytes] = []
+            size = sent = lost = 0
+            end: End | None = None
+            while item is not None:
+                if isinstance(item, End):
+                    end = item
+                    break
+                if size >= BATCH_BYTES:
+                    held = item
+                    break
+                frames = len(item.data) // self.bpf if isinstance(item, Chunk) else item.frames
+                if self.left is not None and frames > self.left:
+                    frames = self.left
+                    if isinstance(item, Chunk):
+                        item = Chunk(item.position, item.time_ns, item.data[: frames * self.bpf])
+                    else:
+                        item = Gap(item.position, frames)
                 if isinstance(item, Chunk):
-                    item = Chunk(item.position, item.time_ns, item.data[: frames * self.bpf])
+                    data = item.data
+                    batch.append(conn.send_audio_header(item.position, item.time_ns, len(data)))
+                    batch.append(data)
+                    size += len(data) + 21
+                    sent += frames
                 else:
-                    item = Gap(item.position, frames)
-            if isinstance(item, Chunk):
-                data = item.data
-                head = conn.send_audio_header(item.position, item.time_ns, len(data))
-                with trio.CancelScope() as writing:
-                    self._writing = writing
-                    await session.send_bytes(head + data)
-                self._writing = None
-                if writing.cancelled_caught:
-                    self.write_cut = True
-                    return End("too_slow", "cut while writing")
-                self.sent += frames
-            else:
-                await session.send(GapNotice(position=item.position, frames=item.frames))
-                self.lost += item.frames
-            if self.left is not None:
-                self.left -= frames
-                if not self.left:
-                    return End("complete", "the requested frames were sent")
+                    batch.append(conn.send(GapNotice(position=item.position, frames=item.frames)))
+                    lost += frames
+                if self.left is not None:
+                    self.left -= frames
+                    if not self.left:
+                        end = End("complete", "the requested frames were sent")
+                        break
+                item = sub.next_nowait()
+            if batch and not await self._write(b"".join(batch)):
+                return End("too_slow", "cut while writing")
+            self.sent += sent
+            self.lost += lost
+            if end is not None:
+                return end
 
     async def watch_for_stop(self, scope: trio.CancelScope) -> None:
         """Read the listener's side: a ``stop`` ends the listen, end of file ends all."""
@@ -241,8 +313,7 @@ class _Listen:
                 event = Closed()
             if isinstance(event, StopRequest):
                 self.stopped = True
-                if self._waiting is not None:
-                    self._waiting.cancel()
+                self.sub.wake()
                 return
             if isinstance(event, Closed):
                 self.hung_up = True
