@@ -184,6 +184,11 @@ def _setup_logging(level: str, server: bool, fmt: str = "text") -> None:
             handler.setFormatter(JsonLogFormatter())
 
 
+def _lines(_hint: object, value: str, *, delimiter: str | None = None) -> list[str]:
+    """An environment variable holding one value per line (``--channel`` specs have spaces)."""
+    return [line.strip() for line in value.splitlines() if line.strip()]
+
+
 @app.command
 async def serve(
     *,
@@ -206,14 +211,7 @@ async def serve(
     token: Annotated[str | None, Parameter(env_var="MUSICLIB_TOKEN")] = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
-    channel: Annotated[
-        list[str] | None,
-        Parameter(
-            env_var_split=lambda _type, value: [
-                line.strip() for line in value.splitlines() if line.strip()
-            ]
-        ),
-    ] = None,
+    channel: Annotated[list[str] | None, Parameter(env_var_split=_lines)] = None,
     lag_limit: float = 10.0,
     log_level: str = "info",
     log_format: Literal["text", "json"] = "text",

@@ -547,3 +547,20 @@ def test_serve_options_come_from_the_environment(monkeypatch, capsys, tmp_path):
         main(["serve"])
     assert exit_.value.code == 2
     assert f"--root {missing}: not a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("tone=ffmpeg:-f lavfi -i sine\nbad name=mic", "--channel 'bad name=mic': a channel name"),
+        ("a=mic\na=loop:x", "each channel needs a name of its own"),
+        ("a=radio", "unknown source 'radio'"),
+    ],
+)
+def test_serve_channels_come_from_the_environment_one_per_line(monkeypatch, capsys, value, message):
+    """MUSICLIB_SERVE_CHANNEL holds one NAME=SOURCE per line (specs contain spaces)."""
+    monkeypatch.setenv("MUSICLIB_SERVE_CHANNEL", value)
+    with pytest.raises(SystemExit) as exit_:
+        main(["serve", "--root", str(Path(__file__).parent.parent / "library")])
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err

@@ -105,6 +105,8 @@ def parse_channel(text: str) -> ChannelSpec:
             f"--channel {text!r}: unknown source {kind!r} (one of {', '.join(SOURCE_KINDS)})"
         )
     arg = arg.strip()
+    if kind != "ffmpeg" and len(arg) >= 2 and arg[0] == arg[-1] and arg[0] in "\"'":
+        arg = arg[1:-1]  # quoted where no shell removed the quotes (a config file, the env)
     if kind in ("track", "loop", "ffmpeg") and not arg:
         raise UsageError(f"--channel {text!r}: {kind}: needs an argument")
     try:
@@ -125,9 +127,10 @@ def parse_channel(text: str) -> ChannelSpec:
     return spec
 
 
-def album_order(track: TrackInfo) -> tuple[str, int, str]:
-    """How several matches play: album, then track number, then path."""
-    return ((track.album or "").casefold(), track.track or 0, track.path)
+def album_order(track: TrackInfo) -> tuple[bool, str, int, str]:
+    """How several matches play: album (tracks without one last, as ``ls`` sorts), then
+    track number, then path."""
+    return (track.album is None, (track.album or "").casefold(), track.track or 0, track.path)
 
 
 def tracks_for(library: Library, name: str) -> list[TrackInfo]:
