@@ -720,7 +720,7 @@ async def listen(
     )
 
     @contextlib.asynccontextmanager
-    async def open_sink(fmt: AudioFormat) -> AsyncIterator[liveclient.Sink]:
+    async def open_sink(fmt: AudioFormat, frames: int | None) -> AsyncIterator[liveclient.Sink]:
         if output is not None:
             if raw:
                 sink: liveclient.Sink = liveclient.RawFileSink(output)
@@ -740,11 +740,12 @@ async def listen(
             return
         elif argv is not None:
             async with open_player(argv) as p:
-                yield liveclient.PlayerSink(p, fmt)
+                yield liveclient.PlayerSink(p, fmt, frames if fill_gaps else None)
                 await p.finish()
             return
         else:
-            header = b"" if format != "wav" else _stream_wav_header(fmt)
+            known = frames if fill_gaps else None  # without the silence, fewer may come
+            header = b"" if format != "wav" else _stream_wav_header(fmt, known)
             sink = liveclient.FdSink(sys.stdout.fileno(), header)
         try:
             yield sink
@@ -760,10 +761,11 @@ async def listen(
     return 0
 
 
-def _stream_wav_header(fmt: AudioFormat) -> bytes:
+def _stream_wav_header(fmt: AudioFormat, frames: int | None) -> bytes:
     from .wav import wav_header
 
-    return wav_header(fmt.sample_format, fmt.sample_rate, fmt.channels, None)
+    size = None if frames is None else frames * fmt.bytes_per_frame
+    return wav_header(fmt.sample_format, fmt.sample_rate, fmt.channels, size)
 
 
 @app.command

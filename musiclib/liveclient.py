@@ -132,12 +132,14 @@ class RawFileSink(WavFileSink):
 class PlayerSink:
     """A WAV stream into a media player's standard input."""
 
-    def __init__(self, player: object, fmt: AudioFormat) -> None:
+    def __init__(self, player: object, fmt: AudioFormat, frames: int | None = None) -> None:
         from .player import Player
 
         assert isinstance(player, Player)
         self.player = player
-        self._header = wav_header(fmt.sample_format, fmt.sample_rate, fmt.channels, None)
+        size = None if frames is None else frames * fmt.bytes_per_frame
+        # a known length lets the player show it (and gaps are filled, so it holds)
+        self._header = wav_header(fmt.sample_format, fmt.sample_rate, fmt.channels, size)
 
     async def write(self, data: bytes) -> bool:
         if self._header:
@@ -210,7 +212,9 @@ class ListenOptions:
     fill_gaps: bool = True
 
 
-SinkOpener = Callable[[AudioFormat], AbstractAsyncContextManager[Sink]]
+#: makes the sink for a listen's format; the second argument is the number of frames the
+#: listen will write when it is known in advance (``--duration``), for a WAV header
+SinkOpener = Callable[[AudioFormat, "int | None"], AbstractAsyncContextManager[Sink]]
 
 
 async def listen(
@@ -247,7 +251,7 @@ async def listen(
         fmt = AudioFormat(start.sample_format, start.sample_rate, start.channels)
         bpf = fmt.bytes_per_frame
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with open_sink(fmt) as sink, trio.open_nursery() as nursery:
+            async with open_sink(fmt, frames) as sink, trio.open_nursery() as nursery:
 
                 async def on_signal() -> None:
                     async for _ in signals:
