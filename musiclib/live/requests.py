@@ -22,7 +22,14 @@ from typing import Protocol
 import trio
 
 from ..decode import AudioFormat
-from ..errors import MessageError, RemoteProtocolError, ShuttingDown, TooSlow, single_errors
+from ..errors import (
+    LocalProtocolError,
+    MessageError,
+    RemoteProtocolError,
+    ShuttingDown,
+    TooSlow,
+    single_errors,
+)
 from ..protocol import (
     ChannelList,
     ChannelsRequest,
@@ -215,7 +222,12 @@ class _Listen:
         if self.left is not None and frames >= self.left:
             return False  # the last one: the task ends the listen after it
         conn = self.session.conn
-        frame = conn.send_audio_header(chunk.position, chunk.time_ns, len(chunk.data), commit=False)
+        try:
+            frame = conn.send_audio_header(
+                chunk.position, chunk.time_ns, len(chunk.data), commit=False
+            )
+        except LocalProtocolError:  # the listen is failing (the peer broke the protocol and
+            return False  # its task is being cancelled): never raise into the source's task
         frame += chunk.data
         try:
             written = os.write(self._fd, frame)
