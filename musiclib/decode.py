@@ -31,7 +31,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,13 +279,37 @@ async def open_decoder(
         except FileNotFoundError as exc:
             raise InternalError(f"ffmpeg is not available on the server: {exc}") from None
     cmd = decode_command(ffmpeg, source, fmt, start=start, duration=duration)
+    async with open_ffmpeg(cmd, fmt, source=source, chunk_size=chunk_size) as decoder:
+        yield decoder
+
+
+@asynccontextmanager
+async def open_ffmpeg(
+    cmd: Sequence[str],
+    fmt: AudioFormat,
+    *,
+    source: Path,
+    stdin: bool = False,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> AsyncIterator[Decoder]:
+    """Run any ffmpeg command whose standard output is raw ``fmt``; hand out its reader.
+
+    The one place an ffmpeg process is started and ended: ``source`` names
+    the input in failure messages (its path is never shown to a client);
+    with ``stdin`` the process gets a pipe on standard input
+    (``decoder.process.stdin``), else ``/dev/null``. Leaving the block for any
+    reason kills ffmpeg if it still runs, reaps it and closes every pipe.
+    """
     try:
         process = await trio.lowlevel.open_process(
-            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            list(cmd),
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
         )
     except OSError as exc:
         reason = exc.strerror or str(exc)
-        raise InternalError(f"ffmpeg is not available on the server: {ffmpeg}: {reason}") from None
+        raise InternalError(f"ffmpeg is not available on the server: {cmd[0]}: {reason}") from None
     try:
         decoder = Decoder(process, source, fmt, chunk_size)
         with single_errors():
@@ -305,7 +329,7 @@ async def _kill_and_reap(process: trio.Process) -> None:
     if process.returncode is None:
         process.kill()  # ffmpeg holds nothing worth a graceful exit here
     await process.wait()
-    for stream in (process.stdout, process.stderr):
+    for stream in (process.stdin, process.stdout, process.stderr):
         if stream is not None:
             await stream.aclose()
 

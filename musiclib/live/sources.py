@@ -26,23 +26,15 @@ ended (the track list ran out, an error, a shutdown) and says so with
 from __future__ import annotations
 
 import logging
-import subprocess
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Literal
 
-import trio
-
-from ..decode import (
-    AudioFormat,
-    Decoder,
-    _kill_and_reap,
-    ffmpeg_executable,
-    open_decoder,
-)
-from ..errors import DecodeFailed, InternalError, NotFound, single_errors
+from .. import decode
+from ..decode import AudioFormat, Decoder, ffmpeg_executable, open_decoder
+from ..errors import DecodeFailed, InternalError, NotFound
 from .hub import Chunk, Hub
 from .pacing import Pacer
 
@@ -124,40 +116,16 @@ async def open_ffmpeg(
 ) -> AsyncIterator[Decoder]:
     """Run an ffmpeg command line whose standard output is raw ``fmt``; hand out its reader.
 
-    The same shape as :func:`~musiclib.decode.open_decoder`, for a command
-    built elsewhere: the :class:`~musiclib.decode.Decoder` reads standard
-    output and, at its end, raises :class:`~musiclib.errors.DecodeFailed`
-    with ffmpeg's last line of standard error (``cannot decode <label>: ...``)
-    if ffmpeg failed. With ``stdin`` the process gets a pipe on standard input
-    (``decoder.process.stdin``), else ``/dev/null``. Leaving the block for any
-    reason kills ffmpeg if it still runs, reaps it and closes every pipe.
+    :func:`musiclib.decode.open_ffmpeg` with a label for messages
+    (``cannot decode <label>: ...``) instead of an input file, and the live
+    sources' pipe read size.
     """
-    try:
-        process = await trio.lowlevel.open_process(
-            list(cmd),
-            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        raise InternalError(f"ffmpeg is not available on the server: {cmd[0]}: {reason}") from None
-    try:
-        # Decoder wants a path only to name it in messages and hide it in ffmpeg's
-        # lines; a label without a slash is its own name.
-        decoder = Decoder(process, Path(label.replace("/", "_")), fmt, PIPE_READ_SIZE)
-        with single_errors():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(decoder._drain_stderr)
-                try:
-                    yield decoder
-                finally:
-                    nursery.cancel_scope.cancel()
-    finally:
-        with trio.CancelScope(shield=True):
-            await _kill_and_reap(process)
-            if process.stdin is not None:  # _kill_and_reap closes only stdout and stderr
-                await process.stdin.aclose()
+    # the Decoder wants a path only to name it in messages; a label without a slash is its name
+    name = Path(label.replace("/", "_"))
+    async with decode.open_ffmpeg(
+        cmd, fmt, source=name, stdin=stdin, chunk_size=PIPE_READ_SIZE
+    ) as decoder:
+        yield decoder
 
 
 class _PacedPublisher:
