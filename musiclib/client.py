@@ -3,15 +3,14 @@
 ``open_client()`` connects and shakes hands; the :class:`Client` it yields
 has one method per request. A stream is an async context manager that hands
 out an async iterator of payload chunks (never an async generator holding a
-cancel scope across ``yield``, which trio forbids). trio's and the socket's
-exceptions become :mod:`musiclib.errors` here and nowhere else.
+cancel scope across ``yield``, which trio forbids). Bytes move through a
+:class:`~musiclib.transport.Transport`, which raises only
+:mod:`musiclib.errors`; :func:`~musiclib.transport.open_stream` connects.
 """
 
 from __future__ import annotations
 
-import errno
 import math
-import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import TracebackType
@@ -21,7 +20,6 @@ import trio
 
 from . import __version__
 from .errors import (
-    ConnectError,
     ConnectionLost,
     LocalProtocolError,
     RemoteProtocolError,
@@ -67,6 +65,7 @@ from .protocol import (
     TrackPage,
     Welcome,
 )
+from .transport import Transport, open_stream
 
 if TYPE_CHECKING:
     import ssl
@@ -91,19 +90,6 @@ def parse_address(text: str) -> tuple[str, int]:
     return host, port
 
 
-def _connect_reason(exc: OSError) -> str:
-    """The most telling reason in what ``open_tcp_stream`` raised (it groups the attempts)."""
-    if isinstance(exc, socket.gaierror):
-        return f"unknown host ({exc.strerror or exc})"
-    causes = getattr(exc.__cause__, "exceptions", ())
-    for cause in causes:
-        if isinstance(cause, OSError) and cause.strerror:
-            if len(causes) == 1 and cause.errno == errno.ECONNREFUSED:
-                return "connection refused (is 'musiclib serve' running there?)"
-            return str(cause.strerror).lower()
-    return exc.strerror or str(exc)
-
-
 class Client:
     """A handshaken connection to a musiclib server; one request at a time."""
 
@@ -115,7 +101,9 @@ class Client:
         token: str | None = None,
         version: int = 1,
     ) -> None:
+        #: the stream itself, for tests that write raw bytes or vanish without a word
         self._stream = stream
+        self._transport = Transport(stream, peer="the server")
         self._conn = Connection(Role.CLIENT)
         self._token = token
         self._version = version
@@ -324,9 +312,7 @@ class Client:
 
     async def aclose(self) -> None:
         """Close the connection (also in the middle of a stream)."""
-        with trio.CancelScope(shield=True):
-            with trio.move_on_after(1):
-                await self._stream.aclose()
+        await self._transport.aclose()
 
     # ---- I/O boundary ---------------------------------------------------
 
@@ -339,13 +325,7 @@ class Client:
         await self._send_bytes(self._conn.send(msg))
 
     async def _send_bytes(self, data: bytes) -> None:
-        try:
-            with trio.fail_after(self.timeout):
-                await self._stream.send_all(data)
-        except trio.TooSlowError:
-            raise Timeout(f"the server did not accept data for {self.timeout:g} s") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ConnectionLost(f"connection lost: {exc}") from None
+        await self._transport.send(data, self.timeout)
 
     async def _next_event(self, timeout: float | None = None) -> Event:
         timeout = self.timeout if timeout is None else timeout
@@ -353,14 +333,7 @@ class Client:
             event = self._conn.next_event()
             if not isinstance(event, NeedData):
                 return event
-            try:
-                with trio.fail_after(timeout):
-                    data = await self._stream.receive_some(READ_SIZE)
-            except trio.TooSlowError:
-                raise Timeout(f"the server sent nothing for {timeout:g} s") from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionLost(f"connection lost: {exc}") from None
-            self._conn.receive_data(data)
+            self._conn.receive_data(await self._transport.receive(READ_SIZE, timeout))
 
     async def _reply_event(self, timeout: float | None = None) -> Event:
         """The next event of a reply; errors and a closed connection become exceptions."""
@@ -520,38 +493,15 @@ async def open_client(
     The connection is closed when the block ends.
     """
     host, port = parse_address(address)
-    stream: trio.abc.Stream
-    try:
-        with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(host, port)
-            if ssl_context is not None:
-                stream = trio.SSLStream(stream, ssl_context, server_hostname=host)
-                await stream.do_handshake()
-    except trio.TooSlowError:
-        raise ConnectError(f"cannot connect to {address}: timed out after {timeout:g} s") from None
-    except trio.BrokenResourceError as exc:
-        import ssl  # loaded already: only a TLS handshake gets here
-
-        reason = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
-        raise ConnectError(f"TLS with {address} failed: {_ssl_reason(reason)}") from None
-    except OSError as exc:
-        raise ConnectError(f"cannot connect to {address}: {_connect_reason(exc)}") from None
+    stream = await open_stream(
+        host, port, timeout=timeout, ssl_context=ssl_context, address=address
+    )
     client = Client(stream, timeout=timeout, token=token, version=version)
     try:
         await client.handshake()
         yield client
     finally:
         await client.aclose()
-
-
-def _ssl_reason(exc: BaseException) -> str:
-    import ssl
-
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"the server's certificate is not trusted ({exc.verify_message})"
-    if isinstance(exc, ssl.SSLError):
-        return exc.reason or str(exc)
-    return str(exc) or "the server closed the connection (is it a TLS server?)"
 
 
 def tls_context(cafile: str | None = None) -> ssl.SSLContext:

@@ -1,8 +1,9 @@
 """Every exception musiclib raises on purpose, in one tree.
 
-The I/O shells (``server``, ``client``, ``player``) translate foreign
-exceptions (trio's ``BrokenResourceError``, ``OSError``, ``TooSlowError``...)
-into these at one boundary each; the CLI turns any of them into one line on
+Foreign exceptions become these at one boundary: for a network connection
+that is ``musiclib.transport`` (trio's ``BrokenResourceError``,
+``TooSlowError``, the socket's ``OSError``), for a child process's pipes the
+small helpers in ``decode`` and ``player``. The CLI turns any of them into one line on
 standard error and the exit code named on the class. Anything else reaching
 the CLI is a bug and is reported as such.
 

@@ -3,8 +3,10 @@
 One task per connection, all inside one nursery; a connection's failure is
 logged as one line and closes that connection only. The protocol object
 decides what is valid; this module moves bytes, applies the time limits and
-reads files. Foreign exceptions (trio's ``BrokenResourceError``,
-``TooSlowError``, ``OSError``) are translated here, at the boundary.
+reads files. The socket is reached only through a
+:class:`~musiclib.transport.Transport`, so the only transport errors seen
+here are musiclib's own (``ConnectionLost``, ``Timeout``); they end the
+connection with one log line saying why.
 
 Files are read with plain blocking reads on the event loop thread: reading
 page-cached data that way measured 2-3x faster than a thread per read
@@ -38,10 +40,12 @@ from .checksums import ChecksumCache
 from .decode import AudioFormat, DecodeSlots, open_decoder, pace_delay
 from .errors import (
     Changed,
+    ConnectionLost,
     MessageError,
     NotFound,
     RemoteProtocolError,
     ServerError,
+    Timeout,
     single_errors,
 )
 from .library import Library, open_confined
@@ -79,6 +83,7 @@ from .protocol import (
     Welcome,
     paginate,
 )
+from .transport import Transport
 from .watch import open_watcher
 
 log = logging.getLogger("musiclib.server")
@@ -359,8 +364,7 @@ class Server:
             await handler.try_send(Error("internal", "internal server error", fatal=True))
         finally:
             self.connections -= 1
-            with trio.CancelScope(shield=True), trio.move_on_after(1):
-                await stream.aclose()
+            await handler.transport.aclose()
 
 
 class _ConnectionHandler:
@@ -370,7 +374,7 @@ class _ConnectionHandler:
         self.server = server
         self.config = server.config
         self.library = server.library
-        self.stream = stream
+        self.transport = Transport(stream, peer=peer)
         self.peer = peer
         self.conn = Connection(Role.SERVER, max_message_size=server.config.max_message_size)
 
@@ -560,49 +564,32 @@ class _ConnectionHandler:
         await self._send(StreamEnd(sent=st.st_size - offset, sha256=digest[0]))
 
     async def _send_file(self, fd: int, offset: int, length: int, name: str) -> None:
-        """Send ``length`` bytes of ``fd`` from ``offset`` as data frames."""
-        sock = self.stream.socket if isinstance(self.stream, trio.SocketStream) else None
+        """Send ``length`` bytes of ``fd`` from ``offset`` as data frames.
+
+        The frame header goes out before the file's bytes, so a file that
+        shrinks now cannot end the frame early: the rest is padded with zeros
+        and the stream then ends with ``changed``, which makes the client
+        discard what it got. Without zero-copy each chunk is read first, and a
+        short read ends the stream before its frame starts.
+        """
         frame = self.config.chunk_size
+        zero_copy = self.transport.can_sendfile
         while length:
             n = min(frame, length)
-            if sock is None:
+            if not zero_copy:
                 chunk = os.pread(fd, n, offset)
                 if len(chunk) < n:
                     raise Changed(f"{name} shrank while it was being sent")
                 await self._send_data(chunk)
             else:
                 await self._send_bytes(self.conn.send_data_header(n))
-                await self._sendfile(sock, fd, offset, n, name)
+                timeout = self.config.send_timeout
+                sent = await self._sending(self.transport.sendfile(fd, offset, n, timeout))
+                if sent < n:
+                    await self._send_bytes(bytes(n - sent))
+                    raise Changed(f"{name} shrank while it was being sent")
             offset += n
             length -= n
-
-    async def _sendfile(
-        self, sock: trio.socket.SocketType, fd: int, offset: int, count: int, name: str
-    ) -> None:
-        """Exactly ``count`` bytes of ``fd`` into the socket, zero-copy.
-
-        The frame header is already out, so a file that shrinks now cannot end
-        the frame early: the rest is padded with zeros and the stream then
-        ends with ``changed``, which makes the client discard what it got.
-        """
-        sent = 0
-        while sent < count:
-            try:
-                n = os.sendfile(sock.fileno(), fd, offset + sent, count - sent)
-            except BlockingIOError:
-                try:
-                    with trio.fail_after(self.config.send_timeout):
-                        await trio.lowlevel.wait_writable(sock)
-                except trio.TooSlowError:
-                    raise _PeerGone(f"stopped reading for {self.config.send_timeout:g} s") from None
-                continue
-            except (BrokenPipeError, ConnectionResetError) as exc:
-                raise _PeerGone(f"connection lost: {exc}") from None
-            if n == 0:
-                await self._send_bytes(bytes(count - sent))
-                raise Changed(f"{name} shrank while it was being sent")
-            sent += n
-        await trio.lowlevel.checkpoint()  # let the other connections have a turn
 
     async def _stream_decoded(self, request: StreamRequest) -> None:
         """Decoded samples through one ffmpeg process, paced if asked.
@@ -694,8 +681,8 @@ class _ConnectionHandler:
         request: it is kept for later and the watch ends (bounded: one read).
         """
         try:
-            data = await self.stream.receive_some(64 * 1024)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = await self.transport.receive(64 * 1024, math.inf)
+        except ConnectionLost:
             data = b""
         if data:
             self.conn.receive_data(data)
@@ -719,9 +706,7 @@ class _ConnectionHandler:
 
     def raw_fd(self) -> int | None:
         """The plain TCP socket's descriptor (``None`` under TLS or on a memory stream)."""
-        if isinstance(self.stream, trio.SocketStream):
-            return self.stream.socket.fileno()
-        return None
+        return self.transport.raw_fd()
 
     async def _next_event(self, timeout: float, *, idle: bool = False) -> Event:
         while True:
@@ -729,13 +714,12 @@ class _ConnectionHandler:
             if not isinstance(event, NeedData):
                 return event
             try:
-                with trio.fail_after(timeout):
-                    data = await self.stream.receive_some(64 * 1024)
-            except trio.TooSlowError:
+                data = await self.transport.receive(64 * 1024, timeout)
+            except Timeout as exc:
                 what = "idle" if idle else "silent"
-                raise _PeerGone(f"{what} for {timeout:g} s; closing") from None
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise _PeerGone(f"connection lost: {exc}") from None
+                raise _PeerGone(f"{what} for {timeout:g} s; closing") from exc
+            except ConnectionLost as exc:
+                raise _PeerGone(str(exc)) from exc
             self.conn.receive_data(data)
 
     async def _send(self, msg: Message) -> None:
@@ -746,25 +730,33 @@ class _ConnectionHandler:
         await self._send_bytes(chunk)
 
     async def _send_bytes(self, data: bytes) -> None:
+        await self._sending(self.transport.send(data, self.config.send_timeout))
+
+    async def _sending(self, send: Awaitable[_T]) -> _T:
+        """Await a transport send; its errors end the connection (``_PeerGone``, one log line).
+
+        A send cancelled part way (a live listener cut while stuck, a hang-up
+        during a decoded stream) leaves part of a frame out and the connection
+        open for a moment: the protocol object is told, so nothing else may
+        follow. After a transport error the connection just ends; the
+        protocol object is left alone, so that a task still reading reports
+        the hang-up rather than a failed connection.
+        """
         try:
-            with trio.fail_after(self.config.send_timeout):
-                await self.stream.send_all(data)
-        except trio.Cancelled:
-            self.conn.send_failed()  # part of the frame may be out: nothing else may follow
+            return await send
+        except Timeout as exc:
+            raise _PeerGone(f"stopped reading for {self.config.send_timeout:g} s") from exc
+        except ConnectionLost as exc:
+            raise _PeerGone(str(exc)) from exc
+        except BaseException:  # cancelled (re-raised as it is)
+            if self.transport.broken:
+                self.conn.send_failed()
             raise
-        except trio.TooSlowError:
-            raise _PeerGone(f"stopped reading for {self.config.send_timeout:g} s") from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise _PeerGone(f"connection lost: {exc}") from None
 
     async def try_send(self, msg: Message) -> None:
         """Send a last message if the connection still allows it; never raises."""
-        try:
-            data = self.conn.send(msg)
-            with trio.move_on_after(1):
-                await self.stream.send_all(data)
-        except Exception:  # best effort: the peer may be gone or the state dead
-            pass
+        with contextlib.suppress(Exception):  # best effort: the peer or the state may be gone
+            await self.transport.send(self.conn.send(msg), 1)
 
 
 def _slices(chunk: bytes, size: int) -> list[bytes]:

@@ -1,0 +1,258 @@
+"""The transport boundary: the one place where trio's stream exceptions are seen.
+
+A :class:`Transport` wraps one ``trio.abc.Stream`` (a plain ``SocketStream``,
+an ``SSLStream``, a memory stream in tests) and gives the server's and the
+client's connections the five things they do with it: :meth:`~Transport.receive`,
+:meth:`~Transport.send`, :meth:`~Transport.sendfile` (zero-copy on plain TCP),
+:meth:`~Transport.raw_fd` and :meth:`~Transport.aclose`. Every call that can
+wait takes a deadline, and every failure leaves as one of musiclib's own
+exceptions (:mod:`musiclib.errors`), never as trio's::
+
+    inside (trio, the socket)               outside (musiclib.errors)
+    trio.TooSlowError (the call's deadline) -> Timeout         "<peer> sent nothing for N s",
+                                                               "<peer> did not accept data for N s"
+    trio.BrokenResourceError                -> ConnectionLost  "connection lost: <reason>"
+    trio.ClosedResourceError                -> ConnectionLost  (our side closed it meanwhile)
+    BrokenPipeError, ConnectionResetError   -> ConnectionLost  (from os.sendfile)
+    trio.Cancelled                          -> itself; a cancelled send sets ``broken``
+    connecting: TooSlowError, OSError, TLS  -> ConnectError    (:func:`open_stream`)
+
+``b""`` from :meth:`~Transport.receive` is the peer's end of file, not an error.
+A send that did not finish (cancelled, timed out, or the peer left) may have
+put part of a frame on the wire: the transport is then ``broken`` and refuses
+every later send, and the session above tells its protocol object
+(``Connection.send_failed``). Closing is best effort: shielded, bounded, silent.
+
+Callers that need their own words catch musiclib's exceptions, not trio's
+(the server turns ``Timeout`` into "idle for N s; closing" and the like).
+The pipes to child processes (ffmpeg in ``decode`` and ``live.convert``, the
+player in ``player``) are not network peers and keep their own small boundary
+there: a child that exits just closes its pipe, which they treat as the end.
+(``fetch`` catches ``BrokenResourceError`` from a memory channel between two
+of its own tasks; no bytes cross a wire there.)
+"""
+
+from __future__ import annotations
+
+import errno
+import math
+import os
+import socket
+from typing import TYPE_CHECKING
+
+import trio
+
+from .errors import ConnectError, ConnectionLost, Timeout
+
+if TYPE_CHECKING:
+    import ssl
+
+#: seconds :meth:`Transport.aclose` waits for a graceful close (a TLS close_notify)
+CLOSE_TIMEOUT = 1.0
+#: bytes read from the file per send when ``sendfile`` cannot be zero-copy
+FALLBACK_READ = 256 * 1024
+
+_LOST = (
+    trio.BrokenResourceError,
+    trio.ClosedResourceError,
+    BrokenPipeError,
+    ConnectionResetError,
+)
+
+
+class Transport:
+    """One byte stream with deadlines, raising only :mod:`musiclib.errors`.
+
+    ``peer`` names the other side in timeout messages ("the server sent
+    nothing for 30 s"). One task may receive while another sends, as on any
+    trio stream; two concurrent sends are a bug of the caller.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, *, peer: str = "the peer") -> None:
+        self.stream = stream
+        self.peer = peer
+        #: a send stopped part way: part of a frame may be out, nothing more may follow
+        self.broken = False
+
+    @property
+    def can_sendfile(self) -> bool:
+        """Whether :meth:`sendfile` is zero-copy (a plain TCP socket, not TLS or memory)."""
+        return isinstance(self.stream, trio.SocketStream)
+
+    def raw_fd(self) -> int | None:
+        """The plain TCP socket's descriptor (``None`` under TLS or on a memory stream).
+
+        For a caller that writes with ``os.write`` while no send of ours is
+        running (the live fan-out's fast path); it owns the consequences.
+        """
+        if isinstance(self.stream, trio.SocketStream):
+            return self.stream.socket.fileno()
+        return None
+
+    async def receive(self, max_bytes: int, timeout: float) -> bytes:
+        """Up to ``max_bytes`` bytes from the peer, ``b""`` at its end of file.
+
+        ``Timeout`` if nothing arrives within ``timeout`` seconds (``math.inf``:
+        wait for ever), ``ConnectionLost`` if the connection broke or was closed.
+        """
+        try:
+            with trio.fail_after(timeout):
+                data = await self.stream.receive_some(max_bytes)
+        except trio.TooSlowError:
+            raise Timeout(f"{self.peer} sent nothing for {timeout:g} s") from None
+        except _LOST as exc:
+            raise _lost(exc) from exc
+        return bytes(data)  # a no-op for bytes; memory streams in tests give a bytearray
+
+    async def send(self, data: bytes | bytearray | memoryview, timeout: float) -> None:
+        """All of ``data``, accepted by the peer within ``timeout`` seconds.
+
+        ``Timeout`` when the peer stopped reading, ``ConnectionLost`` when it is
+        gone (or an earlier send broke the stream); after either, or after a
+        cancellation, the transport is ``broken``.
+        """
+        if self.broken:
+            raise _refused()
+        done = False
+        try:
+            with trio.fail_after(timeout):
+                await self.stream.send_all(data)
+            done = True
+        except trio.TooSlowError:
+            raise Timeout(self._not_accepted(timeout)) from None
+        except _LOST as exc:
+            raise _lost(exc) from exc
+        finally:
+            if not done:  # cancelled too: part of ``data`` may be out, nothing may follow it
+                self.broken = True
+
+    async def sendfile(self, fd: int, offset: int, count: int, timeout: float) -> int:
+        """``count`` bytes of the file ``fd`` from ``offset``, within ``timeout`` seconds.
+
+        Zero-copy (``os.sendfile``) on a plain TCP socket, read and sent in
+        pieces otherwise. Returns the bytes sent: fewer than ``count`` only if
+        the file ended first (it shrank); the caller decides what that means.
+        Failures as for :meth:`send`; a file that cannot be read raises its
+        ``OSError``.
+        """
+        if self.broken:
+            raise _refused()
+        done = False
+        try:
+            with trio.fail_after(timeout):
+                if isinstance(self.stream, trio.SocketStream):
+                    sent = await _sendfile(self.stream.socket, fd, offset, count)
+                else:
+                    sent = await _send_by_reads(self.stream, fd, offset, count)
+            done = True
+        except trio.TooSlowError:
+            raise Timeout(self._not_accepted(timeout)) from None
+        except _LOST as exc:
+            raise _lost(exc) from exc
+        finally:
+            if not done:
+                self.broken = True
+        await trio.lowlevel.checkpoint()  # let the other connections have a turn
+        return sent
+
+    async def aclose(self, timeout: float = CLOSE_TIMEOUT) -> None:
+        """Close the stream: shielded from cancellation, at most ``timeout`` s, never raises."""
+        with trio.CancelScope(shield=True), trio.move_on_after(timeout):
+            try:
+                await self.stream.aclose()
+            except (*_LOST, trio.BusyResourceError, OSError):
+                pass  # closing what is already broken: nothing left to do
+
+    def _not_accepted(self, timeout: float) -> str:
+        return f"{self.peer} did not accept data for {timeout:g} s"
+
+
+def _lost(exc: BaseException) -> ConnectionLost:
+    return ConnectionLost(f"connection lost: {exc}")
+
+
+def _refused() -> ConnectionLost:
+    return ConnectionLost("connection lost: an earlier send stopped part way")
+
+
+async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: int) -> int:
+    """Up to ``count`` bytes of ``fd`` into the non-blocking ``sock``; fewer at end of file."""
+    sent = 0
+    while sent < count:
+        try:
+            n = os.sendfile(sock.fileno(), fd, offset + sent, count - sent)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        if n == 0:
+            break
+        sent += n
+    return sent
+
+
+async def _send_by_reads(stream: trio.abc.Stream, fd: int, offset: int, count: int) -> int:
+    """Up to ``count`` bytes of ``fd`` into ``stream``, read a piece at a time."""
+    sent = 0
+    while sent < count:
+        piece = os.pread(fd, min(FALLBACK_READ, count - sent), offset + sent)
+        if not piece:
+            break
+        await stream.send_all(piece)
+        sent += len(piece)
+    return sent
+
+
+async def open_stream(
+    host: str,
+    port: int,
+    *,
+    timeout: float = math.inf,
+    ssl_context: ssl.SSLContext | None = None,
+    address: str | None = None,
+) -> trio.abc.Stream:
+    """A TCP connection to ``host:port`` (TLS with ``ssl_context``), within ``timeout`` s.
+
+    Every failure is a ``ConnectError`` naming ``address`` (``host:port`` by
+    default) and the most telling reason.
+    """
+    address = address or f"{host}:{port}"
+    stream: trio.abc.Stream
+    try:
+        with trio.fail_after(timeout):
+            stream = await trio.open_tcp_stream(host, port)
+            if ssl_context is not None:
+                stream = trio.SSLStream(stream, ssl_context, server_hostname=host)
+                await stream.do_handshake()
+    except trio.TooSlowError:
+        raise ConnectError(f"cannot connect to {address}: timed out after {timeout:g} s") from None
+    except trio.BrokenResourceError as exc:
+        import ssl  # loaded already: only a TLS handshake gets here
+
+        reason = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
+        raise ConnectError(f"TLS with {address} failed: {_ssl_reason(reason)}") from None
+    except OSError as exc:
+        raise ConnectError(f"cannot connect to {address}: {_connect_reason(exc)}") from None
+    return stream
+
+
+def _connect_reason(exc: OSError) -> str:
+    """The most telling reason in what ``open_tcp_stream`` raised (it groups the attempts)."""
+    if isinstance(exc, socket.gaierror):
+        return f"unknown host ({exc.strerror or exc})"
+    causes = getattr(exc.__cause__, "exceptions", ())
+    for cause in causes:
+        if isinstance(cause, OSError) and cause.strerror:
+            if len(causes) == 1 and cause.errno == errno.ECONNREFUSED:
+                return "connection refused (is 'musiclib serve' running there?)"
+            return str(cause.strerror).lower()
+    return exc.strerror or str(exc)
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    import ssl
+
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"the server's certificate is not trusted ({exc.verify_message})"
+    if isinstance(exc, ssl.SSLError):
+        return exc.reason or str(exc)
+    return str(exc) or "the server closed the connection (is it a TLS server?)"
