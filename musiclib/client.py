@@ -14,7 +14,7 @@ import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 import trio
 
@@ -345,27 +345,32 @@ class Client:
         return event
 
 
-class StreamReader:
-    """One stream reply: ``start`` once entered, then chunks, then ``end``.
+_Start = TypeVar("_Start", StreamStart, ListenStart)
+_Request = TypeVar("_Request", StreamRequest, ListenRequest)
 
-    Leaving the ``async with`` block before the reply ends closes the
-    connection, because the rest of the reply cannot be skipped; a reply that
-    ended (also with an error) leaves the connection usable.
+
+class _Reply(Generic[_Request, _Start]):
+    """A reply that starts with one message and then flows (a stream, a listen).
+
+    Entering sends the request and waits for the start; leaving the ``async
+    with`` block before the reply ends closes the connection, because the
+    rest of the reply cannot be skipped; a reply that ended (also with an
+    error) leaves the connection usable.
     """
 
-    def __init__(self, client: Client, request: StreamRequest) -> None:
-        self._client = client
-        self._request = request
-        self.start: StreamStart | None = None
-        self.end: StreamEnd | None = None
+    _START: type[_Start]
 
-    async def __aenter__(self) -> StreamReader:
+    def __init__(self, client: Client, request: _Request) -> None:
+        self._client = client
+        self._request: _Request = request
+        self.start: _Start | None = None
+
+    async def _begin(self) -> None:
         await self._client._send(self._request)
         event = await self._client._reply_event()
-        if not isinstance(event, StreamStart):
-            raise RemoteProtocolError(f"expected stream_start, got {type(event).__name__}")
+        if not isinstance(event, self._START):
+            raise RemoteProtocolError(f"expected {self._START.TYPE}, got {type(event).__name__}")
         self.start = event
-        return self
 
     async def __aexit__(
         self,
@@ -375,6 +380,20 @@ class StreamReader:
     ) -> None:
         if self._client._conn.state is not State.IDLE:  # reply unfinished: cannot skip it
             await self._client.aclose()
+
+
+class StreamReader(_Reply[StreamRequest, StreamStart]):
+    """One stream reply: ``start`` once entered, then chunks, then ``end``."""
+
+    _START = StreamStart
+
+    def __init__(self, client: Client, request: StreamRequest) -> None:
+        super().__init__(client, request)
+        self.end: StreamEnd | None = None
+
+    async def __aenter__(self) -> StreamReader:
+        await self._begin()
+        return self
 
     def __aiter__(self) -> AsyncIterator[bytes]:
         return self
@@ -391,37 +410,23 @@ class StreamReader:
         raise RemoteProtocolError(f"unexpected {type(event).__name__} in a stream")
 
 
-class ListenReader:
+class ListenReader(_Reply[ListenRequest, ListenStart]):
     """One listen: ``start`` once entered, then :class:`Audio` and :class:`GapNotice`
     events, then ``end`` (a :class:`ListenEnd`).
 
     :meth:`stop` asks the server to end the listen; the events already on
-    their way still arrive, then the iteration ends. Leaving the block before
-    the end closes the connection (the rest of the listen cannot be skipped).
+    their way still arrive, then the iteration ends.
     """
 
+    _START = ListenStart
+
     def __init__(self, client: Client, request: ListenRequest) -> None:
-        self._client = client
-        self._request = request
-        self.start: ListenStart | None = None
+        super().__init__(client, request)
         self.end: ListenEnd | None = None
 
     async def __aenter__(self) -> ListenReader:
-        await self._client._send(self._request)
-        event = await self._client._reply_event()
-        if not isinstance(event, ListenStart):
-            raise RemoteProtocolError(f"expected listen_start, got {type(event).__name__}")
-        self.start = event
+        await self._begin()
         return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self._client._conn.state is not State.IDLE:
-            await self._client.aclose()
 
     async def stop(self) -> None:
         """Ask the server to end the listen (once; later calls do nothing)."""
