@@ -25,9 +25,7 @@ import math
 import os
 import signal
 import socket
-import sqlite3
 import ssl
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,22 +34,21 @@ from typing import TypeVar
 import trio
 
 from . import __version__
-from .checksums import ChecksumCache
 from .decode import AudioFormat, DecodeSlots, open_decoder, pace_delay
 from .errors import (
     Changed,
     ConnectionLost,
     MessageError,
-    NotFound,
     RemoteProtocolError,
     ServerError,
     Timeout,
     single_errors,
 )
-from .library import Library, open_confined
+from .library import Library
 from .live.channels import Channel, Channels, ChannelSpec, channel_format, source_reader, tracks_for
 from .live.hub import Hub
 from .live.requests import PeerLeft, serve_channels, serve_listen, serve_publish
+from .maintainer import Maintainer
 from .protocol import (
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
@@ -84,7 +81,6 @@ from .protocol import (
     paginate,
 )
 from .transport import Transport
-from .watch import open_watcher
 
 log = logging.getLogger("musiclib.server")
 
@@ -148,35 +144,6 @@ class ServerConfig:
     history: float = 10.0
 
 
-async def run_stoppable(fn: Callable[[threading.Event], _T]) -> _T:
-    """Run ``fn(stop)`` in a worker thread; if cancelled, set ``stop`` and wait for ``fn``.
-
-    A scan must not outlive the server that started it (it holds the index
-    and may run child processes), yet an uncancellable wait would hold up
-    shutdown for a whole scan: ``fn`` checks ``stop`` between batches and
-    returns (or raises) soon after it is set.
-    """
-    stop = threading.Event()
-    started = threading.Event()
-    finished = threading.Event()
-
-    def run() -> _T:
-        started.set()
-        try:
-            return fn(stop)
-        finally:
-            finished.set()
-
-    try:
-        return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
-    except trio.Cancelled:
-        stop.set()
-        if started.is_set():
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(finished.wait, 30.0)
-        raise
-
-
 class _PeerGone(PeerLeft):
     """Internal: the peer vanished or stalled; the connection just ends."""
 
@@ -191,28 +158,17 @@ class Server:
     stopping: trio.Event = field(default_factory=trio.Event)
     _idle_scopes: set[trio.CancelScope] = field(default_factory=set)
     decode_slots: DecodeSlots = field(init=False)
-    #: sha256 per file version, computed once and shared
-    checksums: ChecksumCache = field(default_factory=ChecksumCache)
     #: connections being served now
     connections: int = 0
-    #: completed scans, and a wake-up for those waiting for one
-    scans_done: int = 0
-    _scan_finished: trio.Event = field(default_factory=trio.Event)
-    _scan_kick: trio.MemorySendChannel[None] = field(init=False)
-    _scan_kicked: trio.MemoryReceiveChannel[None] = field(init=False)
-    _hash_kick: trio.MemorySendChannel[None] = field(init=False)
-    _hash_kicked: trio.MemoryReceiveChannel[None] = field(init=False)
-    #: bounds the threads (and so the index connections) busy with index queries
-    index_threads: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(8))
+    #: the catalog's upkeep: scans, watcher, background hashing, index threads
+    maintainer: Maintainer = field(init=False)
     #: the live channels and their sources
     channels: Channels = field(init=False)
 
     def __post_init__(self) -> None:
         self.decode_slots = DecodeSlots(self.config.max_decodes, self.config.decode_wait)
+        self.maintainer = Maintainer(self.library, self.config)
         self.channels = Channels(ffmpeg=self.config.ffmpeg, history_seconds=self.config.history)
-        # capacity 1: many requests for a rescan while one is pending ask for one rescan
-        self._scan_kick, self._scan_kicked = trio.open_memory_channel[None](1)
-        self._hash_kick, self._hash_kicked = trio.open_memory_channel[None](1)
 
     def stop(self) -> None:
         """Stop taking requests: idle connections close now, running replies may finish."""
@@ -229,117 +185,14 @@ class Server:
             channel = self.channels.add(spec.name, spec.description, fmt)
 
             async def tracks(query: str = spec.arg) -> list[Path]:
-                while self.scans_done < 1:  # the first scan must be done to find anything
-                    await self._scan_finished.wait()
-                found = await self.in_thread(tracks_for, self.library, query)
+                # the first scan must be done to find anything
+                await self.maintainer.wait_for_first_scan()
+                found = await self.maintainer.in_thread(tracks_for, self.library, query)
                 return [self.library.track_path(t)[0] for t in found]
 
             read = source_reader(spec, fmt, ffmpeg=self.config.ffmpeg, tracks=tracks)
             sources.append((channel, read))
         return sources
-
-    async def rescan(self) -> int:
-        """Update the index in a worker thread; the event loop keeps serving meanwhile."""
-        count = await run_stoppable(self.library.rescan)
-        log.info("indexed %d tracks under %s", count, self.library.root)
-        with contextlib.suppress(trio.WouldBlock):
-            self._hash_kick.send_nowait(None)
-        return count
-
-    async def watch_for_changes(self) -> None:
-        """Ask for a rescan once the library has changed and then been quiet for
-        ``watch_settle`` seconds (at most ten times that after the first change).
-
-        Without inotify this returns at once; periodic rescans remain.
-        """
-        watcher = await trio.to_thread.run_sync(open_watcher, self.library.root)
-        if watcher is None:
-            return
-        log.info("watching %d folders for changes", watcher.watched)
-        settle = self.config.watch_settle
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(watcher.fd)
-                if not watcher.changes():
-                    continue
-                give_up = trio.current_time() + 10 * settle
-                while trio.current_time() < give_up:
-                    with trio.move_on_after(settle) as quiet:
-                        await trio.lowlevel.wait_readable(watcher.fd)
-                    if quiet.cancelled_caught:
-                        break
-                    watcher.changes()
-                log.debug("the library changed; rescanning")
-                await self.request_rescan(wait=False)
-        finally:
-            watcher.close()
-
-    async def in_thread(self, fn: Callable[..., _T], *args: object) -> _T:
-        """Run an index query in a worker thread (they are short; never abandoned)."""
-        return await trio.to_thread.run_sync(fn, *args, limiter=self.index_threads)
-
-    async def hash_in_background(self) -> None:
-        """After each scan, store the sha256 of every indexed file that has none yet.
-
-        One file at a time, through the same :class:`ChecksumCache` the streams
-        use, so a file being streamed is never hashed twice. Files that moved
-        on since the scan are skipped: the next scan re-reads them.
-        """
-        async for _ in self._hash_kicked:
-            after, hashed = "", 0
-            while True:
-                work = await self.in_thread(self.library.index.without_sha256, after, 64)
-                if not work:
-                    break
-                for path, size, mtime_ns in work:
-                    after = path
-                    hashed += await self._hash_one(path, size, mtime_ns)
-            if hashed:
-                log.info("stored the sha256 of %d files", hashed)
-
-    async def _hash_one(self, path: str, size: int, mtime_ns: int) -> bool:
-        try:
-            with open_confined(self.library.root, path) as f:
-                st = os.fstat(f.fileno())
-                if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
-                    return False
-                digest = await self.checksums.sha256(f.fileno(), st)
-        except (OSError, NotFound, Changed) as exc:
-            log.debug("no sha256 for %s: %s", path, exc)
-            return False
-        store = self.library.index.set_sha256
-        return bool(await self.in_thread(store, path, size, mtime_ns, digest))
-
-    async def rescan_periodically(self) -> None:
-        """Scan at start, then on request and every ``rescan_interval`` seconds if set.
-
-        One task does every scan, so scans never overlap; requests that arrive
-        during a scan are served by the next one, which starts after them.
-        """
-        while True:
-            # said before the worker thread starts, so no reply in between claims
-            # an up-to-date index
-            self.library.scanning = True
-            try:
-                await self.rescan()
-            except (OSError, sqlite3.Error) as exc:
-                log.error("scan of %s failed: %s", self.library.root, exc)
-            except Exception as exc:  # a bug: log it, keep serving what the index has
-                log.exception("scan of %s failed: %s", self.library.root, exc)
-            self.scans_done += 1
-            self._scan_finished.set()
-            self._scan_finished = trio.Event()
-            interval = self.config.rescan_interval
-            with trio.move_on_after(interval if interval > 0 else math.inf):
-                await self._scan_kicked.receive()
-
-    async def request_rescan(self, *, wait: bool) -> None:
-        """Ask for a scan that starts after this call; with ``wait``, until it is done."""
-        target = self.scans_done + (2 if self.library.scanning else 1)
-        with contextlib.suppress(trio.WouldBlock):
-            self._scan_kick.send_nowait(None)
-        while wait and self.scans_done < target:
-            await self._scan_finished.wait()
 
     async def handle(self, stream: trio.abc.Stream, peer: str = "peer") -> None:
         """Serve one connection until the peer leaves, misbehaves, or the server stops.
@@ -463,7 +316,7 @@ class _ConnectionHandler:
         if isinstance(event, ListRequest):
             await self._list(event)
         elif isinstance(event, RescanRequest):
-            await self.server.request_rescan(wait=event.wait)
+            await self.server.maintainer.request_rescan(wait=event.wait)
             count = self.library.count
             await self._send(RescanStatus(tracks=count, scanning=self.library.scanning))
         elif isinstance(event, InfoRequest):
@@ -482,13 +335,13 @@ class _ConnectionHandler:
             raise RemoteProtocolError(f"unexpected {type(event).__name__}")
 
     async def _resolve(self, name: str) -> TrackInfo:
-        return await self.server.in_thread(self.library.resolve, name)
+        return await self.server.maintainer.in_thread(self.library.resolve, name)
 
     async def _known_sha256(self, track: TrackInfo, st: os.stat_result) -> str | None:
         """The sha256 of this version of ``track`` if computed before (memory, then index)."""
-        known = self.server.checksums.known(st)
+        known = self.server.maintainer.checksums.known(st)
         if known is None:
-            known = await self.server.in_thread(self.library.stored_sha256, track, st)
+            known = await self.server.maintainer.in_thread(self.library.stored_sha256, track, st)
         return known
 
     async def _sha256(self, track: TrackInfo, fd: int, st: os.stat_result) -> str:
@@ -499,8 +352,8 @@ class _ConnectionHandler:
     async def _compute_sha256(self, track: TrackInfo, fd: int, st: os.stat_result) -> str:
         """Hash this version of ``track`` (shared with any request already hashing it)
         and store the digest in the index."""
-        digest = await self.server.checksums.sha256(fd, st)
-        await self.server.in_thread(self.library.store_sha256, track, st, digest)
+        digest = await self.server.maintainer.checksums.sha256(fd, st)
+        await self.server.maintainer.in_thread(self.library.store_sha256, track, st, digest)
         return digest
 
     async def _list(self, request: ListRequest) -> None:
@@ -511,10 +364,10 @@ class _ConnectionHandler:
         for one batch only and is consistent even while a scan commits.
         """
         scanning = self.library.scanning  # before the snapshot: a scan may end meanwhile
-        listing = await self.server.in_thread(self.library.listing, request)
+        listing = await self.server.maintainer.in_thread(self.library.listing, request)
         sent = 0
         try:
-            while batch := await self.server.in_thread(listing.fetch, 512):
+            while batch := await self.server.maintainer.in_thread(listing.fetch, 512):
                 for page in paginate(batch):
                     await self._send(page)
                 sent += len(batch)
@@ -849,13 +702,8 @@ async def serve(
 
     try:
         async with trio.open_nursery() as background:
-            server.library.scanning = True  # the first scan starts in a moment
-            background.start_soon(server.rescan_periodically)
+            await background.start(server.maintainer.run)
             await background.start(server.channels.run, server.channel_sources())
-            if config.background_checksums:
-                background.start_soon(server.hash_in_background)
-            if config.watch:
-                background.start_soon(server.watch_for_changes)
             async with trio.open_nursery() as connections:
                 accept_scope = trio.CancelScope()
 

@@ -1,0 +1,217 @@
+"""The catalog's maintainer: rescans, the change watcher and background hashing.
+
+The library's index lives longer than any connection and must be kept by one
+service per library, however many sessions (or, later, worker processes)
+serve it. This module is that service, apart from the server's connection
+handling: :class:`Maintainer` owns the scans (one task, so they never
+overlap), the inotify watcher that asks for them, the background sha256 of
+new files, the :class:`~musiclib.checksums.ChecksumCache` the streams share,
+and the limiter on the worker threads that run index queries. Requests use it
+through :meth:`Maintainer.in_thread`, :meth:`Maintainer.request_rescan` and
+:meth:`Maintainer.wait_for_first_scan`; the server starts it with
+``await nursery.start(maintainer.run)``.
+
+Its log lines are the server's (the ``musiclib.server`` logger), as they were
+when this lived in :mod:`musiclib.server`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import sqlite3
+import threading
+from collections.abc import Callable
+from typing import Protocol, TypeVar
+
+import trio
+
+from .checksums import ChecksumCache
+from .errors import Changed, NotFound
+from .library import Library, open_confined
+from .watch import open_watcher
+
+log = logging.getLogger("musiclib.server")
+
+_T = TypeVar("_T")
+
+
+class MaintainerConfig(Protocol):
+    """The settings the maintainer reads (``ServerConfig`` has them); read when used."""
+
+    #: seconds between background rescans of the library (``0`` disables them)
+    rescan_interval: float
+    #: compute every file's sha256 in the background after each scan
+    background_checksums: bool
+    #: rescan soon after the library changes (inotify, where available)
+    watch: bool
+    #: seconds of quiet after a change before that rescan
+    watch_settle: float
+
+
+async def run_stoppable(fn: Callable[[threading.Event], _T]) -> _T:
+    """Run ``fn(stop)`` in a worker thread; if cancelled, set ``stop`` and wait for ``fn``.
+
+    A scan must not outlive the server that started it (it holds the index
+    and may run child processes), yet an uncancellable wait would hold up
+    shutdown for a whole scan: ``fn`` checks ``stop`` between batches and
+    returns (or raises) soon after it is set.
+    """
+    stop = threading.Event()
+    started = threading.Event()
+    finished = threading.Event()
+
+    def run() -> _T:
+        started.set()
+        try:
+            return fn(stop)
+        finally:
+            finished.set()
+
+    try:
+        return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+    except trio.Cancelled:
+        stop.set()
+        if started.is_set():
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(finished.wait, 30.0)
+        raise
+
+
+class Maintainer:
+    """Keeps one library's index current and its files hashed; runs once per library."""
+
+    def __init__(self, library: Library, config: MaintainerConfig) -> None:
+        self.library = library
+        self.config = config
+        #: sha256 per file version, computed once and shared
+        self.checksums = ChecksumCache()
+        #: bounds the threads (and so the index connections) busy with index queries
+        self.index_threads = trio.CapacityLimiter(8)
+        #: completed scans, and a wake-up for those waiting for one
+        self.scans_done = 0
+        self._scan_finished = trio.Event()
+        # capacity 1: many requests for a rescan while one is pending ask for one rescan
+        self._scan_kick, self._scan_kicked = trio.open_memory_channel[None](1)
+        self._hash_kick, self._hash_kicked = trio.open_memory_channel[None](1)
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Scan now and keep scanning, watching and hashing until cancelled."""
+        self.library.scanning = True  # the first scan starts in a moment
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.rescan_periodically)
+            if self.config.background_checksums:
+                nursery.start_soon(self.hash_in_background)
+            if self.config.watch:
+                nursery.start_soon(self.watch_for_changes)
+            task_status.started()
+
+    async def in_thread(self, fn: Callable[..., _T], *args: object) -> _T:
+        """Run an index query in a worker thread (they are short; never abandoned)."""
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.index_threads)
+
+    async def wait_for_first_scan(self) -> None:
+        """Return once a scan has finished (at once if one has)."""
+        while self.scans_done < 1:
+            await self._scan_finished.wait()
+
+    async def rescan(self) -> int:
+        """Update the index in a worker thread; the event loop keeps serving meanwhile."""
+        count = await run_stoppable(self.library.rescan)
+        log.info("indexed %d tracks under %s", count, self.library.root)
+        with contextlib.suppress(trio.WouldBlock):
+            self._hash_kick.send_nowait(None)
+        return count
+
+    async def rescan_periodically(self) -> None:
+        """Scan at start, then on request and every ``rescan_interval`` seconds if set.
+
+        One task does every scan, so scans never overlap; requests that arrive
+        during a scan are served by the next one, which starts after them.
+        """
+        while True:
+            # said before the worker thread starts, so no reply in between claims
+            # an up-to-date index
+            self.library.scanning = True
+            try:
+                await self.rescan()
+            except (OSError, sqlite3.Error) as exc:
+                log.error("scan of %s failed: %s", self.library.root, exc)
+            except Exception as exc:  # a bug: log it, keep serving what the index has
+                log.exception("scan of %s failed: %s", self.library.root, exc)
+            self.scans_done += 1
+            self._scan_finished.set()
+            self._scan_finished = trio.Event()
+            interval = self.config.rescan_interval
+            with trio.move_on_after(interval if interval > 0 else math.inf):
+                await self._scan_kicked.receive()
+
+    async def request_rescan(self, *, wait: bool) -> None:
+        """Ask for a scan that starts after this call; with ``wait``, until it is done."""
+        target = self.scans_done + (2 if self.library.scanning else 1)
+        with contextlib.suppress(trio.WouldBlock):
+            self._scan_kick.send_nowait(None)
+        while wait and self.scans_done < target:
+            await self._scan_finished.wait()
+
+    async def watch_for_changes(self) -> None:
+        """Ask for a rescan once the library has changed and then been quiet for
+        ``watch_settle`` seconds (at most ten times that after the first change).
+
+        Without inotify this returns at once; periodic rescans remain.
+        """
+        watcher = await trio.to_thread.run_sync(open_watcher, self.library.root)
+        if watcher is None:
+            return
+        log.info("watching %d folders for changes", watcher.watched)
+        settle = self.config.watch_settle
+        try:
+            while True:
+                await trio.lowlevel.wait_readable(watcher.fd)
+                if not watcher.changes():
+                    continue
+                give_up = trio.current_time() + 10 * settle
+                while trio.current_time() < give_up:
+                    with trio.move_on_after(settle) as quiet:
+                        await trio.lowlevel.wait_readable(watcher.fd)
+                    if quiet.cancelled_caught:
+                        break
+                    watcher.changes()
+                log.debug("the library changed; rescanning")
+                await self.request_rescan(wait=False)
+        finally:
+            watcher.close()
+
+    async def hash_in_background(self) -> None:
+        """After each scan, store the sha256 of every indexed file that has none yet.
+
+        One file at a time, through the same :class:`ChecksumCache` the streams
+        use, so a file being streamed is never hashed twice. Files that moved
+        on since the scan are skipped: the next scan re-reads them.
+        """
+        async for _ in self._hash_kicked:
+            after, hashed = "", 0
+            while True:
+                work = await self.in_thread(self.library.index.without_sha256, after, 64)
+                if not work:
+                    break
+                for path, size, mtime_ns in work:
+                    after = path
+                    hashed += await self._hash_one(path, size, mtime_ns)
+            if hashed:
+                log.info("stored the sha256 of %d files", hashed)
+
+    async def _hash_one(self, path: str, size: int, mtime_ns: int) -> bool:
+        try:
+            with open_confined(self.library.root, path) as f:
+                st = os.fstat(f.fileno())
+                if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
+                    return False
+                digest = await self.checksums.sha256(f.fileno(), st)
+        except (OSError, NotFound, Changed) as exc:
+            log.debug("no sha256 for %s: %s", path, exc)
+            return False
+        store = self.library.index.set_sha256
+        return bool(await self.in_thread(store, path, size, mtime_ns, digest))
