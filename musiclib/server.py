@@ -2,49 +2,57 @@
 
 One task per connection, all inside one nursery; a connection's failure is
 logged as one line and closes that connection only. The protocol object
-decides what is valid; this module moves bytes, applies the time limits and
-reads files. The socket is reached only through a
-:class:`~musiclib.transport.Transport`, so the only transport errors seen
-here are musiclib's own (``ConnectionLost``, ``Timeout``); they end the
-connection with one log line saying why.
+decides what is valid; this module moves bytes, applies the time limits,
+tracks idleness and finds each request's handler in a table keyed by the
+request's type. What a request means lives apart from the socket, so it can
+be read and changed without the connection's loop: the library's requests in
+:mod:`musiclib.library_requests`, the live ones in :mod:`musiclib.live.requests`,
+both written against a small ``Session`` that :class:`_ConnectionHandler` is.
+The catalog's upkeep (scans, watcher, background hashing) is a service of its
+own, :class:`~musiclib.maintainer.Maintainer`, which the :class:`Server` holds
+and starts: a library is maintained once however many sessions serve it.
 
-Files are read with plain blocking reads on the event loop thread: reading
-page-cached data that way measured 2-3x faster than a thread per read
-(STYLE.md), and a chunk is small enough not to stall other connections.
+The socket is reached only through a :class:`~musiclib.transport.Transport`,
+so the only transport errors seen here are musiclib's own (``ConnectionLost``,
+``Timeout``); they end the connection with one log line saying why.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import hmac
 import ipaddress
 import logging
 import math
-import os
 import signal
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
 from . import __version__
-from .decode import AudioFormat, DecodeSlots, open_decoder, pace_delay
+from .decode import DecodeSlots
 from .errors import (
-    Changed,
     ConnectionLost,
     MessageError,
     RemoteProtocolError,
     ServerError,
     Timeout,
-    single_errors,
 )
 from .library import Library
+from .library_requests import (
+    Services,
+    Session,
+    serve_info,
+    serve_list,
+    serve_rescan,
+    serve_stream,
+)
 from .live.channels import Channel, Channels, ChannelSpec, channel_format, source_reader, tracks_for
 from .live.hub import Hub
 from .live.requests import PeerLeft, serve_channels, serve_listen, serve_publish
@@ -59,9 +67,7 @@ from .protocol import (
     Error,
     Event,
     Hello,
-    InfoReply,
     InfoRequest,
-    ListEnd,
     ListenRequest,
     ListRequest,
     Message,
@@ -69,16 +75,11 @@ from .protocol import (
     PublishEnd,
     PublishRequest,
     RescanRequest,
-    RescanStatus,
     Role,
     State,
     StopRequest,
-    StreamEnd,
     StreamRequest,
-    StreamStart,
-    TrackInfo,
     Welcome,
-    paginate,
 )
 from .transport import Transport
 
@@ -164,11 +165,16 @@ class Server:
     maintainer: Maintainer = field(init=False)
     #: the live channels and their sources
     channels: Channels = field(init=False)
+    #: what the requests may use (all of the above but the connections)
+    services: Services = field(init=False)
 
     def __post_init__(self) -> None:
         self.decode_slots = DecodeSlots(self.config.max_decodes, self.config.decode_wait)
         self.maintainer = Maintainer(self.library, self.config)
         self.channels = Channels(ffmpeg=self.config.ffmpeg, history_seconds=self.config.history)
+        self.services = Services(
+            self.library, self.maintainer, self.decode_slots, self.channels, self.config
+        )
 
     def stop(self) -> None:
         """Stop taking requests: idle connections close now, running replies may finish."""
@@ -299,248 +305,10 @@ class _ConnectionHandler:
             # a stop that crossed the end of its listen, or what a publisher sent after
             # the server ended its publish (up to its publish_end): nothing to do
             return
-        if isinstance(event, ChannelsRequest):
-            await serve_channels(self, self.server.channels, event)
-            return
-        if isinstance(event, ListenRequest):
-            lag = self.config.lag_limit
-            await serve_listen(self, self.server.channels, event, lag_limit=lag)
-            return
-        if isinstance(event, PublishRequest):
-            silence = self.config.send_timeout
-            await serve_publish(self, self.server.channels, event, silence_timeout=silence)
-            return
-        await self._dispatch_v1(event)
-
-    async def _dispatch_v1(self, event: Event) -> None:
-        if isinstance(event, ListRequest):
-            await self._list(event)
-        elif isinstance(event, RescanRequest):
-            await self.server.maintainer.request_rescan(wait=event.wait)
-            count = self.library.count
-            await self._send(RescanStatus(tracks=count, scanning=self.library.scanning))
-        elif isinstance(event, InfoRequest):
-            track = await self._resolve(event.track)
-            if event.checksum:
-                with self.library.open_track(track) as f:
-                    st = os.fstat(f.fileno())
-                    digest = await self._sha256(track, f.fileno(), st)
-                track = dataclasses.replace(track, sha256=digest)
-            await self._send(InfoReply(track))
-        elif isinstance(event, StreamRequest) and event.mode == "decoded":
-            await self._stream_decoded(event)
-        elif isinstance(event, StreamRequest):
-            await self._stream_original(event)
-        else:  # the state machine lets nothing else through in this state
+        serve_request = _REQUESTS.get(type(event))
+        if serve_request is None:  # the state machine lets nothing else through in this state
             raise RemoteProtocolError(f"unexpected {type(event).__name__}")
-
-    async def _resolve(self, name: str) -> TrackInfo:
-        return await self.server.maintainer.in_thread(self.library.resolve, name)
-
-    async def _known_sha256(self, track: TrackInfo, st: os.stat_result) -> str | None:
-        """The sha256 of this version of ``track`` if computed before (memory, then index)."""
-        known = self.server.maintainer.checksums.known(st)
-        if known is None:
-            known = await self.server.maintainer.in_thread(self.library.stored_sha256, track, st)
-        return known
-
-    async def _sha256(self, track: TrackInfo, fd: int, st: os.stat_result) -> str:
-        """The sha256 of this version of ``track``: known, or computed now and stored."""
-        known = await self._known_sha256(track, st)
-        return known or await self._compute_sha256(track, fd, st)
-
-    async def _compute_sha256(self, track: TrackInfo, fd: int, st: os.stat_result) -> str:
-        """Hash this version of ``track`` (shared with any request already hashing it)
-        and store the digest in the index."""
-        digest = await self.server.maintainer.checksums.sha256(fd, st)
-        await self.server.maintainer.in_thread(self.library.store_sha256, track, st, digest)
-        return digest
-
-    async def _list(self, request: ListRequest) -> None:
-        """The matches as pages of at most :data:`PAGE_BUDGET` bytes, then ``list_end``.
-
-        The index is read a batch at a time inside one read transaction (see
-        :class:`musiclib.index.Listing`), so a list of any length needs memory
-        for one batch only and is consistent even while a scan commits.
-        """
-        scanning = self.library.scanning  # before the snapshot: a scan may end meanwhile
-        listing = await self.server.maintainer.in_thread(self.library.listing, request)
-        sent = 0
-        try:
-            while batch := await self.server.maintainer.in_thread(listing.fetch, 512):
-                for page in paginate(batch):
-                    await self._send(page)
-                sent += len(batch)
-        finally:
-            listing.close()
-        end = ListEnd(count=sent, total=listing.total, scanning=scanning)
-        await self._send(end)
-
-    async def _stream_original(self, request: StreamRequest) -> None:
-        """A file's bytes from ``offset``, then the whole file's sha256.
-
-        The checksum comes from the server's cache, or is computed in a worker
-        thread while the event loop sends (see :mod:`musiclib.checksums`). The
-        file is sent with zero-copy ``sendfile`` on plain TCP, by reads
-        otherwise (TLS, memory streams in tests).
-        """
-        track = await self._resolve(request.track)
-        f = self.library.open_track(track)
-        with f:
-            st = os.fstat(f.fileno())
-            offset = min(request.offset, st.st_size)
-            known = await self._known_sha256(track, st)
-            log.info("%s: stream %s from byte %d", self.peer, track.path, offset)
-            await self._send(
-                StreamStart(
-                    path=track.path,
-                    size=st.st_size,
-                    version=f"{st.st_size:x}-{st.st_mtime_ns:x}",
-                    offset=offset,
-                    length=st.st_size - offset,
-                    sha256=known,
-                )
-            )
-            digest: list[str] = []
-
-            async def checksum() -> None:
-                # the index was asked for the header already: only compute what it lacked
-                digest.append(known or await self._compute_sha256(track, f.fileno(), st))
-
-            with single_errors():
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(checksum)
-                    await self._send_file(f.fileno(), offset, st.st_size - offset, track.path)
-            now = os.fstat(f.fileno())
-            if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
-                raise Changed(f"{track.path} changed while it was being sent")
-        await self._send(StreamEnd(sent=st.st_size - offset, sha256=digest[0]))
-
-    async def _send_file(self, fd: int, offset: int, length: int, name: str) -> None:
-        """Send ``length`` bytes of ``fd`` from ``offset`` as data frames.
-
-        The frame header goes out before the file's bytes, so a file that
-        shrinks now cannot end the frame early: the rest is padded with zeros
-        and the stream then ends with ``changed``, which makes the client
-        discard what it got. Without zero-copy each chunk is read first, and a
-        short read ends the stream before its frame starts.
-        """
-        frame = self.config.chunk_size
-        zero_copy = self.transport.can_sendfile
-        while length:
-            n = min(frame, length)
-            if not zero_copy:
-                chunk = os.pread(fd, n, offset)
-                if len(chunk) < n:
-                    raise Changed(f"{name} shrank while it was being sent")
-                await self._send_data(chunk)
-            else:
-                await self._send_bytes(self.conn.send_data_header(n))
-                timeout = self.config.send_timeout
-                sent = await self._sending(self.transport.sendfile(fd, offset, n, timeout))
-                if sent < n:
-                    await self._send_bytes(bytes(n - sent))
-                    raise Changed(f"{name} shrank while it was being sent")
-            offset += n
-            length -= n
-
-    async def _stream_decoded(self, request: StreamRequest) -> None:
-        """Decoded samples through one ffmpeg process, paced if asked.
-
-        The first chunk is read before ``stream_start`` goes out, so a file
-        that cannot be decoded at all gets a plain error instead of a started
-        stream; a failure later ends the stream with an error, never silently.
-        """
-        track = await self._resolve(request.track)
-        source, st = self.library.track_path(track)
-        fmt = AudioFormat(
-            request.sample_format or "s16le",
-            request.sample_rate or track.sample_rate or 48000,
-            request.channels or track.channels or 2,
-        )
-        async with (
-            self.server.decode_slots.acquire(),
-            open_decoder(
-                source,
-                fmt,
-                start=request.start,
-                duration=request.duration,
-                ffmpeg=self.config.ffmpeg,
-                chunk_size=self.config.chunk_size,
-            ) as decoder,
-        ):
-            chunks = decoder.__aiter__()
-            first = await _next_chunk(chunks)
-            log.info(
-                "%s: decode %s to %s %d Hz %d ch from %gs%s",
-                self.peer,
-                track.path,
-                fmt.sample_format,
-                fmt.sample_rate,
-                fmt.channels,
-                request.start,
-                ", real time" if request.pacing == "realtime" else "",
-            )
-            await self._send(
-                StreamStart(
-                    path=track.path,
-                    size=st.st_size,
-                    version=f"{st.st_size:x}-{st.st_mtime_ns:x}",
-                    mode="decoded",
-                    sample_format=fmt.sample_format,
-                    sample_rate=fmt.sample_rate,
-                    channels=fmt.channels,
-                    start=request.start,
-                )
-            )
-            sent = 0
-            began = trio.current_time()
-            chunk = first
-            slice_bytes = max(
-                1, round(fmt.bytes_per_second * self.config.pacing_slice) // fmt.bytes_per_frame
-            )
-            slice_bytes *= fmt.bytes_per_frame
-            with single_errors():
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch_for_hangup, nursery.cancel_scope)
-                    while chunk:
-                        if request.pacing != "realtime":
-                            await self._send_data(chunk)
-                            sent += len(chunk)
-                        else:  # in slices, so no chunk runs ahead of the clock
-                            for piece in _slices(chunk, slice_bytes):
-                                delay = pace_delay(  # never more than burst + t, after it
-                                    sent + len(piece),
-                                    trio.current_time() - began,
-                                    fmt.bytes_per_second,
-                                    self.config.burst,
-                                )
-                                if delay > 0:
-                                    await trio.sleep(delay)
-                                await self._send_data(piece)
-                                sent += len(piece)
-                        chunk = await _next_chunk(chunks)
-                    nursery.cancel_scope.cancel()  # done: stop watching
-            if chunk:  # the watcher cancelled the stream
-                raise _PeerGone("hung up during a decoded stream")
-        await self._send(StreamEnd(sent=sent, frames=sent // fmt.bytes_per_frame))
-
-    async def _watch_for_hangup(self, stream_scope: trio.CancelScope) -> None:
-        """Cancel the running stream as soon as the peer closes its end.
-
-        A paced stream may not send for seconds, so a send error would notice
-        a vanished client late, while its ffmpeg keeps running. A client may
-        not speak during a reply, so anything read here is an early next
-        request: it is kept for later and the watch ends (bounded: one read).
-        """
-        try:
-            data = await self.transport.receive(64 * 1024, math.inf)
-        except ConnectionLost:
-            data = b""
-        if data:
-            self.conn.receive_data(data)
-            return
-        stream_scope.cancel()
+        await serve_request(self, self.server.services, event)
 
     # ---- I/O boundary ---------------------------------------------------
     # (the Session interface of musiclib.live.requests: send, send_bytes, next_event)
@@ -560,6 +328,38 @@ class _ConnectionHandler:
     def raw_fd(self) -> int | None:
         """The plain TCP socket's descriptor (``None`` under TLS or on a memory stream)."""
         return self.transport.raw_fd()
+
+    # (and what musiclib.library_requests adds: send_data, send_file, peer_hung_up)
+
+    @property
+    def can_sendfile(self) -> bool:
+        """Whether :meth:`send_file` is zero-copy (plain TCP, not TLS or memory)."""
+        return self.transport.can_sendfile
+
+    async def send_data(self, payload: bytes) -> None:
+        """Send one data frame (header and payload) under the send deadline."""
+        await self._send_data(payload)
+
+    async def send_file(self, fd: int, offset: int, count: int) -> int:
+        """Send ``count`` raw bytes of ``fd`` from ``offset`` (zero-copy on plain TCP)."""
+        timeout = self.config.send_timeout
+        return await self._sending(self.transport.sendfile(fd, offset, count, timeout))
+
+    async def peer_hung_up(self) -> bool:
+        """Wait for the peer during a reply: ``True`` once it closed its end.
+
+        A client may not speak during a reply, so anything read here is an
+        early next request: it is kept for later and ``False`` returned
+        (bounded: one read).
+        """
+        try:
+            data = await self.transport.receive(64 * 1024, math.inf)
+        except ConnectionLost:
+            data = b""
+        if data:
+            self.conn.receive_data(data)
+            return False
+        return True
 
     async def _next_event(self, timeout: float, *, idle: bool = False) -> Event:
         while True:
@@ -612,25 +412,35 @@ class _ConnectionHandler:
             await self.transport.send(self.conn.send(msg), 1)
 
 
-def _slices(chunk: bytes, size: int) -> list[bytes]:
-    """``chunk`` cut into pieces of at most ``size`` bytes."""
-    if len(chunk) <= size:
-        return [chunk]
-    view = memoryview(chunk)
-    return [bytes(view[i : i + size]) for i in range(0, len(chunk), size)]
+async def _serve_channels(session: Session, services: Services, request: ChannelsRequest) -> None:
+    await serve_channels(session, services.channels, request)
+
+
+async def _serve_listen(session: Session, services: Services, request: ListenRequest) -> None:
+    lag = services.config.lag_limit
+    await serve_listen(session, services.channels, request, lag_limit=lag)
+
+
+async def _serve_publish(session: Session, services: Services, request: PublishRequest) -> None:
+    silence = services.config.send_timeout
+    await serve_publish(session, services.channels, request, silence_timeout=silence)
+
+
+#: each request's handler, by the request's type: ``await handler(session, services, request)``
+_REQUESTS: dict[type[Event], Callable[[Session, Services, Any], Awaitable[None]]] = {
+    ListRequest: serve_list,
+    InfoRequest: serve_info,
+    RescanRequest: serve_rescan,
+    StreamRequest: serve_stream,
+    ChannelsRequest: _serve_channels,
+    ListenRequest: _serve_listen,
+    PublishRequest: _serve_publish,
+}
 
 
 def _token_matches(given: str | None, expected: str) -> bool:
     """Constant-time comparison, so response timing reveals nothing about the token."""
     return hmac.compare_digest((given or "").encode(), expected.encode())
-
-
-async def _next_chunk(chunks: AsyncIterator[bytes]) -> bytes:
-    """The next chunk, or ``b""`` at the end (decode errors propagate)."""
-    try:
-        return await chunks.__anext__()
-    except StopAsyncIteration:
-        return b""
 
 
 def _raise_open_file_limit() -> None:
