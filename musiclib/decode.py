@@ -17,8 +17,8 @@ reason (the end of the stream, an exception, a cancellation) kills ffmpeg if
 it still runs and reaps it, so there are no orphans and no zombies.
 
 Besides the decoder itself: :class:`DecodeSlots` caps how many decodes run at
-once, and :func:`pace_delay` computes how long to wait to stream at playback
-speed.
+once. Playback speed is :class:`musiclib.live.pacing.Pacer`'s job, for paced
+decoded streams and live channels alike.
 """
 
 from __future__ import annotations
@@ -370,16 +370,3 @@ class DecodeSlots:
             yield
         finally:
             self._semaphore.release()
-
-
-def pace_delay(
-    sent_bytes: int, elapsed: float, bytes_per_second: float, burst_seconds: float
-) -> float:
-    """Seconds to wait before sending more so that, after a burst, audio flows in real time.
-
-    ``sent_bytes`` of audio were sent in ``elapsed`` seconds; the first
-    ``burst_seconds`` of audio go out at once, the rest no faster than playback.
-    """
-    if bytes_per_second <= 0:
-        raise ValueError("bytes_per_second must be positive")
-    return max(0.0, sent_bytes / bytes_per_second - burst_seconds - elapsed)

@@ -32,10 +32,11 @@ from typing import Protocol
 
 import trio
 
-from .decode import AudioFormat, DecodeSlots, open_decoder, pace_delay
+from .decode import AudioFormat, DecodeSlots, open_decoder
 from .errors import Changed, single_errors
 from .library import Library
 from .live.channels import Channels
+from .live.pacing import Pacer
 from .live.requests import PeerLeft
 from .live.requests import Session as LiveSession
 from .maintainer import Maintainer
@@ -307,7 +308,9 @@ async def _stream_decoded(session: Session, services: Services, request: StreamR
             )
         )
         sent = 0
-        began = trio.current_time()
+        # never more than burst + t seconds of audio after t seconds: the live channels' clock
+        pacer = Pacer(fmt.sample_rate, burst=config.burst)
+        bpf = fmt.bytes_per_frame
         chunk = first
         slice_bytes = max(
             1, round(fmt.bytes_per_second * config.pacing_slice) // fmt.bytes_per_frame
@@ -322,14 +325,7 @@ async def _stream_decoded(session: Session, services: Services, request: StreamR
                         sent += len(chunk)
                     else:  # in slices, so no chunk runs ahead of the clock
                         for piece in _slices(chunk, slice_bytes):
-                            delay = pace_delay(  # never more than burst + t, after it
-                                sent + len(piece),
-                                trio.current_time() - began,
-                                fmt.bytes_per_second,
-                                config.burst,
-                            )
-                            if delay > 0:
-                                await trio.sleep(delay)
+                            await pacer.wait_for(-(-(sent + len(piece)) // bpf))
                             await session.send_data(piece)
                             sent += len(piece)
                     chunk = await _next_chunk(chunks)

@@ -28,7 +28,6 @@ from musiclib.decode import (
     decode_command,
     ffmpeg_executable,
     open_decoder,
-    pace_delay,
 )
 from musiclib.errors import Busy, DecodeFailed, InternalError
 
@@ -546,24 +545,3 @@ async def test_slots_with_no_wait_still_grant_a_free_slot() -> None:
     slots = DecodeSlots(1, 0)
     async with slots.acquire():
         assert slots.in_use == 1
-
-
-@pytest.mark.parametrize(
-    ("sent", "elapsed", "rate", "burst", "delay"),
-    [
-        (0, 0.0, 1000, 2.0, 0.0),  # nothing sent yet
-        (2000, 0.0, 1000, 2.0, 0.0),  # the burst goes out at once
-        (3000, 0.0, 1000, 2.0, 1.0),  # one second beyond the burst
-        (3000, 0.5, 1000, 2.0, 0.5),  # half of it already passed
-        (3000, 5.0, 1000, 2.0, 0.0),  # behind schedule: no waiting, never negative
-        (176400 * 10, 3.0, 176400, 2.0, 5.0),  # 10 s of CD audio, 3 s in
-        (1000, 0.0, 1000, 0.0, 1.0),  # no burst at all
-    ],
-)
-def test_pace_delay(sent: int, elapsed: float, rate: int, burst: float, delay: float) -> None:
-    assert pace_delay(sent, elapsed, rate, burst) == pytest.approx(delay)
-
-
-def test_pace_delay_needs_a_rate() -> None:
-    with pytest.raises(ValueError, match="bytes_per_second"):
-        pace_delay(100, 0.0, 0, 2.0)
