@@ -16,28 +16,37 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
 import signal
 import socket
 import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import audio_env
 import pytest
 import trio
-from conftest import REPO, STOP_TIMEOUT, ServerProcess, client_env, run_cli
+from conftest import STOP_TIMEOUT, run_cli
+from live_support import (
+    IO_TIMEOUT,
+    POLL,
+    Finished,
+    Heard,
+    alive,
+    cli_process,
+    ffmpeg_children,
+    finish,
+    hear,
+    live_server,
+    run_cli_async,
+    wait_for_channel,
+)
 
 from musiclib.client import open_client
-from musiclib.decode import AudioFormat, ffmpeg_executable
-from musiclib.errors import NotFound
-from musiclib.protocol import Audio, ChannelInfo, GapNotice, ListenEnd, ListenStart
+from musiclib.decode import AudioFormat
+from musiclib.protocol import Audio
 
 pytestmark = pytest.mark.e2e
 
@@ -45,12 +54,6 @@ pytestmark = pytest.mark.e2e
 PULSE = audio_env.PULSE_FORMAT
 #: a microphone channel's default format (16 kHz mono s16le), what the file device records
 SPEECH = AudioFormat("s16le", 16000, 1)
-#: seconds any CLI run or listen may take before the test fails
-IO_TIMEOUT = 30.0
-#: how often a waiting test looks again
-POLL = 0.02
-#: the ffmpeg the server runs for its converters
-FFMPEG = ffmpeg_executable({})
 
 
 # ---------------------------------------------------------------------------- comparing
@@ -75,207 +78,7 @@ def silent(data: bytes) -> bool:
 # ---------------------------------------------------------------------------- the API client
 
 
-@dataclass
-class Heard:
-    """One listen through the library's client: its start, every event in order, its end."""
-
-    start: ListenStart
-    events: list[Audio | GapNotice] = field(default_factory=list)
-    end: ListenEnd | None = None
-
-    @property
-    def bpf(self) -> int:
-        return self.start.bytes_per_frame
-
-    @property
-    def gaps(self) -> list[GapNotice]:
-        return [e for e in self.events if isinstance(e, GapNotice)]
-
-    def samples(self) -> bytes:
-        return b"".join(e.payload for e in self.events if isinstance(e, Audio))
-
-    def assert_contiguous_audio(self) -> None:
-        """Audio only (no gap), each chunk starting where the one before ended."""
-        assert self.gaps == [], f"gaps: {self.gaps[:3]}"
-        position = self.start.position
-        for event in self.events:
-            assert isinstance(event, Audio)
-            assert event.position == position, f"chunk at {event.position}, expected {position}"
-            assert event.payload and len(event.payload) % self.bpf == 0
-            position += len(event.payload) // self.bpf
-
-
-async def hear(
-    address: str,
-    channel: str,
-    *,
-    until: trio.Event | None = None,
-    joined: trio.Event | None = None,
-    retry: bool = False,
-    **request: Any,
-) -> Heard:
-    """Listen to ``channel`` until it ends (or ``until`` is set: then stop the listen).
-
-    ``retry``: while the channel does not exist yet, ask again. ``joined`` is set
-    once the server accepted the listen.
-    """
-    async with open_client(address, timeout=IO_TIMEOUT, version=2) as client:
-        while True:
-            try:
-                async with client.listen(channel, **request) as audio:
-                    assert audio.start is not None
-                    heard = Heard(audio.start)
-                    if joined is not None:
-                        joined.set()
-                    async with trio.open_nursery() as nursery:
-                        if until is not None:
-
-                            async def stop_when_told(event: trio.Event = until) -> None:
-                                await event.wait()
-                                await audio.stop()
-
-                            nursery.start_soon(stop_when_told)
-                        async for event in audio:
-                            heard.events.append(event)
-                        nursery.cancel_scope.cancel()
-                    heard.end = audio.end
-                return heard
-            except NotFound:
-                if not retry:
-                    raise
-                await trio.sleep(POLL)
-
-
-async def channel_infos(address: str) -> dict[str, ChannelInfo]:
-    async with open_client(address, timeout=IO_TIMEOUT, version=2) as client:
-        return {c.name: c for c in await client.channels()}
-
-
-async def wait_for_channel(
-    address: str, name: str, *, listeners: int = 0, position: int = 0
-) -> ChannelInfo:
-    """Poll until channel ``name`` exists with at least ``listeners`` listeners and
-    ``position`` frames published."""
-    with trio.fail_after(IO_TIMEOUT):
-        while True:
-            info = (await channel_infos(address)).get(name)
-            if info is not None and info.listeners >= listeners and info.position >= position:
-                return info
-            await trio.sleep(POLL)
-
-
 # ---------------------------------------------------------------------------- processes
-
-
-def live_server(start_server: Any, tmp_path: Path, *channels: str) -> ServerProcess:
-    """A fresh server over an empty root with ``--channel`` for each of ``channels``.
-
-    Started after the fixtures set the environment, so its PortAudio sees the devices.
-    """
-    root = tmp_path / "root"
-    root.mkdir(exist_ok=True)
-    server: ServerProcess = start_server(root, *(a for c in channels for a in ("--channel", c)))
-    return server
-
-
-def cli_argv(*args: str | os.PathLike[str]) -> list[str]:
-    return [sys.executable, "-m", "musiclib", *(os.fspath(a) for a in args)]
-
-
-@dataclass(frozen=True)
-class Finished:
-    returncode: int
-    stdout: bytes
-    stderr: str
-
-    def lines(self) -> list[str]:
-        """Standard error's lines (never a traceback)."""
-        assert "Traceback" not in self.stderr, self.stderr
-        return self.stderr.strip().splitlines()
-
-    def summary(self) -> str:
-        """The one line a listen or publish writes on standard error."""
-        lines = self.lines()
-        assert len(lines) == 1, self.stderr
-        return lines[0]
-
-
-@asynccontextmanager
-async def cli_process(
-    *args: str | os.PathLike[str], server: str, stdin: int = subprocess.DEVNULL
-) -> AsyncIterator[trio.Process]:
-    """The real CLI in the background; killed (if it still runs) and reaped on the way out."""
-    process = await trio.lowlevel.open_process(
-        cli_argv(*args),
-        cwd=REPO,
-        env=client_env({"MUSICLIB_SERVER": server}),
-        stdin=stdin,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        yield process
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            with trio.move_on_after(10):
-                await process.wait()
-            for pipe in (process.stdin, process.stdout, process.stderr):
-                if pipe is not None:
-                    await pipe.aclose()
-
-
-async def finish(process: trio.Process, timeout: float = IO_TIMEOUT) -> Finished:
-    """Everything the process writes, and its exit status (failing after ``timeout``)."""
-    out: dict[str, bytes] = {}
-
-    async def drain(name: str, stream: trio.abc.ReceiveStream | None) -> None:
-        assert stream is not None
-        data = bytearray()
-        while chunk := await stream.receive_some(256 * 1024):
-            data += chunk
-        out[name] = bytes(data)
-
-    with trio.fail_after(timeout):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(drain, "stdout", process.stdout)
-            nursery.start_soon(drain, "stderr", process.stderr)
-        status = await process.wait()
-    return Finished(status, out["stdout"], out["stderr"].decode("utf-8", "replace"))
-
-
-async def run_cli_async(*args: str | os.PathLike[str], server: str) -> Finished:
-    async with cli_process(*args, server=server) as process:
-        return await finish(process)
-
-
-def ffmpeg_children(pid: int) -> list[int]:
-    """The pids of ``pid``'s children that run the bundled ffmpeg (zombies included)."""
-    ffmpeg = os.path.realpath(FFMPEG)
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-            argv0 = Path("/proc", entry, "cmdline").read_bytes().split(b"\0")[0]
-        except OSError:  # gone meanwhile
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if int(fields[1]) == pid and (
-            fields[0] == "Z" or os.path.realpath(argv0.decode()) == ffmpeg
-        ):
-            found.append(int(entry))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path("/proc", str(pid), "stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def recorders(pulse: audio_env.Pulse) -> list[int]:

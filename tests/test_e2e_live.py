@@ -16,7 +16,6 @@ from __future__ import annotations
 import functools
 import itertools
 import json
-import os
 import random
 import re
 import shlex
@@ -24,31 +23,42 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import time
 import wave
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
-from conftest import LIBRARY, REPO, ServerProcess, client_env
+from conftest import LIBRARY
+from live_support import (
+    FFMPEG,
+    IO_TIMEOUT,
+    POLL,
+    Finished,
+    Heard,
+    alive,
+    assert_same_bytes,
+    channel_infos,
+    cli_process,
+    ffmpeg_children,
+    finish,
+    hear,
+    live_server,
+    run_cli_async,
+    wait_for_channel,
+)
 
 from musiclib.client import open_client
-from musiclib.decode import AudioFormat, decode_command, ffmpeg_executable
-from musiclib.errors import NotFound
+from musiclib.decode import AudioFormat, decode_command
 from musiclib.live.sources import ffmpeg_input_command
 from musiclib.protocol import (
     Audio,
-    ChannelInfo,
     Connection,
     Error,
     GapNotice,
     Hello,
-    ListenEnd,
     ListenRequest,
     ListenStart,
     NeedData,
@@ -58,12 +68,6 @@ from musiclib.protocol import (
 
 pytestmark = pytest.mark.e2e
 
-#: the ffmpeg the server runs (conftest strips MUSICLIB_FFMPEG from its environment)
-FFMPEG = ffmpeg_executable({})
-#: seconds any CLI run, listen or local ffmpeg run may take before the test fails
-IO_TIMEOUT = 30.0
-#: how often a waiting test looks again (channels, /proc)
-POLL = 0.02
 
 #: a deterministic endless source: white noise from a fixed seed. Noise (unlike a sine)
 #: never repeats, so where a stretch of it occurs in the source is unambiguous.
@@ -122,19 +126,6 @@ def wav_format(path: Path) -> AudioFormat:
         return AudioFormat("s16le", w.getframerate(), w.getnchannels())
 
 
-def assert_same_bytes(got: bytes, want: bytes, what: str) -> None:
-    """Byte-for-byte equality, reported as sizes and the first differing offset."""
-    if got == want:
-        return
-    if len(got) < len(want) and want.startswith(got):
-        pytest.fail(f"{what}: got only the first {len(got)} of {len(want)} bytes")
-    first = next(
-        (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
-        min(len(got), len(want)),
-    )
-    pytest.fail(f"{what}: got {len(got)} bytes, want {len(want)}; first difference at {first}")
-
-
 def locate(reference: bytes, got: bytes, bpf: int, what: str) -> int:
     """The frame position of the source (``reference``) at which ``got`` starts.
 
@@ -156,39 +147,7 @@ def place_in(reference: bytes, got: bytes, bpf: int, what: str) -> int:
 # ---------------------------------------------------------------------------- servers
 
 
-def live_server(
-    start_server: Callable[..., ServerProcess],
-    tmp_path: Path,
-    *channels: str,
-    args: Sequence[str] = (),
-) -> ServerProcess:
-    """A fresh server over an empty root (or ``tmp_path/root`` if present) with channels."""
-    root = tmp_path / "root"
-    root.mkdir(exist_ok=True)
-    extra = [a for spec in channels for a in ("--channel", spec)]
-    return start_server(root, *extra, *args)
-
-
 # ---------------------------------------------------------------------------- the CLI
-
-
-def cli_argv(*args: str | os.PathLike[str]) -> list[str]:
-    return [sys.executable, "-m", "musiclib", *(os.fspath(a) for a in args)]
-
-
-@dataclass(frozen=True)
-class Finished:
-    returncode: int
-    stdout: bytes
-    stderr: str
-
-    def summary(self) -> str:
-        """The one line a listen or publish writes on standard error (no traceback)."""
-        assert "Traceback" not in self.stderr, self.stderr
-        lines = self.stderr.strip().splitlines()
-        assert len(lines) == 1, self.stderr
-        assert lines[0].startswith("musiclib: "), self.stderr
-        return lines[0]
 
 
 def reported_losses(stderr: str, channel: str, frames: int) -> list[tuple[int, int]]:
@@ -212,184 +171,7 @@ def reported_losses(stderr: str, channel: str, frames: int) -> list[tuple[int, i
     return losses
 
 
-async def run_cli(
-    *args: str | os.PathLike[str], server: str, stdin: bytes | None = None
-) -> Finished:
-    """The real CLI to its end (killed and failed after IO_TIMEOUT)."""
-    with trio.fail_after(IO_TIMEOUT):
-        done = await trio.run_process(
-            cli_argv(*args),
-            cwd=REPO,
-            env=client_env({"MUSICLIB_SERVER": server}),
-            stdin=stdin if stdin is not None else subprocess.DEVNULL,
-            capture_stdout=True,
-            capture_stderr=True,
-            check=False,
-        )
-    return Finished(done.returncode, done.stdout, done.stderr.decode("utf-8", "replace"))
-
-
-@asynccontextmanager
-async def cli_process(
-    *args: str | os.PathLike[str], server: str, stdin: int = subprocess.DEVNULL
-) -> AsyncIterator[trio.Process]:
-    """The real CLI in the background; killed (if it still runs) and reaped on the way out."""
-    process = await trio.lowlevel.open_process(
-        cli_argv(*args),
-        cwd=REPO,
-        env=client_env({"MUSICLIB_SERVER": server}),
-        stdin=stdin,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-    try:
-        yield process
-    finally:
-        with trio.CancelScope(shield=True):
-            if process.returncode is None:
-                process.kill()
-            with trio.move_on_after(10):
-                await process.wait()
-            for pipe in (process.stdin, process.stdout, process.stderr):
-                if pipe is not None:
-                    await pipe.aclose()
-
-
-async def read_all(stream: trio.abc.ReceiveStream | None) -> bytes:
-    assert stream is not None
-    data = bytearray()
-    while chunk := await stream.receive_some(256 * 1024):
-        data += chunk
-    return bytes(data)
-
-
-async def finish(process: trio.Process, timeout: float = IO_TIMEOUT) -> Finished:
-    """Everything the process writes, and its exit status (failing after ``timeout``)."""
-    out: dict[str, bytes] = {}
-
-    async def drain(name: str, stream: trio.abc.ReceiveStream | None) -> None:
-        out[name] = await read_all(stream)
-
-    with trio.fail_after(timeout):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(drain, "stdout", process.stdout)
-            nursery.start_soon(drain, "stderr", process.stderr)
-        status = await process.wait()
-    return Finished(status, out["stdout"], out["stderr"].decode("utf-8", "replace"))
-
-
 # ---------------------------------------------------------------------------- the API client
-
-
-@dataclass
-class Heard:
-    """One listen through the library's client: its start, every event in order, its end."""
-
-    start: ListenStart
-    events: list[Audio | GapNotice] = field(default_factory=list)
-    end: ListenEnd | None = None
-
-    @property
-    def bpf(self) -> int:
-        return self.start.bytes_per_frame
-
-    def frames_of(self, event: Audio | GapNotice) -> int:
-        return event.frames if isinstance(event, GapNotice) else len(event.payload) // self.bpf
-
-    @property
-    def chunks(self) -> list[Audio]:
-        return [e for e in self.events if isinstance(e, Audio)]
-
-    @property
-    def gaps(self) -> list[GapNotice]:
-        return [e for e in self.events if isinstance(e, GapNotice)]
-
-    @property
-    def stop_position(self) -> int:
-        """The position after the last event."""
-        if not self.events:
-            return self.start.position
-        last = self.events[-1]
-        return last.position + self.frames_of(last)
-
-    def samples(self) -> bytes:
-        return b"".join(c.payload for c in self.chunks)
-
-    def assert_contiguous(self) -> None:
-        """Every event starts where the previous one ended, from the start's position on."""
-        position = self.start.position
-        for event in self.events:
-            assert event.position == position, (
-                f"{type(event).__name__} at {event.position}, expected {position}"
-            )
-            if isinstance(event, Audio):
-                assert event.payload and len(event.payload) % self.bpf == 0
-            position += self.frames_of(event)
-
-    def assert_matches(self, reference: bytes, what: str) -> None:
-        """Each chunk is the reference's frames at the chunk's position (reference = position 0)."""
-        for chunk in self.chunks:
-            at = chunk.position * self.bpf
-            want = reference[at : at + len(chunk.payload)]
-            assert len(want) == len(chunk.payload), f"{what}: the reference ends before {at}"
-            assert_same_bytes(chunk.payload, want, f"{what} at position {chunk.position}")
-
-
-async def hear(
-    address: str,
-    channel: str,
-    *,
-    until: trio.Event | None = None,
-    retry: bool = False,
-    **request: Any,
-) -> Heard:
-    """Listen to ``channel`` until it ends (or ``until`` is set: then stop it).
-
-    ``retry``: while the channel does not exist yet, ask again every few
-    milliseconds.
-    """
-    async with open_client(address, timeout=IO_TIMEOUT, version=2) as client:
-        while True:
-            try:
-                reader = client.listen(channel, **request)
-                async with reader as audio:
-                    assert audio.start is not None
-                    heard = Heard(audio.start)
-                    async with trio.open_nursery() as nursery:
-                        if until is not None:
-
-                            async def stop_when_told(event: trio.Event = until) -> None:
-                                await event.wait()
-                                await audio.stop()
-
-                            nursery.start_soon(stop_when_told)
-                        async for event in audio:
-                            heard.events.append(event)
-                        nursery.cancel_scope.cancel()
-                    heard.end = audio.end
-                return heard
-            except NotFound:
-                if not retry:
-                    raise
-                await trio.sleep(0.002)
-
-
-async def channel_infos(address: str) -> dict[str, ChannelInfo]:
-    async with open_client(address, timeout=IO_TIMEOUT, version=2) as client:
-        return {c.name: c for c in await client.channels()}
-
-
-async def wait_for_channel(
-    address: str, name: str, *, listeners: int = 0, timeout: float = IO_TIMEOUT
-) -> ChannelInfo:
-    """Poll until channel ``name`` exists with at least ``listeners`` listeners."""
-    with trio.fail_after(timeout):
-        async with open_client(address, timeout=IO_TIMEOUT, version=2) as client:
-            while True:
-                found = {c.name: c for c in await client.channels()}
-                if name in found and found[name].listeners >= listeners:
-                    return found[name]
-                await trio.sleep(POLL)
 
 
 async def wait_for_no_channel(address: str, name: str, timeout: float = IO_TIMEOUT) -> None:
@@ -424,34 +206,6 @@ async def poll(check: Callable[[], Awaitable[bool]], timeout: float = IO_TIMEOUT
 # ---------------------------------------------------------------------------- processes
 
 
-def ffmpeg_children(pid: int) -> list[int]:
-    """The pids of ``pid``'s children that run the bundled ffmpeg (zombies included)."""
-    ffmpeg = os.path.realpath(FFMPEG)
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-            cmdline = Path("/proc", entry, "cmdline").read_bytes().split(b"\0")
-        except OSError:  # gone meanwhile
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if int(fields[1]) != pid:
-            continue
-        if fields[0] == "Z" or os.path.realpath(cmdline[0].decode()) == ffmpeg:
-            found.append(int(entry))
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        stat = Path("/proc", str(pid), "stat").read_text()
-    except OSError:
-        return False
-    return stat.rpartition(")")[2].split()[0] != "Z"
-
-
 # ============================================================================ 1. many listeners
 
 
@@ -475,7 +229,7 @@ async def test_fifty_listeners_hear_the_same_samples(start_server, tmp_path):
 
     async def cli_listener() -> None:
         args = ("listen", "noise", "--duration", "2", "--format", "s16le")
-        outputs.append(await run_cli(*args, server=srv.address))
+        outputs.append(await run_cli_async(*args, server=srv.address))
 
     async def count_listeners() -> None:
         nonlocal most
@@ -551,11 +305,11 @@ async def test_a_published_wav_file_arrives_whole_and_exact(start_server, tmp_pa
     async def cli_listener() -> None:
         await wait_for_channel(srv.address, "hall")
         args = ("listen", "hall", "--preroll", "10000")
-        results["cli"] = await run_cli(*args, server=srv.address)
+        results["cli"] = await run_cli_async(*args, server=srv.address)
 
     async def publisher() -> None:
         await waiting.wait()
-        results["pub"] = await run_cli("publish", "hall", "--from", wav, server=srv.address)
+        results["pub"] = await run_cli_async("publish", "hall", "--from", wav, server=srv.address)
 
     with trio.fail_after(IO_TIMEOUT):
         async with trio.open_nursery() as nursery:
@@ -612,7 +366,7 @@ async def test_published_standard_input_arrives_exact(start_server, tmp_path):
 
             async def cli_listener() -> None:
                 listen = ("listen", "hall", "--format", "s16le", "--max-latency", "10000")
-                results["cli"] = await run_cli(*listen, server=srv.address)
+                results["cli"] = await run_cli_async(*listen, server=srv.address)
 
             nursery.start_soon(api_listener)
             nursery.start_soon(cli_listener)
@@ -643,7 +397,7 @@ async def test_publish_from_a_lone_dash_parses(start_server, tmp_path):
     srv = live_server(start_server, tmp_path)
     data = bytes(range(256)) * 10
     args = ("--from", "-", "--rate", "16000", "--channels", "1")
-    done = await run_cli("publish", "hall", *args, server=srv.address, stdin=data)
+    done = await run_cli_async("publish", "hall", *args, server=srv.address, stdin=data)
     assert done.returncode == 0, done.stderr
     assert done.summary() == "musiclib: hall: published 1280 frames (0.08 s) from stdin"
 
@@ -707,7 +461,7 @@ async def test_a_converted_listener_gets_ffmpegs_conversion_of_a_source(start_se
 
     async def cli() -> None:
         args = ("listen", "music", "--preroll", "10000", *fmt)
-        results["cli"] = await run_cli(*args, server=srv.address)
+        results["cli"] = await run_cli_async(*args, server=srv.address)
 
     with trio.fail_after(IO_TIMEOUT):
         async with trio.open_nursery() as nursery:
@@ -743,7 +497,7 @@ async def test_a_converted_listener_of_a_published_channel_gets_all_of_it(start_
                 results["other"] = await hear(srv.address, "hall", **request)
 
             async def cli() -> None:
-                results["cli"] = await run_cli("listen", "hall", *fmt, server=srv.address)
+                results["cli"] = await run_cli_async("listen", "hall", *fmt, server=srv.address)
 
             nursery.start_soon(native)
             nursery.start_soon(other)
@@ -838,7 +592,9 @@ async def test_a_stalled_listener_loses_audio_and_the_others_do_not(start_server
                 results["api"] = await hear(srv.address, "fat", until=stalled)
 
             async def healthy_cli() -> None:
-                results["cli"] = await run_cli(*listen[:4], "--duration", "3", server=srv.address)
+                results["cli"] = await run_cli_async(
+                    *listen[:4], "--duration", "3", server=srv.address
+                )
 
             raw = await trio.to_thread.run_sync(
                 lambda: RawListener(srv.port, "fat", max_latency_ms=100)
@@ -1086,7 +842,9 @@ async def test_a_vanished_publisher_ends_the_channel_and_frees_its_name(start_se
                 await wait_for_channel(srv.address, "hall", listeners=2)
 
                 for name in ("hall", "noise"):
-                    busy = await run_cli("publish", name, "--from=-", server=srv.address, stdin=b"")
+                    busy = await run_cli_async(
+                        "publish", name, "--from=-", server=srv.address, stdin=b""
+                    )
                     assert busy.returncode == 3, busy.stderr
                     line = busy.summary()
                     who = (
@@ -1116,7 +874,7 @@ async def test_a_vanished_publisher_ends_the_channel_and_frees_its_name(start_se
     heard.assert_matches(want, "the API listener")
 
     await wait_for_no_channel(srv.address, "hall")
-    again = await run_cli(
+    again = await run_cli_async(
         "publish", "hall", "--from=-", "--rate", "8000", server=srv.address, stdin=bytes(1600)
     )
     assert again.returncode == 0, again.stderr
@@ -1217,15 +975,15 @@ async def test_track_plays_once_in_real_time_and_loop_goes_on(start_server, tmp_
 
     async def record() -> None:
         args = ("listen", "again", "-o", rec, "--duration", "1")
-        results["rec"] = await run_cli(*args, server=srv.address)
+        results["rec"] = await run_cli_async(*args, server=srv.address)
 
     with trio.fail_after(IO_TIMEOUT):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(once)
             nursery.start_soon(again)
             nursery.start_soon(record)
-        listed = await run_cli("channels", "--json", server=srv.address)
-        table = await run_cli("channels", server=srv.address)
+        listed = await run_cli_async("channels", "--json", server=srv.address)
+        table = await run_cli_async("channels", server=srv.address)
 
     heard = results["once"]
     assert heard.start.position == 0 and heard.start.source == "track:cut.wav"
@@ -1284,9 +1042,9 @@ async def test_version_1_clients_keep_working_next_to_channels(start_server, tmp
         async with trio.open_nursery() as nursery:
             nursery.start_soon(lambda: hear(srv.address, "noise", until=stop))
             await wait_for_channel(srv.address, "noise", listeners=1)
-            listed = await run_cli("ls", "--json", server=srv.address)
-            info = await run_cli("info", "cut.wav", server=srv.address)
-            got = await run_cli("get", "cut.wav", server=srv.address)
+            listed = await run_cli_async("ls", "--json", server=srv.address)
+            info = await run_cli_async("info", "cut.wav", server=srv.address)
+            got = await run_cli_async("get", "cut.wav", server=srv.address)
 
             def hello_v1() -> Welcome:
                 with socket.create_connection(("127.0.0.1", srv.port), IO_TIMEOUT) as sock:
