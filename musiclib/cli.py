@@ -752,8 +752,14 @@ async def listen(
         finally:
             await sink.close()
 
-    async with options.connector(version=2)() as client:
-        stats = await liveclient.listen(client, channel, listen_options, open_sink)
+    retry = options.retry()
+    stats = await liveclient.listen(
+        options.connector(version=2),
+        channel,
+        listen_options,
+        open_sink,
+        retry_delays=retry.delays(),
+    )
     if not options.quiet and stats.start is not None:
         end = stats.end
         why = end.message if end is not None else "stopped"

@@ -17,13 +17,14 @@ only picks them.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import signal
 import statistics
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +32,10 @@ from typing import BinaryIO, Protocol
 
 import trio
 
-from .client import Client
+from .client import Client, ListenReader
 from .decode import AudioFormat
 from .errors import OutputError, single_errors
+from .fetch import RETRYABLE
 from .live.hub import Chunk, End, Gap, Hub
 from .protocol import Audio, ListenEnd, ListenStart
 from .wav import patch_sizes, wav_header
@@ -218,72 +220,188 @@ SinkOpener = Callable[[AudioFormat, "int | None"], AbstractAsyncContextManager[S
 
 
 async def listen(
-    client: Client, channel: str, options: ListenOptions, open_sink: SinkOpener
+    connect: Connector,
+    channel: str,
+    options: ListenOptions,
+    open_sink: SinkOpener,
+    *,
+    retry_delays: Sequence[float] = (),
 ) -> ListenStats:
     """Receive ``channel`` into the sink ``open_sink`` makes for the stream's format.
 
     The first Ctrl-C (SIGINT) or SIGTERM asks the server to stop, so the
     audio already on its way is still written and a WAV file is finished
     properly; a second one interrupts at once. ``--duration`` becomes an
-    exact frame count for the server (at the channel's rate, asked first on
-    the same connection when no ``--rate`` is given).
+    exact frame count (at the channel's rate, asked first on the same
+    connection when no ``--rate`` is given).
+
+    A dropped connection is listened to again after each of ``retry_delays``
+    (seconds), with a preroll that covers the time it was away: positions
+    already written are skipped and positions the channel no longer has are
+    reported and filled like any gap, so the output keeps the channel's
+    timing, every frame once. A channel that was started anew meanwhile
+    (another ``epoch``) simply continues from its new start.
     """
-    stats = ListenStats()
-    frames = None
-    if options.duration is not None:
-        rate = options.sample_rate
-        if rate is None:
-            known = {c.name: c for c in await client.channels()}
-            rate = known[channel].sample_rate if channel in known else 48000
-        frames = max(1, round(options.duration * rate))
-    async with client.listen(
-        channel,
-        sample_format=options.sample_format,
-        sample_rate=options.sample_rate,
-        channels=options.channels,
-        max_latency_ms=options.max_latency_ms,
-        preroll_ms=options.preroll_ms,
-        frames=frames,
-    ) as audio:
+    run = _Listening(channel, options, open_sink)
+    delays = list(retry_delays)
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with contextlib.AsyncExitStack() as sinks, trio.open_nursery() as nursery:
+            nursery.start_soon(run.on_signals, signals, nursery.cancel_scope)
+            while True:
+                try:
+                    async with connect() as client:
+                        await run.once(client, sinks)
+                    break
+                except RETRYABLE as exc:  # the network, a peer cut mid-frame, a full server
+                    if not delays or run.stats.stopped_by_user or run.stats.sink_gone:
+                        raise
+                    if run.stats.start is None:
+                        raise  # never started: nothing to resume, say so at once
+                    delay = delays.pop(0)
+                    log.warning("%s; listening again in %g s", exc, delay)
+                    await trio.sleep(delay)
+            nursery.cancel_scope.cancel()
+    return run.stats
+
+
+class _Listening:
+    """One ``listen`` command's state across reconnections: the sink, where it stands."""
+
+    def __init__(self, channel: str, options: ListenOptions, open_sink: SinkOpener) -> None:
+        self.channel = channel
+        self.options = options
+        self.open_sink = open_sink
+        self.stats = ListenStats()
+        self.sink: Sink | None = None
+        self.fmt: AudioFormat | None = None
+        self.total: int | None = None  # positions to cover in all (--duration)
+        self.covered = 0  # positions covered so far: audio, gaps and holes
+        self.expected: int | None = None  # the next position to write
+        self.epoch: int | None = None
+        self.last_arrival = 0.0  # trio time of the last event
+        self.audio: ListenReader | None = None
+
+    async def on_signals(self, signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+        async for _ in signals:
+            if self.stats.stopped_by_user:
+                scope.cancel()  # the second signal: now
+                raise KeyboardInterrupt
+            self.stats.stopped_by_user = True
+            if self.audio is not None:
+                await self.audio.stop()
+
+    async def once(self, client: Client, sinks: contextlib.AsyncExitStack) -> None:
+        """One connection's listen (the first, or one after a reconnection)."""
+        opts = self.options
+        first = self.fmt is None
+        if first:
+            fmt_request = (opts.sample_format, opts.sample_rate, opts.channels)
+            preroll = opts.preroll_ms
+            if opts.duration is not None:
+                rate = opts.sample_rate
+                if rate is None:
+                    known = {c.name: c for c in await client.channels()}
+                    rate = known[self.channel].sample_rate if self.channel in known else 48000
+                self.total = max(1, round(opts.duration * rate))
+        else:
+            assert self.fmt is not None
+            fmt_request = (self.fmt.sample_format, self.fmt.sample_rate, self.fmt.channels)
+            away = trio.current_time() - self.last_arrival
+            preroll = min(PREROLL_LIMIT_MS, math.ceil(away * 1000) + 250)
+        left = None if self.total is None else self.total - self.covered
+        async with client.listen(
+            self.channel,
+            sample_format=fmt_request[0],
+            sample_rate=fmt_request[1],
+            channels=fmt_request[2],
+            max_latency_ms=opts.max_latency_ms,
+            preroll_ms=preroll,
+            frames=left if first else None,  # a resumed listen may begin with frames we have
+        ) as audio:
+            self.audio = audio
+            try:
+                await self._receive(audio, sinks, first)
+            finally:
+                self.audio = None
+            self.stats.end = audio.end
+
+    async def _receive(
+        self, audio: ListenReader, sinks: contextlib.AsyncExitStack, first: bool
+    ) -> None:
         start = audio.start
         assert start is not None
-        stats.start = start
-        fmt = AudioFormat(start.sample_format, start.sample_rate, start.channels)
+        if first:
+            self.stats.start = start
+            self.fmt = AudioFormat(start.sample_format, start.sample_rate, start.channels)
+            self.sink = await sinks.enter_async_context(self.open_sink(self.fmt, self.total))
+        elif start.epoch != self.epoch:
+            log.warning(
+                "%s was started anew meanwhile; continuing from its new start", self.channel
+            )
+            self.expected = None
+        else:
+            log.info("listening to %s again", self.channel)
+        self.epoch = start.epoch
+        if self.expected is None:
+            self.expected = start.position
+        fmt, sink = self.fmt, self.sink
+        assert fmt is not None and sink is not None
         bpf = fmt.bytes_per_frame
-        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-            async with open_sink(fmt, frames) as sink, trio.open_nursery() as nursery:
+        self.last_arrival = trio.current_time()
+        async for event in audio:
+            self.last_arrival = trio.current_time()
+            frames = len(event.payload) // bpf if isinstance(event, Audio) else event.frames
+            position = event.position
+            skip = max(0, self.expected - position)  # already written before a reconnection
+            if skip >= frames:
+                continue
+            hole = max(0, position - self.expected)  # gone while we were away
+            if hole and not await self._lose(hole, self.expected, "while reconnecting"):
+                break
+            frames -= skip
+            if self.total is not None:
+                frames = min(frames, self.total - self.covered)
+            if isinstance(event, Audio):
+                self.stats.latencies_ms.append((time.time_ns() - event.time_ns) / 1e6)
+                data = event.payload[skip * bpf : (skip + frames) * bpf]
+                ok = await sink.write(data)
+                self.stats.frames += frames
+                self.covered += frames
+            else:
+                ok = await self._lose(frames, position + skip, "this listener fell behind")
+            self.expected = position + skip + frames
+            if not ok:
+                self.stats.sink_gone = True
+                await audio.stop()
+                break
+            if self.total is not None and self.covered >= self.total:
+                await audio.stop()  # a resumed listen counts for itself (no-op once complete)
+                if audio.end is None:
+                    async for _ in audio:  # what is on its way until listen_end: not ours
+                        pass
+                break
 
-                async def on_signal() -> None:
-                    async for _ in signals:
-                        if stats.stopped_by_user:
-                            nursery.cancel_scope.cancel()  # the second signal: now
-                            raise KeyboardInterrupt
-                        stats.stopped_by_user = True
-                        await audio.stop()
+    async def _lose(self, frames: int, position: int, why: str) -> bool:
+        """Account for ``frames`` lost at ``position`` (and fill them with silence)."""
+        fmt, sink = self.fmt, self.sink
+        assert fmt is not None and sink is not None
+        if self.total is not None:
+            frames = min(frames, self.total - self.covered)
+        self.stats.gaps += 1
+        self.stats.lost += frames
+        self.covered += frames
+        log.warning(
+            "lost %d frames (%.0f ms) at frame %d: %s",
+            frames,
+            frames * 1000 / fmt.sample_rate,
+            position,
+            why,
+        )
+        return not self.options.fill_gaps or await sink.write(bytes(frames * fmt.bytes_per_frame))
 
-                nursery.start_soon(on_signal)
-                async for event in audio:
-                    if isinstance(event, Audio):
-                        stats.latencies_ms.append((time.time_ns() - event.time_ns) / 1e6)
-                        ok = await sink.write(event.payload)
-                        stats.frames += len(event.payload) // bpf
-                    else:
-                        stats.gaps += 1
-                        stats.lost += event.frames
-                        log.warning(
-                            "lost %d frames (%.0f ms) at frame %d: this listener fell behind",
-                            event.frames,
-                            event.frames * 1000 / fmt.sample_rate,
-                            event.position,
-                        )
-                        ok = not options.fill_gaps or await sink.write(bytes(event.frames * bpf))
-                    if not ok:
-                        stats.sink_gone = True
-                        await audio.stop()
-                        break
-                nursery.cancel_scope.cancel()
-        stats.end = audio.end
-    return stats
+
+#: the longest preroll a reconnection asks for (what the reference server keeps)
+PREROLL_LIMIT_MS = 10_000
 
 
 @dataclass(frozen=True)

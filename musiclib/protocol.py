@@ -534,6 +534,9 @@ class ListenStart(Message):
     ``position`` is the first frame that will follow; the first ``preroll``
     frames of it are history, the rest is live. ``converted`` is true when the
     samples are ffmpeg's conversion of the source, not the source's own.
+    ``epoch`` identifies this run of the channel (the reference server: the
+    wall clock in ns when it started), so a listener that reconnects can tell
+    whether positions continue or start again.
     """
 
     TYPE: ClassVar[str] = "listen_start"
@@ -547,6 +550,7 @@ class ListenStart(Message):
     preroll: int = 0
     converted: bool = False
     source: str | None = None
+    epoch: int | None = None
 
     def problem(self) -> str | None:
         if self.position < 0 or self.preroll < 0:

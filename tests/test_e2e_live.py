@@ -13,6 +13,7 @@ speaker have tests of their own).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -1062,3 +1063,68 @@ async def test_version_1_clients_keep_working_next_to_channels(start_server, tmp
     assert got.returncode == 0, got.stderr
     assert_same_bytes(got.stdout, (track_root / "cut.wav").read_bytes(), "get cut.wav")
     assert isinstance(welcome, Welcome) and welcome.version == 1, welcome
+
+
+# ---------------------------------------------------------------------------- reconnecting
+
+
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 that cuts its first connection after ``cut_after`` bytes
+    from the server (a dropped connection in the middle of a listen) and forwards every
+    later one whole."""
+
+    def __init__(self, target: str, cut_after: int) -> None:
+        self.target = target
+        self.cut_after = cut_after
+        self.connections = 0
+        self.port = 0
+
+    async def serve(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started()
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, client: trio.SocketStream) -> None:
+        self.connections += 1
+        limit = self.cut_after if self.connections == 1 else None
+        host, port = self.target.rsplit(":", 1)
+        async with client, await trio.open_tcp_stream(host, int(port)) as server:
+
+            async def pump(src: trio.SocketStream, dst: trio.SocketStream, cut: int | None) -> None:
+                passed = 0
+                while data := await src.receive_some(65536):
+                    if cut is not None and passed + len(data) >= cut:
+                        await dst.send_all(data[: cut - passed])
+                        nursery.cancel_scope.cancel()  # both ways: the connection is gone
+                        return
+                    await dst.send_all(data)
+                    passed += len(data)
+                nursery.cancel_scope.cancel()
+
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(pump, client, server, None)
+                    nursery.start_soon(pump, server, client, limit)
+
+
+async def test_a_dropped_listen_reconnects_and_misses_nothing(start_server, tmp_path):
+    """The connection drops after about 1 s of a 3 s listen (in the middle of a frame):
+    the CLI listens again with a preroll that covers the outage, skips what it had, and
+    its output is exactly 3 s of the source, contiguous, with nothing reported lost."""
+    srv = live_server(start_server, tmp_path, NOISE_CHANNEL)
+    reference = await trio.to_thread.run_sync(noise_reference)
+    bpf = NOISE.bytes_per_frame
+    proxy = CuttingProxy(srv.address, cut_after=NOISE.bytes_per_second + 1234)
+    with trio.fail_after(IO_TIMEOUT * 2):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(proxy.serve)
+            args = ("listen", "noise", "--duration", "3", "--format", "s16le")
+            out = await run_cli_async(*args, server=f"127.0.0.1:{proxy.port}")
+            nursery.cancel_scope.cancel()
+    assert out.returncode == 0, out.stderr
+    assert proxy.connections >= 2, "the listen never reconnected"
+    assert "listening again in" in out.stderr
+    assert "lost" not in out.stderr, out.stderr
+    assert len(out.stdout) == 3 * NOISE.sample_rate * bpf
+    place_in(reference, out.stdout, bpf, "the reconnected listen")

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -506,3 +507,110 @@ async def test_a_v2_client_gets_a_v2_welcome_and_file_requests_still_work(server
         async with client.stream("song") as stream:
             data = b"".join([chunk async for chunk in stream])
         assert data == b"not really audio"
+
+
+# ---- the CLI's listen across reconnections ------------------------------------------------
+
+
+class _CollectingSink:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    async def write(self, data: bytes) -> bool:
+        self.data += data
+        return True
+
+    async def close(self) -> None:
+        pass
+
+
+async def _reconnecting_listen(
+    server: Server, nursery: trio.Nursery, *, cut_after: int, between: Any
+) -> tuple[_CollectingSink, Any]:
+    """``liveclient.listen`` of channel radio for 2 s of positions through connections
+    to ``server``; the first one is cut (its server side closed) after ``cut_after``
+    bytes have reached the client, then ``between()`` runs before the reconnection."""
+    from musiclib import liveclient
+
+    sink = _CollectingSink()
+    made = 0
+
+    @asynccontextmanager
+    async def connect() -> AsyncIterator[Client]:
+        nonlocal made
+        made += 1
+        client_stream, server_stream = trio.testing.memory_stream_pair()
+        if made == 1:
+            passed = 0
+            receive = client_stream.receive_some
+
+            async def cutting_receive(max_bytes: int | None = None) -> bytes:
+                nonlocal passed
+                data = await receive(max_bytes)
+                passed += len(data)
+                if passed > cut_after:
+                    await between()
+                    raise trio.BrokenResourceError("cut by the test")
+                return bytes(data)
+
+            client_stream.receive_some = cutting_receive  # type: ignore[method-assign]
+        nursery.start_soon(server.handle, server_stream, f"memory-{made}")
+        client = Client(client_stream, timeout=1e6, version=2)
+        await client.handshake()
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
+    @asynccontextmanager
+    async def open_sink(fmt: AudioFormat, total: int | None) -> AsyncIterator[_CollectingSink]:
+        assert total == 2 * FMT.sample_rate
+        yield sink
+
+    options = liveclient.ListenOptions(duration=2.0, sample_rate=FMT.sample_rate)
+    stats = await liveclient.listen(connect, "radio", options, open_sink, retry_delays=[0.1])
+    assert made == 2
+    return sink, stats
+
+
+async def test_a_reconnected_listen_skips_what_it_has_and_misses_nothing(
+    server: Server, autojump_clock: object
+) -> None:
+    hub = server.channels.add("radio", "test", FMT).hub
+    async with running(server) as nursery:
+
+        async def nothing() -> None:
+            await trio.sleep(0.3)  # away for a while: the preroll must cover it
+
+        nursery.start_soon(run_source, hub, 200)
+        await trio.sleep(0.5)
+        sink, stats = await _reconnecting_listen(server, nursery, cut_after=3000, between=nothing)
+    start = int.from_bytes(sink.data[:2], "little")
+    assert bytes(sink.data) == frames(2 * FMT.sample_rate, start)  # every position once
+    assert stats.lost == 0 and stats.frames == 2 * FMT.sample_rate
+
+
+async def test_a_channel_started_anew_while_away_continues_from_its_new_start(
+    server: Server, autojump_clock: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    channels = server.channels
+    first = channels.add("radio", "test", FMT)
+    async with running(server) as nursery:
+
+        async def restart() -> None:  # the channel's run ends; a new one takes the name
+            channels.remove(first)
+            nursery.start_soon(run_source, channels.add("radio", "test", FMT).hub, 200)
+            await trio.sleep(0.2)
+
+        nursery.start_soon(run_source, first.hub, 200, CHUNK, False)
+        await trio.sleep(0.5)
+        sink, stats = await _reconnecting_listen(server, nursery, cut_after=3000, between=restart)
+    got = bytes(sink.data)
+    before = int.from_bytes(got[:2], "little")
+    # the first run's frames up to the cut, then the new run from its own start (its
+    # preroll covers the 0.2 s it ran before the reconnection), no hole reported
+    cut = next(i for i in range(0, len(got), 2) if got[i : i + 2] == frames(1, 0) and i)
+    assert got[:cut] == frames(cut // 2, before)
+    assert got[cut:] == frames((len(got) - cut) // 2, 0)
+    assert len(got) == 2 * FMT.sample_rate * BPF and stats.lost == 0
+    assert "started anew" in caplog.text

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import shlex
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -168,6 +169,9 @@ class Channel:
     on_shutdown: Callable[[], None] | None = None
     #: the scope the server-side source runs in: cancelled at shutdown
     source_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    #: when this run of the channel began (ns since the epoch): its identity for a
+    #: listener that reconnects, since positions start again with every run
+    epoch: int = field(default_factory=time.time_ns)
     _converters: dict[AudioFormat, _Converter] = field(default_factory=dict)
 
     @property

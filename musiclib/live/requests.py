@@ -122,6 +122,7 @@ async def serve_listen(
                     preroll=hub.position - start,
                     converted=fmt != own,
                     source=channel.source,
+                    epoch=channel.epoch,
                 )
             )
             log.info(
