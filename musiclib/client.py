@@ -246,10 +246,7 @@ class Client:
             preroll_ms=preroll_ms,
             frames=frames,
         )
-        problem = request.problem()
-        if problem:
-            raise UsageError(problem)
-        return ListenReader(self, request)
+        return ListenReader(self, _checked(request))
 
     @asynccontextmanager
     async def publish(
@@ -274,10 +271,7 @@ class Client:
             sample_format=sample_format,
             source=source,
         )
-        problem = request.problem()
-        if problem:
-            raise UsageError(problem)
-        await self._send(request)
+        await self._send(_checked(request))
         event = await self._reply_event()
         if not isinstance(event, PublishReady):
             raise RemoteProtocolError(f"expected publish_ready, got {type(event).__name__}")
@@ -408,6 +402,17 @@ class StreamReader(_Reply[StreamRequest, StreamStart]):
             self.end = event
             raise StopAsyncIteration
         raise RemoteProtocolError(f"unexpected {type(event).__name__} in a stream")
+
+
+_M = TypeVar("_M", ListenRequest, PublishRequest)
+
+
+def _checked(request: _M) -> _M:
+    """``request``, or ``UsageError`` saying why its values cannot be sent."""
+    problem = request.problem()
+    if problem:
+        raise UsageError(problem)
+    return request
 
 
 class ListenReader(_Reply[ListenRequest, ListenStart]):

@@ -107,6 +107,17 @@ def ffmpeg_executable(environ: Mapping[str, str] = os.environ) -> str:
     return _bundled_ffmpeg()
 
 
+def resolve_ffmpeg(ffmpeg: str | None) -> str:
+    """The ffmpeg to run: ``ffmpeg`` itself, else :func:`ffmpeg_executable`'s; none at all
+    is the server's fault (:class:`~musiclib.errors.InternalError`), not the client's."""
+    if ffmpeg is not None:
+        return ffmpeg
+    try:
+        return ffmpeg_executable()
+    except FileNotFoundError as exc:
+        raise InternalError(f"ffmpeg is not available on the server: {exc}") from None
+
+
 @functools.cache
 def _bundled_ffmpeg() -> str:
     try:
@@ -273,12 +284,7 @@ async def open_decoder(
     server's fault: :class:`~musiclib.errors.InternalError`. Errors raised in
     the block come out as they are, not wrapped in an exception group.
     """
-    if ffmpeg is None:
-        try:
-            ffmpeg = ffmpeg_executable()
-        except FileNotFoundError as exc:
-            raise InternalError(f"ffmpeg is not available on the server: {exc}") from None
-    cmd = decode_command(ffmpeg, source, fmt, start=start, duration=duration)
+    cmd = decode_command(resolve_ffmpeg(ffmpeg), source, fmt, start=start, duration=duration)
     async with open_ffmpeg(cmd, fmt, source=source, chunk_size=chunk_size) as decoder:
         yield decoder
 

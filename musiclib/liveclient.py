@@ -17,6 +17,7 @@ only picks them.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -37,10 +38,14 @@ from .decode import AudioFormat
 from .errors import OutputError, single_errors
 from .fetch import RETRYABLE
 from .live.hub import Chunk, End, Gap, Hub
+from .live.sources import default_chunk_frames
 from .protocol import Audio, ListenEnd, ListenStart
 from .wav import patch_sizes, wav_header
 
 log = logging.getLogger("musiclib.client")
+
+#: chunk latencies kept for the summary line: ten minutes of 20 ms chunks
+LATENCY_SAMPLES = 30_000
 
 Connector = Callable[[], AbstractAsyncContextManager[Client]]
 
@@ -183,7 +188,10 @@ class ListenStats:
     frames: int = 0
     lost: int = 0
     gaps: int = 0
-    latencies_ms: list[float] = field(default_factory=list)
+    #: the latest chunks' latencies (bounded: a listen may run for days)
+    latencies_ms: collections.deque[float] = field(
+        default_factory=lambda: collections.deque(maxlen=LATENCY_SAMPLES)
+    )
     stopped_by_user: bool = False
     sink_gone: bool = False
 
@@ -197,7 +205,10 @@ class ListenStats:
         if self.latencies_ms:
             lat = sorted(self.latencies_ms)
             p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
-            parts.append(f"latency median {statistics.median(lat):.1f} ms, p99 {p99:.1f} ms")
+            recent = " (last 10 min)" if len(lat) == LATENCY_SAMPLES else ""
+            parts.append(
+                f"latency median {statistics.median(lat):.1f} ms, p99 {p99:.1f} ms{recent}"
+            )
         return ", ".join(parts)
 
 
@@ -413,18 +424,14 @@ class PublishSource:
     read: Callable[[Hub], Awaitable[None]]
 
 
-#: frames of live audio per chunk a publisher sends: 20 ms
-def chunk_frames(fmt: AudioFormat) -> int:
-    """Frames in one 20 ms chunk of ``fmt``."""
-    return max(1, fmt.sample_rate // 50)
-
-
 def file_source(path: Path, fmt: AudioFormat, ffmpeg: str | None = None) -> PublishSource:
     """A local file, decoded by ffmpeg to ``fmt`` and paced in real time."""
     from .live.sources import run_decoded
 
     async def read(hub: Hub) -> None:
-        await run_decoded(hub, [path], loop=False, ffmpeg=ffmpeg, chunk_frames=chunk_frames(fmt))
+        await run_decoded(
+            hub, [path], loop=False, ffmpeg=ffmpeg, chunk_frames=default_chunk_frames(fmt)
+        )
 
     return PublishSource(fmt, path.name, read)
 
@@ -434,7 +441,7 @@ def mic_source(device: str | None, fmt: AudioFormat) -> PublishSource:
     from .live.sources import run_mic
 
     async def read(hub: Hub) -> None:
-        await run_mic(hub, device, chunk_frames=chunk_frames(fmt))
+        await run_mic(hub, device, chunk_frames=default_chunk_frames(fmt))
 
     return PublishSource(fmt, f"mic:{device}" if device else "mic", read)
 
@@ -445,7 +452,7 @@ def stdin_source(fmt: AudioFormat, fd: int = 0, *, realtime: bool = False) -> Pu
     from .live.sources import FrameCutter
 
     async def read(hub: Hub) -> None:
-        cutter = FrameCutter(fmt.bytes_per_frame, chunk_frames(fmt))
+        cutter = FrameCutter(fmt.bytes_per_frame, default_chunk_frames(fmt))
         pacer = Pacer(fmt.sample_rate) if realtime else None
         while True:
             try:

@@ -40,6 +40,7 @@ from ..decode import AudioFormat
 from ..errors import Ambiguous, ChannelBusy, MusiclibError, NotFound, UsageError
 from ..protocol import CHANNEL_NAME_RULE, ChannelInfo, TrackInfo, channel_name_ok
 from .hub import Hub
+from .sources import default_chunk_frames
 
 if TYPE_CHECKING:
     from ..library import Library
@@ -48,8 +49,6 @@ log = logging.getLogger("musiclib.live")
 
 #: the kinds of source ``--channel`` accepts
 SOURCE_KINDS = ("mic", "track", "loop", "ffmpeg")
-#: a channel's chunks last this long (the live frame of every source)
-CHUNK_SECONDS = 0.02
 #: a microphone's default format: speech pipelines' (wake word, recognisers)
 MIC_DEFAULT = AudioFormat("s16le", 16000, 1)
 #: the default of every other source: what players and speakers take as they are
@@ -378,7 +377,7 @@ async def _caught_up(source: Hub, out: Hub, *, limit: float = 2.0) -> None:
 
     in_rate, out_rate = source.format.sample_rate, out.format.sample_rate
     # ffmpeg's raw PCM demuxer holds back up to one packet (1024 frames at 16 kHz)
-    held = input_packet_frames(in_rate) + 2 * round(in_rate * CHUNK_SECONDS)
+    held = input_packet_frames(in_rate) + 2 * default_chunk_frames(source.format)
     target = scale_position(max(0, source.position - held), in_rate, out_rate)
     with trio.move_on_after(limit):
         # a short bounded poll: the hub has no "position reached" wake-up, and this
@@ -401,7 +400,7 @@ def source_reader(
     """
     from . import sources
 
-    chunk = max(1, round(fmt.sample_rate * CHUNK_SECONDS))
+    chunk = default_chunk_frames(fmt)
 
     async def read(hub: Hub) -> None:
         if spec.kind == "mic":

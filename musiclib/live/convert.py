@@ -37,10 +37,10 @@ import time
 
 import trio
 
-from ..decode import AudioFormat, Decoder
+from ..decode import AudioFormat, Decoder, resolve_ffmpeg
 from ..errors import DecodeFailed, MusiclibError, single_errors
 from .hub import Chunk, End, Hub, Subscription
-from .sources import FrameCutter, default_chunk_frames, open_ffmpeg, resolve_ffmpeg
+from .sources import FrameCutter, default_chunk_frames, open_ffmpeg
 
 log = logging.getLogger("musiclib.live")
 

@@ -49,8 +49,9 @@ from ..protocol import (
     PublishRequest,
     StopRequest,
 )
-from .channels import CHUNK_SECONDS, Channels
+from .channels import Channels
 from .hub import Chunk, End, Gap, Subscription
+from .sources import default_chunk_frames
 
 log = logging.getLogger("musiclib.live")
 
@@ -348,7 +349,7 @@ async def serve_publish(
     channel = channels.add(request.channel, source, fmt, publisher=session.peer)
     hub = channel.hub
     bpf = fmt.bytes_per_frame
-    chunk_bytes = max(1, round(fmt.sample_rate * CHUNK_SECONDS)) * bpf
+    chunk_bytes = default_chunk_frames(fmt) * bpf
     frames = 0
     pending = bytearray()
     reason = "the publisher disconnected"

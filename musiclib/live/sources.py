@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Literal
 
 from .. import decode
-from ..decode import AudioFormat, Decoder, ffmpeg_executable, open_decoder
-from ..errors import DecodeFailed, InternalError, NotFound
+from ..decode import AudioFormat, Decoder, open_decoder, resolve_ffmpeg
+from ..errors import DecodeFailed, NotFound
 from .hub import Chunk, Hub
 from .pacing import Pacer
 
@@ -95,19 +95,6 @@ class FrameCutter:
         tail = bytes(self._buf[:whole])
         self._buf.clear()
         return tail
-
-
-def resolve_ffmpeg(ffmpeg: str | None) -> str:
-    """The ffmpeg binary to run: ``ffmpeg`` itself, or the configured/bundled one.
-
-    A missing ffmpeg is the server's fault, as in :func:`~musiclib.decode.open_decoder`.
-    """
-    if ffmpeg is not None:
-        return ffmpeg
-    try:
-        return ffmpeg_executable()
-    except FileNotFoundError as exc:
-        raise InternalError(f"ffmpeg is not available on the server: {exc}") from None
 
 
 @asynccontextmanager
