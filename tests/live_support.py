@@ -13,8 +13,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,9 @@ from conftest import REPO, ServerProcess, client_env
 from musiclib.client import open_client
 from musiclib.decode import ffmpeg_executable
 from musiclib.errors import NotFound
+from musiclib.library import Library
 from musiclib.protocol import Audio, ChannelInfo, GapNotice, ListenEnd, ListenStart
+from musiclib.server import Server, ServerConfig
 
 #: the ffmpeg the server runs for its sources and converters (conftest strips
 #: MUSICLIB_FFMPEG from its environment)
@@ -319,3 +321,34 @@ def alive(pid: int) -> bool:
     except OSError:
         return False
     return stat.rpartition(")")[2].split()[0] != "Z"
+
+
+# ---- the real Server in the test's own process (no socket of its own) -------------------
+
+
+@contextmanager
+def in_process_server(tmp_path: Path, files: dict[str, bytes] | None = None) -> Iterator[Server]:
+    """A real :class:`Server` on an indexed folder of ``files``, with time limits so large
+    that on a mock clock only the sources' sleeps make time pass; connections are handed
+    to ``server.handle`` by the test (memory streams or socket pairs)."""
+    root = tmp_path / "lib"
+    root.mkdir()
+    for name, data in (files or {}).items():
+        (root / name).write_bytes(data)
+    config = ServerConfig(
+        root=root, index=tmp_path / "index.db", send_timeout=1e6, idle_timeout=1e6
+    )
+    with Library(root, config.index) as library:
+        library.rescan()
+        yield Server(library, config)
+
+
+@asynccontextmanager
+async def running(server: Server, timeout: float) -> AsyncIterator[trio.Nursery]:
+    """The server's channel registry running as ``serve()`` starts it; a nursery for
+    connection handlers and sources. A test that hangs fails after ``timeout`` seconds."""
+    with trio.fail_after(timeout):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(server.channels.run, [])
+            yield nursery
+            nursery.cancel_scope.cancel()

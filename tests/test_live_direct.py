@@ -25,19 +25,20 @@ import random
 import socket
 import struct
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import live_support
 import pytest
 import trio
 import trio.testing
+from live_support import in_process_server
 
 import musiclib.live.requests as requests
 from musiclib.client import Client, ListenReader
 from musiclib.decode import AudioFormat
 from musiclib.errors import RemoteProtocolError
-from musiclib.library import Library
 from musiclib.live.hub import Chunk, Hub
 from musiclib.live.requests import _Listen
 from musiclib.protocol import (
@@ -53,7 +54,7 @@ from musiclib.protocol import (
     PublishRequest,
     State,
 )
-from musiclib.server import Server, ServerConfig
+from musiclib.server import Server
 
 #: 8000 mono s16le frames a second: a frame is 2 bytes; a 20 ms chunk is 160 frames
 FMT = AudioFormat("s16le", 8000, 1)
@@ -203,25 +204,12 @@ def task_writes(monkeypatch: pytest.MonkeyPatch) -> list[bytes]:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    root = tmp_path / "lib"
-    root.mkdir()
-    config = ServerConfig(
-        root=root, index=tmp_path / "index.db", send_timeout=1e6, idle_timeout=1e6
-    )
-    with Library(root, config.index) as library:
-        library.rescan()
-        yield Server(library, config)
+    with in_process_server(tmp_path) as server:
+        yield server
 
 
-@asynccontextmanager
-async def running(server: Server) -> AsyncIterator[trio.Nursery]:
-    """The server's channel registry running as ``serve()`` starts it; a nursery for
-    connection handlers and sources. A test that hangs fails after TIMEOUT seconds."""
-    with trio.fail_after(TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.channels.run, [])
-            yield nursery
-            nursery.cancel_scope.cancel()
+def running(server: Server) -> AbstractAsyncContextManager[trio.Nursery]:
+    return live_support.running(server, TIMEOUT)
 
 
 def socket_pair(kind: str, *, tiny: bool) -> tuple[socket.socket, socket.socket]:

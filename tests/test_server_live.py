@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import live_support
 import pytest
 import trio
 import trio.testing
+from live_support import in_process_server
 
 from musiclib.client import Client
 from musiclib.decode import AudioFormat
@@ -31,7 +33,6 @@ from musiclib.errors import (
     ShuttingDown,
     TooSlow,
 )
-from musiclib.library import Library
 from musiclib.live.hub import Hub
 from musiclib.live.requests import CUT_GRACE
 from musiclib.protocol import (
@@ -43,7 +44,7 @@ from musiclib.protocol import (
     State,
     encode_message,
 )
-from musiclib.server import Server, ServerConfig
+from musiclib.server import Server
 
 #: 8000 mono s16le frames a second: a frame is 2 bytes; a 20 ms chunk is 160 frames
 FMT = AudioFormat("s16le", 8000, 1)
@@ -61,27 +62,12 @@ def frames(n: int, first: int = 0) -> bytes:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    root = tmp_path / "lib"
-    root.mkdir()
-    (root / "song.flac").write_bytes(b"not really audio")
-    # huge timeouts: on a mock clock only the sources' sleeps should make time pass
-    config = ServerConfig(
-        root=root, index=tmp_path / "index.db", send_timeout=1e6, idle_timeout=1e6
-    )
-    with Library(root, config.index) as library:
-        library.rescan()
-        yield Server(library, config)
+    with in_process_server(tmp_path, {"song.flac": b"not really audio"}) as server:
+        yield server
 
 
-@asynccontextmanager
-async def running(server: Server) -> AsyncIterator[trio.Nursery]:
-    """The server's channel registry running as ``serve()`` starts it; a nursery for
-    connection handlers and sources. A test that hangs fails after TIMEOUT seconds."""
-    with trio.fail_after(TIMEOUT):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(server.channels.run, [])
-            yield nursery
-            nursery.cancel_scope.cancel()
+def running(server: Server) -> AbstractAsyncContextManager[trio.Nursery]:
+    return live_support.running(server, TIMEOUT)
 
 
 @asynccontextmanager
