@@ -20,10 +20,12 @@ import trio
 
 from . import __version__
 from .errors import (
+    Busy,
     ConnectionLost,
     LocalProtocolError,
     RemoteProtocolError,
     Timeout,
+    TransportError,
     UsageError,
     server_error,
     single_errors,
@@ -71,6 +73,9 @@ if TYPE_CHECKING:
     import ssl
 
 DEFAULT_SERVER = "127.0.0.1:7650"
+#: failures worth reconnecting for (``get``, ``play``, ``listen``): the network, a peer
+#: cut in the middle of a frame or otherwise confused, a full server
+RETRYABLE: tuple[type[Exception], ...] = (TransportError, RemoteProtocolError, Busy)
 #: bytes asked of the socket per read; data frames are handed out as they arrive
 READ_SIZE = 256 * 1024
 

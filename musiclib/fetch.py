@@ -38,14 +38,11 @@ from typing import BinaryIO, Protocol, TypeVar
 
 import trio
 
-from .client import Client, StreamReader
+from .client import RETRYABLE, Client, StreamReader
 from .errors import (
-    Busy,
     Changed,
     IntegrityError,
     OutputError,
-    RemoteProtocolError,
-    TransportError,
     UsageError,
     single_errors,
 )
@@ -264,9 +261,6 @@ class _Progress:
 # ---- retries -----------------------------------------------------------------
 
 Connector = Callable[[], AbstractAsyncContextManager[Client]]
-
-#: failures worth reconnecting for: the network, a confused peer, a full server
-RETRYABLE: tuple[type[Exception], ...] = (TransportError, RemoteProtocolError, Busy)
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,9 @@ from typing import BinaryIO, Protocol
 
 import trio
 
-from .client import Client, ListenReader
+from .client import RETRYABLE, Client, ListenReader
 from .decode import AudioFormat
 from .errors import OutputError, single_errors
-from .fetch import RETRYABLE
 from .live.hub import Chunk, End, Gap, Hub
 from .live.sources import default_chunk_frames
 from .protocol import Audio, ListenEnd, ListenStart
