@@ -841,6 +841,8 @@ async def publish(
         source = liveclient.file_source(path, fmt)
     async with options.connector(version=2)() as client:
         stats = await liveclient.publish(client, channel, source)
+    if stats.accepted is not None and stats.accepted != stats.frames:
+        log.warning("the server took %d of the %d frames sent", stats.accepted, stats.frames)
     if not options.quiet:
         lost = f", {stats.lost} not sent (the network fell behind)" if stats.lost else ""
         log.info(

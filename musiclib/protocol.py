@@ -596,17 +596,6 @@ class ListenEnd(Message):
     lost: int = 0
 
 
-#: reasons a listen ends with, besides those a future server may add
-LISTEN_END_REASONS: Final = (
-    "stopped",
-    "complete",
-    "source_ended",
-    "publisher_left",
-    "source_failed",
-    "shutdown",
-)
-
-
 @dataclass(frozen=True, slots=True)
 class StopRequest(Message):
     """Sent by a listener while audio flows: end this listen (``listen_end`` follows).

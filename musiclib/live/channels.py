@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import shlex
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -379,11 +380,15 @@ async def _caught_up(source: Hub, out: Hub, *, limit: float = 2.0) -> None:
     # ffmpeg's raw PCM demuxer holds back up to one packet (1024 frames at 16 kHz)
     held = input_packet_frames(in_rate) + 2 * default_chunk_frames(source.format)
     target = scale_position(max(0, source.position - held), in_rate, out_rate)
-    with trio.move_on_after(limit):
-        # a short bounded poll: the hub has no "position reached" wake-up, and this
-        # runs once per converter start
-        while out.position < target and not out.closed:  # noqa: ASYNC110
-            await trio.sleep(0.005)
+    # woken by each converted chunk, as any listener is; the queue only needs the newest
+    with (
+        out.subscribe(max_backlog_frames=1, lag_limit=math.inf) as watch,
+        trio.move_on_after(limit),
+    ):
+        while out.position < target and not out.closed:
+            await watch.wait()
+            while watch.next_nowait() is not None and not out.closed:
+                pass
 
 
 def source_reader(
