@@ -113,6 +113,8 @@ def musiclib_server(
     ``time.perf_counter()`` at the moment it was read (to time what the server logs).
     """
     argv = [PYTHON, "-m", "musiclib", "serve", "--root", str(root), "--port", "0"]
+    # every benchmark client comes from 127.0.0.1: no per-address caps, or they are measured
+    argv += ["--max-per-address", "0", "--max-decodes-per-address", "0"]
     server = ServerProcess([*argv, "--log-level", "info", *options], on_line=on_line)
     try:
         server.wait_ready()

@@ -16,7 +16,7 @@ import os
 import shutil
 import sys
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
 from cyclopts import App, Parameter
@@ -24,7 +24,14 @@ from cyclopts.config import Env
 
 from . import __version__
 from .client import DEFAULT_SERVER, open_client
-from .errors import MusiclibError, PlayerError, PlayerNotFound, UsageError, collapse
+from .errors import (
+    MusiclibError,
+    OutputError,
+    PlayerError,
+    PlayerNotFound,
+    UsageError,
+    collapse,
+)
 from .protocol import TrackInfo
 from .ui import format_duration, format_table  # noqa: F401 - part of the CLI's API
 
@@ -63,7 +70,12 @@ class ClientOptions:
     """Seconds to wait for the server before giving up."""
 
     token: Annotated[str | None, Parameter(env_var="MUSICLIB_TOKEN")] = None
-    """Shared secret, for a server started with --token."""
+    """Shared secret, for a server started with --token (visible to other users in the
+    process list: prefer --token-file or MUSICLIB_TOKEN)."""
+
+    token_file: Annotated[Path | None, Parameter(env_var="MUSICLIB_TOKEN_FILE")] = None
+    """File holding the shared secret (the line break at its end removed): unlike --token,
+    not visible in the process list."""
 
     tls: Annotated[bool, Parameter(negative="")] = False
     """Connect over TLS, trusting the system's certificate authorities."""
@@ -88,10 +100,11 @@ class ClientOptions:
         ssl_context = None
         if self.tls or self.cafile:
             ssl_context = tls_context(str(self.cafile) if self.cafile else None)
+        token = _token(self.token, self.token_file)
         return lambda: open_client(
             self.server,
             timeout=self.timeout,
-            token=self.token,
+            token=token,
             ssl_context=ssl_context,
             version=version,
         )
@@ -176,12 +189,54 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(data, ensure_ascii=False)
 
 
+class TerminalLogFormatter(logging.Formatter):
+    """Log lines as text, with control characters escaped and very long lines shortened:
+    messages carry names and words from the other side (a title, an error message)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        from .ui import shown
+
+        return shown(super().formatMessage(record), 2000)
+
+
 def _setup_logging(level: str, server: bool, fmt: str = "text") -> None:
     text = "%(asctime)s %(levelname)s %(name)s: %(message)s" if server else "musiclib: %(message)s"
     logging.basicConfig(level=level.upper(), format=text, stream=sys.stderr, force=True)
-    if fmt == "json":
-        for handler in logging.getLogger().handlers:
-            handler.setFormatter(JsonLogFormatter())
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(JsonLogFormatter() if fmt == "json" else TerminalLogFormatter(text))
+
+
+#: the levels --log-level (and MUSICLIB_LOG_LEVEL) take
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+def _log_level(level: str, where: str) -> str:
+    """``level`` if it is one of :data:`LOG_LEVELS` (any case), else a usage error."""
+    if level.lower() not in LOG_LEVELS:
+        raise UsageError(f"{where} {level!r}: not a log level; use {', '.join(LOG_LEVELS)}")
+    return level.lower()
+
+
+def _token(token: str | None, token_file: Path | None) -> str | None:
+    """The token given on the command line, in the environment, or in a file.
+
+    The file is read once: its text without the line break(s) at its end. A
+    missing, unreadable or empty file is a usage error, and so is giving both.
+    """
+    if token_file is None:
+        return token or None
+    if token:
+        raise UsageError("give the token one way: --token (MUSICLIB_TOKEN) or --token-file")
+    try:
+        text = token_file.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"--token-file {token_file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--token-file {token_file}: not UTF-8 text") from None
+    text = text.rstrip("\r\n")
+    if not text:
+        raise UsageError(f"--token-file {token_file}: empty")
+    return text
 
 
 def _lines(_hint: object, value: str, *, delimiter: str | None = None) -> list[str]:
@@ -204,11 +259,16 @@ async def serve(
     checksums: bool = True,
     watch: bool = True,
     max_connections: int = 1000,
+    max_per_address: int = 64,
+    max_decodes_per_address: int | None = None,
+    min_decode_rate: float = 0.5,
+    min_decode_window: float = 30.0,
     max_message_size: int = 64 * 1024,
     handshake_timeout: float = 10.0,
     idle_timeout: float = 300.0,
     send_timeout: float = 30.0,
     token: Annotated[str | None, Parameter(env_var="MUSICLIB_TOKEN")] = None,
+    token_file: Annotated[Path | None, Parameter(env_var="MUSICLIB_TOKEN_FILE")] = None,
     tls_cert: Path | None = None,
     tls_key: Path | None = None,
     channel: Annotated[list[str] | None, Parameter(env_var_split=_lines)] = None,
@@ -248,17 +308,32 @@ async def serve(
         Rescan a second after files under the root change (Linux inotify; --no-watch:
         only periodic and requested rescans).
     max_connections
-        Connections served at once; one more is refused with "busy".
+        Connections served at once; one more is refused with "busy" (unless one of them
+        has waited over a second for its hello: that one is closed to make room).
+    max_per_address
+        Connections one client address (IPv4 address, IPv6 /64) may hold at once; one more
+        is refused with "busy" (0: no cap of its own).
+    max_decodes_per_address
+        Decoded streams one client address may run at once (default: a quarter of
+        --max-decodes, at least 1; 0: no cap of its own).
+    min_decode_rate
+        Slowest a client may read a decoded stream, in times real time averaged over
+        --min-decode-window seconds of sending; slower is cut with "too_slow" (0: no minimum).
+    min_decode_window
+        Seconds of sending over which --min-decode-rate is averaged.
     max_message_size
         Largest message frame a client may send, in bytes.
     handshake_timeout
-        Seconds a new connection has to say hello.
+        Seconds a new connection has, in all, to complete its hello (TLS handshake included).
     idle_timeout
-        Seconds a connection may sit idle between requests.
+        Seconds a connection may wait, in all, for its next complete request.
     send_timeout
         Seconds a client that stopped reading may hold up one chunk.
     token
-        Shared secret every client must present (compared in constant time).
+        Shared secret every client must present (compared in constant time); visible to
+        other users in the process list: prefer --token-file or MUSICLIB_TOKEN.
+    token_file
+        File holding the shared secret (read once at start, line break at its end removed).
     tls_cert
         PEM certificate (chain) to serve TLS with; needs --tls-key.
     tls_key
@@ -278,7 +353,7 @@ async def serve(
     from .live.channels import parse_channel
     from .server import ServerConfig, run_until_signalled
 
-    _setup_logging(log_level, server=True, fmt=log_format)
+    _setup_logging(_log_level(log_level, "--log-level"), server=True, fmt=log_format)
     if not root.is_dir():  # noqa: ASYNC240 - one stat before anything runs
         raise UsageError(f"--root {root}: not a folder")
     specs = [parse_channel(text) for text in channel or ()]
@@ -295,6 +370,11 @@ async def serve(
         raise UsageError("--lag-limit must be positive")
     if scan_workers is not None and scan_workers < 0:
         raise UsageError("--scan-workers must not be negative")
+    if max_per_address < 0 or (max_decodes_per_address or 0) < 0:
+        raise UsageError("--max-per-address and --max-decodes-per-address must not be negative")
+    if min_decode_rate < 0 or min_decode_window <= 0:
+        raise UsageError("--min-decode-rate must not be negative, --min-decode-window positive")
+    secret = _token(token, token_file)
     config = ServerConfig(
         root=root,
         host=host,
@@ -308,11 +388,15 @@ async def serve(
         background_checksums=checksums,
         watch=watch,
         max_connections=max_connections,
+        max_connections_per_address=max_per_address or None,
+        max_decodes_per_address=max_decodes_per_address,
+        min_decode_rate=min_decode_rate,
+        min_decode_window=min_decode_window,
         max_message_size=max_message_size,
         handshake_timeout=handshake_timeout,
         idle_timeout=idle_timeout,
         send_timeout=send_timeout,
-        token=token or None,
+        token=secret,
         ssl_context=_server_tls(tls_cert, tls_key),
         channels=specs,
         lag_limit=lag_limit,
@@ -359,13 +443,15 @@ async def ls(
     json_output
         Print a JSON array of track objects (every field) instead of a table.
     """
+    from .client import MAX_LIST_TRACKS
     from .ui import json_array, select, track_dict
 
     if (limit is not None and limit < 0) or offset < 0:
         raise UsageError("--limit and --offset must not be negative")
+    asked = MAX_LIST_TRACKS if limit is None else min(limit, MAX_LIST_TRACKS)
     async with options.connector()() as client:
         tracks, end = await client.list(
-            query, artist=artist, album=album, format=format, sort=sort, offset=offset, limit=limit
+            query, artist=artist, album=album, format=format, sort=sort, offset=offset, limit=asked
         )
     total = end.total
     if total is None:  # an older server: it ignored the filters, so apply them here
@@ -461,7 +547,8 @@ async def get(
     track: str,
     *,
     save: Annotated[bool, Parameter(negative="")] = False,
-    output: Annotated[Path | None, Parameter(name=["--output", "-o"])] = None,
+    output: Annotated[str | None, Parameter(name=["--output", "-o"])] = None,
+    force: Annotated[bool, Parameter(negative="")] = False,
     audio: DecodeOptions = _DEFAULT_DECODE,
     options: ClientOptions = _DEFAULT_CLIENT,
 ) -> int:
@@ -469,6 +556,7 @@ async def get(
 
     Saving goes to FILE.part first and is renamed once verified; running the
     same command again resumes an interrupted download of original bytes.
+    An existing file is not replaced without --force.
     Without --save or -o the stream goes to standard output.
 
     Parameters
@@ -479,7 +567,10 @@ async def get(
         Save into the current folder under the track's own name (with --decode, its new
         extension).
     output
-        Save to this path (a folder: under the track's own name).
+        Save to this path; a folder (an existing one, or any path ending in /): under the
+        track's own name.
+    force
+        Replace a file that exists already.
     """
     from . import fetch
 
@@ -493,12 +584,20 @@ async def get(
     connect, retry = options.connector(), options.retry()
     async with connect() as client:
         found = await client.info(track)
+    if decoding is not None:
+        decoding = dataclasses.replace(decoding, source_duration=found.duration)
     bar = ProgressBar(found.title, enabled=not options.quiet)
     if save or output is not None:
-        dest = _destination(found, output, decoding)
+        dest = _destination(found, track, output, decoding, force)
         with bar:
             outcome = await fetch.save(
-                connect, found.path, dest, decoding=decoding, retry=retry, reporter=bar
+                connect,
+                found.path,
+                dest,
+                decoding=decoding,
+                retry=retry,
+                reporter=bar,
+                replace=force,
             )
         if not options.quiet:
             _report_saved(outcome, dest)
@@ -535,7 +634,8 @@ async def play(
     *,
     player: Annotated[str | None, Parameter(env_var="MUSICLIB_PLAYER")] = None,
     save: Annotated[bool, Parameter(negative="")] = False,
-    output: Annotated[Path | None, Parameter(name=["--output", "-o"])] = None,
+    output: Annotated[str | None, Parameter(name=["--output", "-o"])] = None,
+    force: Annotated[bool, Parameter(negative="")] = False,
     audio: DecodeOptions = _DEFAULT_DECODE,
     options: ClientOptions = _DEFAULT_CLIENT,
 ) -> int:
@@ -555,7 +655,9 @@ async def play(
     save
         Also save into the current folder under the track's own name.
     output
-        Also save to this path.
+        Also save to this path (a folder, or a path ending in /: under the track's own name).
+    force
+        Replace a saved file that exists already.
     """
     from . import fetch
     from .player import open_player, player_command
@@ -573,9 +675,11 @@ async def play(
     connect, retry = options.connector(), options.retry()
     async with connect() as client:
         found = await client.info(track)
+    if decoding is not None:
+        decoding = dataclasses.replace(decoding, source_duration=found.duration)
     bar = ProgressBar(found.title, duration=found.duration, enabled=not options.quiet)
     if save or output is not None:
-        dest = _destination(found, output, decoding)
+        dest = _destination(found, track, output, decoding, force)
         async with open_player(argv) as p:
             with bar:
                 outcome = await fetch.save(
@@ -586,6 +690,7 @@ async def play(
                     decoding=decoding,
                     retry=retry,
                     reporter=bar,
+                    replace=force,
                 )
         if not options.quiet:
             _report_saved(outcome, dest)
@@ -597,11 +702,8 @@ async def play(
                 )
     if outcome.player_note:
         log.warning("%s", outcome.player_note)
-    if outcome.player_status:
-        message = p.describe_exit(outcome.player_status)
-        if outcome.saved_to is None:
-            raise PlayerError(message)
-        log.warning("%s", message)
+    if outcome.player_status:  # a player that failed is exit 6, also when the save succeeded
+        raise PlayerError(p.describe_exit(outcome.player_status))
     return 0
 
 
@@ -901,29 +1003,42 @@ def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
     return context
 
 
-def _destination(info: TrackInfo, output: Path | None, decoding: Decoding | None) -> Path:
-    name = PurePosixPath(info.path).name
-    if decoding is not None:
-        name = f"{PurePosixPath(name).stem}.{decoding.extension}"
-    if output is None:
-        return Path.cwd() / name
-    return output / name if output.is_dir() else output
+def _destination(
+    info: TrackInfo, typed: str, output: str | None, decoding: Decoding | None, force: bool
+) -> Path:
+    """Where ``get``/``play`` save: see :func:`musiclib.fetch.destination`."""
+    from .fetch import destination, file_name
+
+    name = file_name(info.path, typed, info.format, decoding)
+    return destination(output, name, replace=force)
 
 
 def describe(exc: MusiclibError, shown: int = 10) -> str:
-    """The error as one line; an ambiguous name lists (the first few) candidates."""
-    text = str(exc)
+    """The error as one line; an ambiguous name lists (the first few) candidates.
+
+    What the server wrote (a message, candidate paths) is shortened and its
+    control characters escaped: it goes to a terminal.
+    """
+    from .ui import shown as on_terminal
+
+    text = on_terminal(str(exc))
     candidates = getattr(exc, "candidates", ())
     if candidates:
         more = len(candidates) - shown
-        text += ": " + ", ".join(candidates[:shown]) + (f" and {more} more" if more > 0 else "")
+        listed = ", ".join(on_terminal(c) for c in candidates[:shown])
+        text += ": " + listed + (f" and {more} more" if more > 0 else "")
     return text
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run a command; any musiclib error becomes one line and its exit code."""
     if not logging.getLogger().handlers:
-        _setup_logging(os.environ.get("MUSICLIB_LOG_LEVEL", "info"), server=False)
+        try:
+            level = _log_level(os.environ.get("MUSICLIB_LOG_LEVEL", "info"), "MUSICLIB_LOG_LEVEL")
+        except UsageError as bad_level:
+            print(f"musiclib: {bad_level}", file=sys.stderr)
+            sys.exit(bad_level.exit_code)
+        _setup_logging(level, server=False)
     from cyclopts.exceptions import CycloptsError
 
     try:
@@ -935,6 +1050,9 @@ def main(argv: list[str] | None = None) -> None:
     except BaseException as raised:  # the boundary: re-raised unless we can say it in a line
         exc = collapse(raised)
         if isinstance(exc, MusiclibError):
+            if isinstance(exc, OutputError):  # stdout may hold bytes it cannot take: drop them
+                with contextlib.suppress(OSError):
+                    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             print(f"musiclib: {describe(exc)}", file=sys.stderr)
             sys.exit(exc.exit_code)
         if isinstance(exc, KeyboardInterrupt):

@@ -78,6 +78,13 @@ DEFAULT_SERVER = "127.0.0.1:7650"
 RETRYABLE: tuple[type[Exception], ...] = (TransportError, RemoteProtocolError, Busy)
 #: bytes asked of the socket per read; data frames are handed out as they arrive
 READ_SIZE = 256 * 1024
+#: the most tracks one list reply may hold (PROTOCOL.md, Limits); ``ls`` asks for at
+#: most this many, and a reply with more is a protocol error
+MAX_LIST_TRACKS = 100_000
+#: the most bytes (frames and all) one list reply may take
+MAX_LIST_BYTES = 128 * 1024 * 1024
+#: seconds of audio a decoded stream may carry beyond the ``duration`` asked for
+DURATION_MARGIN = 1.0
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -114,6 +121,8 @@ class Client:
         self._version = version
         self.timeout = timeout
         self.welcome: Welcome | None = None
+        #: bytes received so far (a reply's size is the difference)
+        self.received = 0
 
     async def handshake(self) -> Welcome:
         """Send ``hello`` and wait for ``welcome``; a refusal raises its ServerError.
@@ -145,6 +154,10 @@ class Client:
 
         ``end.total`` counts every match; when it is ``None`` the server is
         older than the filters and paging, and sent every track of ``query``.
+        A reply is bounded whatever the server does: more than ``limit`` tracks
+        (from a server that states ``total``), more than :data:`MAX_LIST_TRACKS`
+        tracks, more than :data:`MAX_LIST_BYTES` bytes, or a ``count`` that is
+        not what arrived, is a :class:`RemoteProtocolError`.
         """
         request = ListRequest(
             query=query or None,
@@ -160,11 +173,23 @@ class Client:
             raise ValueError(problem)
         await self._send(request)
         tracks: list[TrackInfo] = []
+        began = self.received
         while True:
             event = await self._reply_event()
             if isinstance(event, TrackPage):
                 tracks.extend(event.tracks)
+                if len(tracks) > MAX_LIST_TRACKS or self.received - began > MAX_LIST_BYTES:
+                    raise RemoteProtocolError(
+                        f"the list reply exceeds {MAX_LIST_TRACKS} tracks "
+                        f"or {MAX_LIST_BYTES // (1024 * 1024)} MiB"
+                    )
             elif isinstance(event, ListEnd):
+                if event.count != len(tracks):
+                    raise RemoteProtocolError(
+                        f"list_end says {event.count} tracks, {len(tracks)} were sent"
+                    )
+                if event.total is not None and limit is not None and len(tracks) > limit:
+                    raise RemoteProtocolError(f"{len(tracks)} tracks sent for a limit of {limit}")
                 return tracks, event
             else:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} in a list reply")
@@ -202,9 +227,13 @@ class Client:
         start: float = 0.0,
         duration: float | None = None,
         realtime: bool = False,
+        max_seconds: float | None = None,
     ) -> StreamReader:
         """Ask for ``track`` decoded to interleaved samples; rate and channels default to
         the source's. ``async with client.decode(...) as s``: ``s.start`` states the format.
+
+        The stream may carry at most ``duration`` (plus :data:`DURATION_MARGIN`)
+        or else ``max_seconds`` seconds of audio; more is a RemoteProtocolError.
         """
         return StreamReader(
             self,
@@ -218,6 +247,7 @@ class Client:
                 duration=duration,
                 pacing="realtime" if realtime else "none",
             ),
+            max_seconds=duration + DURATION_MARGIN if duration is not None else max_seconds,
         )
 
     async def channels(self) -> tuple[ChannelInfo, ...]:
@@ -327,12 +357,24 @@ class Client:
         await self._transport.send(data, self.timeout)
 
     async def _next_event(self, timeout: float | None = None) -> Event:
+        """The next event, which must arrive whole within ``timeout`` seconds.
+
+        One deadline for the whole event, not for each read: a server that
+        dribbles a message a byte at a time cannot hold the client forever.
+        """
         timeout = self.timeout if timeout is None else timeout
+        deadline = trio.current_time() + timeout
         while True:
             event = self._conn.next_event()
             if not isinstance(event, NeedData):
                 return event
-            self._conn.receive_data(await self._transport.receive(READ_SIZE, timeout))
+            left = max(deadline - trio.current_time(), 0.0)
+            try:
+                data = await self._transport.receive(READ_SIZE, left)
+            except Timeout:
+                raise Timeout(f"the server sent no complete message for {timeout:g} s") from None
+            self.received += len(data)
+            self._conn.receive_data(data)
 
     async def _reply_event(self, timeout: float | None = None) -> Event:
         """The next event of a reply; errors and a closed connection become exceptions."""
@@ -382,16 +424,32 @@ class _Reply(Generic[_Request, _Start]):
 
 
 class StreamReader(_Reply[StreamRequest, StreamStart]):
-    """One stream reply: ``start`` once entered, then chunks, then ``end``."""
+    """One stream reply: ``start`` once entered, then chunks, then ``end``.
+
+    What a server may send is bounded here, whoever reads the chunks: an
+    original stream at most ``size - offset`` bytes (the protocol object holds
+    it to ``length`` when that is stated), a decoded one at most
+    ``max_seconds`` of audio; and the start must answer the request (its mode,
+    its sample format, rate and channels when they were asked for, an offset
+    no later than asked). Anything else is a :class:`RemoteProtocolError`.
+    """
 
     _START = StreamStart
 
-    def __init__(self, client: Client, request: StreamRequest) -> None:
+    def __init__(
+        self, client: Client, request: StreamRequest, *, max_seconds: float | None = None
+    ) -> None:
         super().__init__(client, request)
         self.end: StreamEnd | None = None
+        self.max_seconds = max_seconds
+        #: payload bytes received so far, and the most the stream may carry
+        self.received = 0
+        self.max_bytes: int | None = None
 
     async def __aenter__(self) -> StreamReader:
         await self._begin()
+        assert self.start is not None
+        self.max_bytes = _stream_bound(self._request, self.start, self.max_seconds)
         return self
 
     def __aiter__(self) -> AsyncIterator[bytes]:
@@ -402,11 +460,39 @@ class StreamReader(_Reply[StreamRequest, StreamStart]):
             raise StopAsyncIteration
         event = await self._client._reply_event()
         if isinstance(event, Data):
+            self.received += len(event.payload)
+            if self.max_bytes is not None and self.received > self.max_bytes:
+                raise RemoteProtocolError(
+                    f"the stream goes on past {self.max_bytes} bytes, the most it may carry"
+                )
             return event.payload
         if isinstance(event, StreamEnd):
             self.end = event
             raise StopAsyncIteration
         raise RemoteProtocolError(f"unexpected {type(event).__name__} in a stream")
+
+
+def _stream_bound(
+    request: StreamRequest, start: StreamStart, max_seconds: float | None
+) -> int | None:
+    """The most payload bytes ``start`` may be followed by; RemoteProtocolError when the
+    start does not answer ``request``."""
+    if start.mode != request.mode:
+        raise RemoteProtocolError(f"asked for a {request.mode} stream, got {start.mode}")
+    if start.mode == "original":
+        if start.offset > request.offset:
+            raise RemoteProtocolError(
+                f"asked for bytes from {request.offset}, the stream starts at {start.offset}"
+            )
+        return start.size - start.offset
+    asked = (request.sample_format, request.sample_rate, request.channels)
+    got = (start.sample_format, start.sample_rate, start.channels)
+    if any(a is not None and a != g for a, g in zip(asked, got, strict=True)):
+        raise RemoteProtocolError(f"asked for samples as {asked}, the stream states {got}")
+    if max_seconds is None or not math.isfinite(max_seconds):
+        return None
+    assert start.sample_rate is not None and start.bytes_per_frame is not None
+    return math.ceil(max(max_seconds, 0.0) * start.sample_rate) * start.bytes_per_frame
 
 
 _M = TypeVar("_M", ListenRequest, PublishRequest)

@@ -16,9 +16,12 @@ The process never outlives :func:`open_decoder`: leaving the block for any
 reason (the end of the stream, an exception, a cancellation) kills ffmpeg if
 it still runs and reaps it, so there are no orphans and no zombies.
 
-Besides the decoder itself: :class:`DecodeSlots` caps how many decodes run at
-once. Playback speed is :class:`musiclib.live.pacing.Pacer`'s job, for paced
-decoded streams and live channels alike.
+Besides the decoder itself: :func:`output_format` brings a source's own rate
+and channels into the protocol's ranges when a request leaves them to the
+source (an 800 Hz, a 768 kHz or a 12-channel file decodes too), and
+:class:`DecodeSlots` caps how many decodes run at once. Playback speed is
+:class:`musiclib.live.pacing.Pacer`'s job, for paced decoded streams and live
+channels alike.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import shutil
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +92,49 @@ class AudioFormat:
         return None
 
 
+def output_format(
+    sample_format: str | None,
+    sample_rate: int | None,
+    channels: int | None,
+    *,
+    source_rate: int | None,
+    source_channels: int | None,
+) -> AudioFormat:
+    """What a decoded stream carries: the request's values, else the source's own,
+    brought into the ranges the protocol allows (PROTOCOL.md, ``stream``).
+
+    A source rate outside 1000..384000 Hz becomes the nearest bound (a 768 kHz
+    file decodes at 384 kHz, an 800 Hz one at 1000 Hz); a source with more
+    than 8 channels is mixed down to 2 (see :func:`downmix_filter`); a source
+    whose rate or channels are unknown gives 48000 Hz and 2 channels.
+    """
+    if not sample_rate:
+        rate = source_rate or 48000
+        sample_rate = min(max(rate, SAMPLE_RATES.start), SAMPLE_RATES.stop - 1)
+    if not channels:
+        channels = source_channels if source_channels and source_channels in CHANNELS else 2
+    return AudioFormat(sample_format or "s16le", sample_rate, channels)
+
+
+def downmix_filter(source_channels: int | None, channels: int) -> str | None:
+    """The ``pan`` filter that mixes a source of more than 8 channels into ``channels``.
+
+    ffmpeg knows no channel layout for many such counts (9, 11, 32...) and then
+    cannot remix them at all; so every source past the protocol's 8 channels
+    is mixed the same simple way: output channel ``k`` is the average of source
+    channels ``k``, ``k + channels``, ``k + 2 * channels``... (to stereo: the even
+    channels on the left, the odd ones on the right). ``None`` for 8 or fewer,
+    which ffmpeg remixes by their layout.
+    """
+    if source_channels is None or source_channels <= CHANNELS.stop - 1:
+        return None
+    mixes = (
+        f"c{k}<" + "+".join(f"c{i}" for i in range(k, source_channels, channels))
+        for k in range(channels)
+    )
+    return f"pan={channels}c|" + "|".join(mixes)
+
+
 def ffmpeg_executable(environ: Mapping[str, str] = os.environ) -> str:
     """The ffmpeg to run: ``$MUSICLIB_FFMPEG`` if set, else the one imageio-ffmpeg ships.
 
@@ -139,13 +185,15 @@ def decode_command(
     *,
     start: float = 0.0,
     duration: float | None = None,
+    source_channels: int | None = None,
 ) -> list[str]:
     """The ffmpeg command line that writes ``source``'s first audio stream as raw ``fmt``.
 
     The samples go to standard output; ``-ss`` comes before ``-i`` so ffmpeg
     seeks in the input instead of decoding and discarding everything before
     ``start``. ``-map 0:a:0`` picks the first audio stream, so cover art or
-    further streams never reach the output.
+    further streams never reach the output. ``source_channels`` (when known)
+    past 8 adds :func:`downmix_filter`.
     """
     problem = fmt.problem()
     if problem is not None:
@@ -161,6 +209,9 @@ def decode_command(
     if duration is not None:
         cmd += ["-t", _seconds(duration)]
     cmd += ["-vn", "-map", "0:a:0"]
+    downmix = downmix_filter(source_channels, fmt.channels)
+    if downmix is not None:
+        cmd += ["-af", downmix]
     cmd += ["-f", fmt.sample_format, "-acodec", "pcm_" + fmt.sample_format]
     cmd += ["-ar", str(fmt.sample_rate), "-ac", str(fmt.channels), "pipe:1"]
     return cmd
@@ -276,6 +327,7 @@ async def open_decoder(
     duration: float | None = None,
     ffmpeg: str | None = None,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    source_channels: int | None = None,
 ) -> AsyncIterator[Decoder]:
     """Start ffmpeg on ``source`` and hand out a :class:`Decoder` reading its samples.
 
@@ -283,8 +335,16 @@ async def open_decoder(
     is always reaped. An ffmpeg that cannot be found or started is the
     server's fault: :class:`~musiclib.errors.InternalError`. Errors raised in
     the block come out as they are, not wrapped in an exception group.
+    ``source_channels``: see :func:`decode_command`.
     """
-    cmd = decode_command(resolve_ffmpeg(ffmpeg), source, fmt, start=start, duration=duration)
+    cmd = decode_command(
+        resolve_ffmpeg(ffmpeg),
+        source,
+        fmt,
+        start=start,
+        duration=duration,
+        source_channels=source_channels,
+    )
     async with open_ffmpeg(cmd, fmt, source=source, chunk_size=chunk_size) as decoder:
         yield decoder
 
@@ -341,38 +401,86 @@ async def _kill_and_reap(process: trio.Process) -> None:
 
 
 class DecodeSlots:
-    """A cap on how many decodes run at once, with a bounded wait for a free slot."""
+    """A cap on how many decodes run at once, and on how many one address runs,
+    with a bounded wait for a free slot.
 
-    def __init__(self, limit: int, wait: float) -> None:
+    ``per_address`` (``None``: no cap of its own) keeps one client address from
+    holding every decoder: its requests past its share wait like any other,
+    then get ``busy`` saying so, while other addresses still find a decoder.
+    """
+
+    def __init__(self, limit: int, wait: float, per_address: int | None = None) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
         if wait < 0:
             raise ValueError("wait must not be negative")
+        if per_address is not None and per_address < 1:
+            raise ValueError("per_address must be at least 1 (or None)")
         self.limit = limit
         self.wait = wait
+        #: (a share as big as the whole is no share: then only ``limit`` counts)
+        self.per_address = per_address if per_address is not None and per_address < limit else None
         self._semaphore = trio.Semaphore(limit)
+        #: each address's share, only while one of its decodes runs or waits
+        self._shares: dict[str, trio.Semaphore] = {}
 
     @property
     def in_use(self) -> int:
         """Slots taken right now."""
         return self.limit - self._semaphore.value
 
+    def used_by(self, address: str) -> int:
+        """Slots ``address`` holds right now."""
+        share = self._shares.get(address)
+        return 0 if share is None or self.per_address is None else self.per_address - share.value
+
     @asynccontextmanager
-    async def acquire(self) -> AsyncIterator[None]:
-        """Hold a slot for the block; ``Busy`` if none frees up within ``wait`` seconds."""
+    async def acquire(self, address: str | None = None) -> AsyncIterator[None]:
+        """Hold a slot for the block; ``Busy`` if none frees up within ``wait`` seconds.
+
+        With an ``address``, the slot also counts against that address's share.
+        """
+        deadline = trio.current_time() + self.wait
+        share = None
+        if address is not None and self.per_address is not None:
+            share = self._shares.setdefault(address, trio.Semaphore(self.per_address))
         try:
-            self._semaphore.acquire_nowait()
-        except trio.WouldBlock:
-            got = False
-            with trio.move_on_after(self.wait):
-                await self._semaphore.acquire()
-                got = True
-            if not got:
+            if share is not None:
+                n, streams = self.per_address, "streams" if self.per_address != 1 else "stream"
+                mine = (
+                    f"busy: this address already runs {n} decoded {streams}, its share of the "
+                    f"server's {self.limit}; try again when one ends"
+                )
+                await _take(share, deadline, lambda: Busy(mine))
+            try:
                 what = "the decoder is" if self.limit == 1 else f"all {self.limit} decoders are"
-                raise Busy(f"{what} busy; try again shortly") from None
-        else:
-            await trio.lowlevel.cancel_shielded_checkpoint()  # cannot lose the slot we hold
-        try:
-            yield
+                busy = f"{what} busy; try again shortly"
+                await _take(self._semaphore, deadline, lambda: Busy(busy))
+                try:
+                    yield
+                finally:
+                    self._semaphore.release()
+            finally:
+                if share is not None:
+                    share.release()
         finally:
-            self._semaphore.release()
+            if (
+                share is not None
+                and address is not None
+                and share.value == self.per_address
+                and share.statistics().tasks_waiting == 0
+            ):
+                self._shares.pop(address, None)  # nobody holds or waits: forget the address
+
+
+async def _take(semaphore: trio.Semaphore, deadline: float, busy: Callable[[], Busy]) -> None:
+    """Acquire ``semaphore`` by ``deadline``, else raise ``busy()``."""
+    try:
+        semaphore.acquire_nowait()
+    except trio.WouldBlock:
+        with trio.move_on_at(deadline) as waited:
+            await semaphore.acquire()
+        if waited.cancelled_caught:
+            raise busy() from None
+    else:
+        await trio.lowlevel.cancel_shielded_checkpoint()  # cannot lose the slot we hold

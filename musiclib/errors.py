@@ -21,6 +21,7 @@ the CLI is a bug and is reported as such.
     │   └── Timeout                    the peer was silent for too long
     ├── ServerError                    the server answered a request with an error
     │   ├── NotFound                   no such track (or it lies outside the root)
+    │   ├── Unreadable                 the track exists but the server cannot read it
     │   ├── Ambiguous                  the name matches several tracks
     │   ├── BadRequest                 the request was malformed
     │   ├── UnsupportedVersion         no protocol version in common
@@ -38,6 +39,7 @@ the CLI is a bug and is reported as such.
     ├── DeviceError                    an audio device could not be used
     ├── OutputError                    a local file could not be written or read
     └── UsageError                     a command line that cannot work as given
+        └── ListenError                ``serve`` cannot listen where it was told (port in use...)
 
 ``ServerError`` subclasses carry the wire ``code`` they travel as (see
 PROTOCOL.md); :func:`server_error` rebuilds the right class from a code.
@@ -111,6 +113,12 @@ class NotFound(ServerError):
     """No track matches the name, or the name points outside the library root."""
 
     code = "not_found"
+
+
+class Unreadable(ServerError):
+    """The track exists but the server cannot read it (permission denied, an I/O error)."""
+
+    code = "unreadable"
 
 
 class Ambiguous(ServerError):
@@ -224,10 +232,15 @@ class UsageError(MusiclibError):
     exit_code = 2
 
 
+class ListenError(UsageError):
+    """The server cannot listen on the address and port it was given (in use, not ours...)."""
+
+
 _BY_CODE: dict[str, type[ServerError]] = {
     cls.code: cls
     for cls in (
         NotFound,
+        Unreadable,
         Ambiguous,
         BadRequest,
         UnsupportedVersion,

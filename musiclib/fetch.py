@@ -6,6 +6,20 @@ samples: the frame count the protocol checks, and the WAV header patched to
 the real length). A ``.part`` left by an interrupted original download is
 resumed from its length; decoded output is always written from the start.
 
+The server is not trusted with the local file system. A saved file's name is
+the last component of the server's path for the track, sanitised
+(:func:`safe_name`: no separator, no leading dot, no control character, at
+most :data:`MAX_NAME_BYTES` bytes), falling back on the name the user typed;
+the server's name is preferred because the user's is often a fragment
+("Brume") without an extension. The file always lands in the folder asked
+for. An existing file is never replaced unless asked (``replace``, the CLI's
+``--force``): the final step is a hard link, which fails if the name was
+taken meanwhile, or a rename, which replaces a symbolic link itself and never
+writes through it. A ``.part`` is opened without following a symbolic link,
+must be a regular file with no other name, and must still be that file when
+it is renamed. How much a stream may carry is bounded in
+:class:`~musiclib.client.StreamReader`.
+
 Saving and playing at once uses the ``.part`` file itself as the buffer
 between the network and the player: the download writes at network speed and
 a second task reads the file back at the player's pace. Memory therefore
@@ -28,9 +42,12 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import logging
+import math
 import os
-from collections.abc import Awaitable, Callable
+import stat
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,6 +75,16 @@ _T = TypeVar("_T")
 PLAYER_READ_SIZE = 64 * 1024
 #: output formats of decoded streams
 OUTPUT_FORMATS = ("wav", *SAMPLE_FORMATS)
+#: the longest file name :func:`safe_name` gives, in bytes of UTF-8
+MAX_NAME_BYTES = 200
+#: seconds of audio a decoded stream may carry when the track's duration is not known
+UNKNOWN_DURATION_LIMIT = 6 * 3600.0
+#: the most seconds a track's decoded stream may run past its indexed duration:
+#: ``max(MIN_DURATION_MARGIN, duration * DURATION_MARGIN_RATIO)``
+MIN_DURATION_MARGIN = 30.0
+DURATION_MARGIN_RATIO = 0.5
+#: seconds a player that stopped reading gets to exit before it is stopped
+PLAYER_EXIT_WAIT = 5.0
 
 
 @dataclass(frozen=True)
@@ -71,6 +98,8 @@ class Decoding:
     start: float = 0.0
     duration: float | None = None
     realtime: bool = False
+    #: the track's duration in the server's index, if known: bounds the stream
+    source_duration: float | None = None
 
     def __post_init__(self) -> None:
         if self.output not in OUTPUT_FORMATS:
@@ -85,6 +114,16 @@ class Decoding:
         """File extension for ``--save``: ``wav``, or the raw format's name."""
         return self.output
 
+    def max_seconds(self) -> float:
+        """The most audio the stream may carry when no ``duration`` was asked for: what is
+        left of the track after ``start``, plus a margin (indexed durations are estimates),
+        or :data:`UNKNOWN_DURATION_LIMIT`."""
+        known = self.source_duration
+        if known is None or not math.isfinite(known) or known <= 0:
+            return UNKNOWN_DURATION_LIMIT
+        left = max(known - self.start, 0.0)
+        return left + max(MIN_DURATION_MARGIN, left * DURATION_MARGIN_RATIO)
+
     def open(self, client: Client, track: str) -> StreamReader:
         """The stream request for ``track``."""
         return client.decode(
@@ -95,6 +134,7 @@ class Decoding:
             start=self.start,
             duration=self.duration,
             realtime=self.realtime,
+            max_seconds=self.max_seconds(),
         )
 
     def header(self, start: StreamStart, data_bytes: int | None) -> bytes:
@@ -150,6 +190,74 @@ def part_path(dest: Path) -> Path:
     return dest.with_name(dest.name + ".part")
 
 
+# ---- where a file is saved ----------------------------------------------------
+
+
+def safe_name(path: str, *, max_bytes: int = MAX_NAME_BYTES) -> str | None:
+    """The last component of ``path`` as a harmless file name, or ``None`` if nothing is left.
+
+    ``/`` and ``\\`` both separate; control and other unprintable characters
+    (NUL included) become ``_``; leading dots and spaces go (no hidden file, no
+    ``.`` or ``..``); a name longer than ``max_bytes`` bytes of UTF-8 is cut,
+    keeping a short extension.
+    """
+    last = path.replace("\\", "/").rsplit("/", 1)[-1]
+    name = "".join(c if c.isprintable() else "_" for c in last).lstrip(". ").rstrip(" ")
+    if not name or name in (".", ".."):
+        return None
+    if len(name.encode()) <= max_bytes:
+        return name
+    stem, dot, ext = name.rpartition(".")
+    if not (dot and stem and 0 < len(ext.encode()) <= 16):
+        stem, ext = name, ""
+    tail = f".{ext}" if ext else ""
+    room = max_bytes - len(tail.encode())
+    return stem.encode()[:room].decode(errors="ignore").rstrip(" ") + tail
+
+
+def file_name(server_path: str, typed: str, fmt: str, decoding: Decoding | None) -> str:
+    """The name to save a track under: the server's (sanitised), else the one the user
+    typed, else ``track``; with ``decoding``, the new extension replaces the old."""
+    name = safe_name(server_path)
+    if name is None:
+        name = safe_name(typed) or "track"
+        if fmt.isalnum() and len(fmt) <= 10 and not name.endswith(f".{fmt}"):
+            name += f".{fmt}"
+    if decoding is not None:
+        stem = name.rpartition(".")[0] or name
+        name = f"{stem}.{decoding.extension}"
+    return safe_name(name) or "track"  # a longer extension: cut to the bound again
+
+
+def destination(output: str | None, name: str, *, replace: bool = False) -> Path:
+    """Where to save ``name``: the current folder, ``output`` if it is a folder (or ends
+    with ``/``: it must then exist), else ``output`` itself.
+
+    A file that is there already is refused (OutputError, with a hint) unless
+    ``replace``; so is a folder. The check is repeated when the file is committed.
+    """
+    folder: Path | None = None
+    if output is None:
+        folder = Path.cwd()
+    elif output.endswith(("/", os.sep)) or Path(output).is_dir():
+        folder = Path(output)
+        if not folder.is_dir():
+            reason = "the folder does not exist" if not folder.exists() else "not a folder"
+            raise OutputError(f"cannot write {output}: {reason}")
+    dest = Path(output or "") if folder is None else folder / name
+    if folder is not None and dest.parent.resolve() != folder.resolve():
+        raise OutputError(f"refusing to save {name!r} outside {folder}")  # safe_name prevents it
+    if dest.is_dir():
+        raise OutputError(f"cannot write {dest}: it is a directory")
+    if not replace and os.path.lexists(dest):
+        raise _exists(dest)
+    return dest
+
+
+def _exists(dest: Path) -> OutputError:
+    return OutputError(f"{dest} already exists: use --force to replace it")
+
+
 def _output_error(exc: OSError, path: Path | str) -> OutputError:
     reasons = {
         errno.ENOSPC: "the disk is full",
@@ -159,6 +267,7 @@ def _output_error(exc: OSError, path: Path | str) -> OutputError:
         errno.EROFS: "the file system is read-only",
         errno.ENOENT: "the folder does not exist",
         errno.EISDIR: "it is a directory",
+        errno.EFBIG: "the file is too large (for the file system, or a file size limit)",
     }
     reason = reasons.get(exc.errno or 0, exc.strerror or str(exc))
     return OutputError(f"cannot write {path}: {reason}")
@@ -311,6 +420,7 @@ async def save(
     decoding: Decoding | None = None,
     retry: Retry = NO_RETRY,
     reporter: Reporter | None = None,
+    replace: bool = False,
 ) -> Outcome:
     """Save ``track`` to ``dest`` through ``dest.part``, feeding ``player`` as it goes.
 
@@ -319,12 +429,13 @@ async def save(
     fails is restarted from zero once, since the ``.part`` may have come from
     an older version of the track (not while a player is listening: it has
     heard the old bytes already). Decoded output is always written whole.
+    An existing ``dest`` is an OutputError unless ``replace``.
     """
     outcome = Outcome(path=track, size=0, reporter=reporter or _Silent())
     progress = _Progress(0, want_reader=player is not None)
 
     async def attempt() -> None:
-        await _save_attempt(connect, track, dest, decoding, progress, outcome)
+        await _save_attempt(connect, track, dest, decoding, progress, outcome, replace)
 
     with single_errors():
         async with trio.open_nursery() as nursery:
@@ -354,14 +465,13 @@ async def _save_attempt(
     decoding: Decoding | None,
     progress: _Progress,
     outcome: Outcome,
+    replace: bool,
 ) -> None:
     part = part_path(dest)
+    f = await _in_thread(part, _open_part, part, decoding is not None)
     try:
-        f = await trio.to_thread.run_sync(_open_part, part, decoding is not None)
-    except OSError as exc:
-        raise _output_error(exc, part) from None
-    try:
-        await _save_into(f, part, connect, track, dest, decoding, progress, outcome)
+        with _closing(f, part):
+            await _save_into(f, part, connect, track, dest, decoding, progress, outcome, replace)
     except BaseException as exc:
         # Keep a .part only if a later run can resume it: original bytes of an
         # unchanged file (also after Ctrl-C). Decoded output, an empty file, and
@@ -382,63 +492,61 @@ async def _save_into(
     decoding: Decoding | None,
     progress: _Progress,
     outcome: Outcome,
+    replace: bool,
 ) -> None:
-    with f:
-        if progress.want_reader and progress.reader is None:
-            progress.reader = await trio.to_thread.run_sync(open, part, "rb")
-        offset = 0 if decoding is not None else await trio.to_thread.run_sync(_size, f)
-        outcome.attempt_offset = offset
-        async with connect() as client:
-            request = decoding.open(client, track) if decoding else client.stream(track, offset)
-            async with request as stream:
-                start = stream.start
-                assert start is not None
-                outcome.path, outcome.size = start.path, start.size
-                if not outcome.received:
-                    outcome.resumed_from = start.offset
-                    total = start.size if decoding is None else None
-                    # with a player, progress is what it has heard (the feeder reports)
-                    outcome.reporter.begin(total, 0 if progress.want_reader else start.offset)
-                digest = hashlib.sha256()
-                if decoding is not None:
-                    await _in_thread(part, f.write, decoding.header(start, None))
-                else:
-                    if start.offset != offset:  # the .part is longer than the file now is
-                        await _in_thread(part, f.truncate, start.offset)
-                    await _in_thread(part, _hash_file_prefix, f, start.offset, digest)
-                progress.reset(f.tell())
+    if progress.want_reader and progress.reader is None:
+        progress.reader = await _in_thread(part, _reopen, f, part)
+    offset = 0 if decoding is not None else await trio.to_thread.run_sync(_size, f)
+    outcome.attempt_offset = offset
+    async with connect() as client:
+        request = decoding.open(client, track) if decoding else client.stream(track, offset)
+        async with request as stream:
+            start = stream.start
+            assert start is not None
+            outcome.path, outcome.size = start.path, start.size
+            if not outcome.received:
+                outcome.resumed_from = start.offset
+                total = start.size if decoding is None else None
+                # with a player, progress is what it has heard (the feeder reports)
+                outcome.reporter.begin(total, 0 if progress.want_reader else start.offset)
+            digest = hashlib.sha256()
+            if decoding is not None:
+                await _in_thread(part, f.write, decoding.header(start, None))
+            else:
+                if start.offset != offset:  # the .part is longer than the file now is
+                    await _in_thread(part, f.truncate, start.offset)
+                await _in_thread(part, _hash_file_prefix, f, start.offset, digest)
+            progress.reset(f.tell())
 
-                async def to_part(chunks: list[bytes]) -> bool:
-                    written = await _in_thread(part, _write_chunks, f, chunks)
-                    progress.advance(written)
-                    if not progress.want_reader:
-                        outcome.reporter.advance(written)
-                    return True
+            async def to_part(chunks: list[bytes]) -> bool:
+                written = await _in_thread(part, _write_chunks, f, chunks)
+                progress.advance(written)
+                if not progress.want_reader:
+                    outcome.reporter.advance(written)
+                return True
 
-                queue = _WriteBehind(to_part)
-                with single_errors():  # retries and clean-up look at the error's type
-                    async with trio.open_nursery() as nursery:
-                        nursery.start_soon(queue.run)
-                        try:
-                            async for chunk in stream:
-                                digest.update(chunk)
-                                outcome.received += len(chunk)
-                                await queue.put(chunk)
-                        finally:  # every byte received reaches the .part, also on failure
-                            await queue.close()
-                try:
-                    _verify(stream, digest.hexdigest(), f.tell())
-                except IntegrityError:
-                    await trio.to_thread.run_sync(_unlink, part)  # garbage: never resume it
-                    raise
-                if decoding is not None and decoding.output == "wav":
-                    await _in_thread(
-                        part, patch_sizes, f, f.tell() - len(decoding.header(start, 0))
-                    )
-                await _in_thread(dest, _commit, f, part, dest)
-                outcome.saved_to = dest
-                assert stream.end is not None
-                outcome.frames = stream.end.frames
+            queue = _WriteBehind(to_part)
+            with single_errors():  # retries and clean-up look at the error's type
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(queue.run)
+                    try:
+                        async for chunk in stream:
+                            digest.update(chunk)
+                            outcome.received += len(chunk)
+                            await queue.put(chunk)
+                    finally:  # every byte received reaches the .part, also on failure
+                        await queue.close()
+            try:
+                _verify(stream, digest.hexdigest(), f.tell())
+            except IntegrityError:
+                await trio.to_thread.run_sync(_unlink, part)  # garbage: never resume it
+                raise
+            if decoding is not None and decoding.output == "wav":
+                await _in_thread(part, patch_sizes, f, f.tell() - len(decoding.header(start, 0)))
+            await _in_thread(dest, _commit, f, part, dest, replace)
+            outcome.saved_to = dest
+            assert stream.end is not None
+            outcome.frames = stream.end.frames
 
 
 async def _feed_from_file(progress: _Progress, player: Player, out: Outcome) -> None:
@@ -463,6 +571,7 @@ async def _feed_from_file(progress: _Progress, player: Player, out: Outcome) -> 
                 position += len(chunk)
                 if not await player.feed(chunk):
                     out.player_note = f"{player.name} stopped reading; the download goes on"
+                    out.player_status = await _exit_status(player)
                     return
                 out.reporter.advance(len(chunk))
             elif progress.done:
@@ -521,7 +630,11 @@ async def pipe(
         deliver, file = to_file, output
     # A WAV header can be patched afterwards only in a file we write from its start.
     patchable = (
-        decoding is not None and file is not None and _position(file) == 0 and not _appends(file)
+        decoding is not None
+        and decoding.output == "wav"
+        and file is not None
+        and _position(file) == 0
+        and not _appends(file)
     )
     queue = _WriteBehind(deliver)
     with single_errors():
@@ -537,10 +650,25 @@ async def pipe(
                 await queue.close()
     outcome.stopped_early = outcome.stopped_early or queue.stopped
     if patchable and file is not None and not outcome.stopped_early:
-        await _in_thread("the output", patch_sizes, file, outcome.received)
-    if isinstance(sink, Player) and not outcome.stopped_early:
-        outcome.player_status = await sink.finish()
+        try:
+            await _in_thread("the output", patch_sizes, file, outcome.received)
+        except (ValueError, io.UnsupportedOperation) as exc:  # not the file we wrote from 0
+            log.warning("the WAV header keeps its open length: %s", exc)
+    if isinstance(sink, Player):
+        if outcome.stopped_early:
+            outcome.player_status = await _exit_status(sink)
+        else:
+            outcome.player_status = await sink.finish()
     return outcome
+
+
+async def _exit_status(player: Player) -> int:
+    """The exit status of a player that stopped reading early: 0 when the user quit it,
+    non-zero when it failed. One that stays without reading is stopped (an error too)."""
+    status = await player.finish(timeout=PLAYER_EXIT_WAIT)
+    if status is None:
+        return -15  # SIGTERM: the clean-up of open_player stops it
+    return status
 
 
 async def _pipe_attempts(
@@ -636,8 +764,55 @@ def _size_of(path: Path) -> int:
 
 
 def _open_part(part: Path, truncate: bool) -> BinaryIO:
-    flags = os.O_RDWR | os.O_CREAT | (os.O_TRUNC if truncate else 0)
-    return os.fdopen(os.open(part, flags, 0o644), "r+b")
+    """Open (or create) ``part`` for writing: never through a symbolic link, and only a
+    regular file with no other name (a hard link planted there would be written through)."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(part, flags, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OutputError(f"{part} is a symbolic link: remove it first") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise OutputError(f"{part} is not a plain file of its own: remove it first")
+        os.set_blocking(fd, True)
+        if truncate:
+            os.ftruncate(fd, 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "r+b")
+
+
+def _reopen(f: BinaryIO, part: Path) -> BinaryIO:
+    """A second, read-only handle on the file ``f`` writes, opened by ``part``'s name."""
+    fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not _same_file(os.fstat(fd), os.fstat(f.fileno())):
+        os.close(fd)
+        raise OutputError(f"{part} was replaced while it was being written")
+    return os.fdopen(fd, "rb")
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+@contextlib.contextmanager
+def _closing(f: BinaryIO, path: Path) -> Iterator[None]:
+    """Close ``f`` at the end; a failed close (a last flush on a full disk) is an
+    OutputError, unless another error is on its way out already."""
+    try:
+        yield
+    except BaseException:
+        with contextlib.suppress(OSError):
+            f.close()
+        raise
+    try:
+        f.close()
+    except OSError as exc:
+        raise _output_error(exc, path) from None
 
 
 def _hash_file_prefix(f: BinaryIO, length: int, digest: hashlib._Hash) -> None:
@@ -652,10 +827,37 @@ def _hash_file_prefix(f: BinaryIO, length: int, digest: hashlib._Hash) -> None:
         left -= len(chunk)
 
 
-def _commit(f: BinaryIO, part: Path, dest: Path) -> None:
+def _commit(f: BinaryIO, part: Path, dest: Path, replace: bool) -> None:
+    """Give ``part`` (still the file ``f`` wrote) the name ``dest``.
+
+    Without ``replace`` a hard link makes the name, failing if it is taken
+    (by anything: a file, a symbolic link); file systems without hard links
+    fall back on a check and a rename. A rename replaces a link at ``dest``
+    itself and never writes through it.
+    """
     f.flush()
     os.fsync(f.fileno())
-    os.replace(part, dest)
+    try:
+        now = os.lstat(part)
+    except FileNotFoundError:
+        now = None
+    if now is None or not _same_file(now, os.fstat(f.fileno())):
+        raise OutputError(f"{part} was replaced while it was being written")
+    if replace:
+        os.replace(part, dest)
+        return
+    try:
+        os.link(part, dest, follow_symlinks=False)
+    except FileExistsError:
+        raise _exists(dest) from None
+    except OSError as exc:
+        if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(dest):
+            raise _exists(dest) from None
+        os.rename(part, dest)
+        return
+    os.unlink(part)
 
 
 def _unlink(path: Path) -> None:

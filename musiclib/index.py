@@ -21,13 +21,27 @@ Why it looks the way it does:
   are stored next to them; a query word matches when ``instr`` finds it, the
   same rule the in-memory search used. ``LIKE`` is avoided: its ``%``/``_``
   would need escaping and it folds ASCII only.
-* **A small pool of connections.** A connection is used by one thread at a
-  time, but trio's worker threads come and go, so connections are lent from
-  a pool (closed beyond :attr:`Index.IDLE_CONNECTIONS`) rather than kept per
-  thread. One writer connection, behind a lock, takes every write.
-* **A list is one read transaction.** :class:`Listing` counts the matches and
-  then walks them with one cursor inside the same transaction, so a scan that
-  commits meanwhile can neither duplicate nor skip a track in the reply.
+* **A small, bounded pool of connections.** A connection is used by one
+  thread at a time, but trio's worker threads come and go, so connections
+  are lent from a pool (closed beyond :attr:`Index.IDLE_CONNECTIONS`) rather
+  than kept per thread. At most :attr:`Index.MAX_CONNECTIONS` are open at
+  once; a reader beyond that waits for one (at most
+  :attr:`Index.BORROW_TIMEOUT` seconds, then :class:`~musiclib.errors.Busy`).
+  Each keeps a small page cache (:attr:`Index.CACHE_KIB`). One writer
+  connection, behind a lock, takes every write.
+* **No transaction outlives a batch.** A list reply waits on a slow network
+  peer for as long as the peer likes; a read transaction held meanwhile
+  would tie up a connection, its page cache and three descriptors per reply,
+  and keep the WAL from being checkpointed. So :class:`Listing` reads one
+  batch per short transaction and continues after the last row it read
+  (keyset pagination on ``(sort key, path)``, which an index per sort key
+  makes a range scan). The first batch and the ``total`` come from one
+  snapshot, so a reply of up to one batch is exactly a snapshot. A longer
+  reply during a scan that commits meanwhile lists every track that stayed
+  unchanged exactly once and in order; a track added, removed or re-sorted
+  by the scan may be missing from it or (for sorts other than ``path``,
+  whose key never changes) appear twice. :attr:`Listing.changed` says
+  whether that could have happened, and the reply then says ``scanning``.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
+import math
 import os
 import shutil
 import sqlite3
@@ -45,7 +60,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-from .protocol import LIST_SORTS, ListRequest, TrackInfo
+from .errors import Busy
+from .protocol import LIST_SORTS, ListRequest, TrackInfo, query_words
 from .text import fold
 
 __all__ = [
@@ -53,6 +69,7 @@ __all__ = [
     "ListQuery",
     "Listing",
     "default_index_path",
+    "match_condition",
     "row_of",
 ]
 
@@ -61,7 +78,7 @@ log = logging.getLogger("musiclib.index")
 #: ``PRAGMA application_id`` of a musiclib index ("mlib")
 APPLICATION_ID: Final = 0x6D6C6962
 #: ``PRAGMA user_version``; bump it whenever the schema changes (old files are rebuilt)
-SCHEMA_VERSION: Final = 1
+SCHEMA_VERSION: Final = 2
 
 #: The TrackInfo fields, in the order they are stored (the first columns of a row);
 #: a field added to TrackInfo needs a column in _SCHEMA and a new SCHEMA_VERSION.
@@ -94,25 +111,48 @@ CREATE TABLE tracks (
     path_key TEXT NOT NULL,
     title_key TEXT NOT NULL,
     artist_key TEXT,
-    album_key TEXT
+    album_key TEXT,
+    -- never-NULL sort keys (missing values last), so that a row value can say
+    -- where a batch ended and each index below is searched as a range
+    artist_last INTEGER GENERATED ALWAYS AS (artist_key IS NULL) VIRTUAL,
+    artist_sort TEXT GENERATED ALWAYS AS (coalesce(artist_key, '')) VIRTUAL,
+    album_last INTEGER GENERATED ALWAYS AS (album_key IS NULL) VIRTUAL,
+    album_sort TEXT GENERATED ALWAYS AS (coalesce(album_key, '')) VIRTUAL,
+    duration_last INTEGER GENERATED ALWAYS AS (duration IS NULL) VIRTUAL,
+    duration_sort REAL GENERATED ALWAYS AS (coalesce(duration, 0.0)) VIRTUAL
 ) WITHOUT ROWID;
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+CREATE INDEX tracks_by_title ON tracks (title_key, path);
+CREATE INDEX tracks_by_artist ON tracks (artist_last, artist_sort, path);
+CREATE INDEX tracks_by_album ON tracks (album_last, album_sort, path);
+CREATE INDEX tracks_by_duration ON tracks (duration_last, duration_sort, path);
 """
 
+#: Every commit that adds, replaces or deletes rows (not a sha256) counts itself, in
+#: the same transaction, so a reader can tell exactly whether two snapshots differ.
+_BUMP_GENERATION = (
+    "INSERT INTO meta VALUES ('generation', '1') "
+    "ON CONFLICT (key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+)
+_GENERATION = (
+    "SELECT coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'generation'), 0)"
+)
 _SELECT_TRACK = "SELECT " + ", ".join(TRACK_FIELDS) + " FROM tracks"
 _INSERT = (
     f"INSERT OR REPLACE INTO tracks ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 )
 
-#: ``ORDER BY`` per sort key: missing values last, then by path so the order is total
-_ORDER: Final[dict[str, str]] = {
-    "path": "path",
-    "title": "title_key, path",
-    "artist": "artist_key IS NULL, artist_key, path",
-    "album": "album_key IS NULL, album_key, path",
-    "duration": "duration IS NULL, duration, path",
+#: The sort key per sort, never NULL: missing values last, then by path so the
+#: order is total (and a row value can say where a batch ended). Each is an index
+#: in _SCHEMA, so ordering and continuing after a row are range scans.
+_KEYS: Final[dict[str, tuple[str, ...]]] = {
+    "path": ("path",),
+    "title": ("title_key", "path"),
+    "artist": ("artist_last", "artist_sort", "path"),
+    "album": ("album_last", "album_sort", "path"),
+    "duration": ("duration_last", "duration_sort", "path"),
 }
-assert tuple(_ORDER) == LIST_SORTS
+assert tuple(_KEYS) == LIST_SORTS
 
 Row = tuple[Any, ...]
 #: What the scanner needs to know of an indexed file: size, mtime_ns, inode, sha256.
@@ -145,26 +185,36 @@ def track_of(row: Sequence[Any]) -> TrackInfo:
 ListQuery = ListRequest
 
 
-def _where(query: ListQuery) -> tuple[str, list[Any]]:
-    """The ``WHERE`` clause (possibly empty) and its parameters for ``query``.
+def match_condition(query: ListQuery) -> tuple[str, list[Any]]:
+    """The SQL condition (``"1"`` when everything matches) and its parameters for ``query``.
 
-    Words must all appear in title, artist, album or path; ``artist`` and
-    ``album`` are substrings of those tags; all case- and accent-insensitive.
-    ``format`` is the file extension, exactly.
+    The query is split into words (:func:`~musiclib.protocol.query_words`), and
+    each folded word must appear in the folded title, artist, album or path;
+    ``artist`` and ``album`` are substrings of those tags, folded alike
+    (:func:`~musiclib.text.fold`). ``format`` is the file extension, exactly.
+    The protocol bounds the words, so the condition stays far from SQLite's
+    expression depth limit.
     """
     clauses: list[str] = []
     params: list[Any] = []
-    for word in fold(query.query or "").split():
-        clauses.append("instr(haystack, ?) > 0")
-        params.append(word)
+    for word in query_words(query.query):
+        if folded := fold(word):
+            clauses.append("instr(haystack, ?) > 0")
+            params.append(folded)
     for column, wanted in (("artist_key", query.artist), ("album_key", query.album)):
         if wanted:
             clauses.append(f"instr({column}, ?) > 0")
             params.append(fold(wanted))
     if query.format:
         clauses.append("format = ?")
-        params.append(query.format.lower().lstrip("."))
-    return (" WHERE " + " AND ".join(clauses) if clauses else ""), params
+        params.append(query.format.lower().removeprefix("."))
+    return (" AND ".join(clauses) if clauses else "1"), params
+
+
+def _where(query: ListQuery) -> tuple[str, list[Any]]:
+    """The ``WHERE`` clause (possibly empty) and its parameters for ``query``."""
+    condition, params = match_condition(query)
+    return (" WHERE " + condition if params else ""), params
 
 
 def default_index_path(root: Path) -> Path:
@@ -201,6 +251,12 @@ class Index:
 
     #: connections kept open in the pool for the next reader
     IDLE_CONNECTIONS = 4
+    #: reader connections open at most (lent and idle); more readers wait for one
+    MAX_CONNECTIONS = 16
+    #: seconds a reader waits for a connection before giving up with Busy
+    BORROW_TIMEOUT = 30.0
+    #: page cache of a reader connection, in KiB (SQLite's default is 2000)
+    CACHE_KIB = 256
 
     def __init__(self, root: Path, path: Path | None = None) -> None:
         self._root = str(os.path.realpath(root))
@@ -223,16 +279,20 @@ class Index:
         self.path = target
         self._write_lock = threading.Lock()
         self._pool_lock = threading.Lock()
+        self._returned = threading.Condition(self._pool_lock)
         self._idle: list[sqlite3.Connection] = []
+        self._open = 0  # reader connections open (lent or idle)
         self._closed = False
         self.count = self._count(self._writer)
 
     # ------------------------------------------------------------------ opening
 
     @staticmethod
-    def _connect(path: Path) -> sqlite3.Connection:
+    def _connect(path: Path, cache_kib: int | None = None) -> sqlite3.Connection:
         conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA synchronous=NORMAL")
+        if cache_kib is not None:
+            conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
         return conn
 
     def _open_trusted(self, path: Path) -> sqlite3.Connection:
@@ -310,6 +370,8 @@ class Index:
         with self._pool_lock:
             self._closed = True
             idle, self._idle = self._idle, []
+            self._open -= len(idle)
+            self._returned.notify_all()
         for conn in idle:
             conn.close()
         with self._write_lock:
@@ -327,13 +389,33 @@ class Index:
         finally:
             self._give_back(conn)
 
+    @property
+    def connections(self) -> int:
+        """Reader connections open now, lent or idle (the writer not counted)."""
+        return self._open
+
     def _borrow(self) -> sqlite3.Connection:
+        """An idle connection, a new one while fewer than MAX_CONNECTIONS are open,
+        else the next one given back (Busy after BORROW_TIMEOUT seconds)."""
         with self._pool_lock:
+            ready = self._returned.wait_for(
+                lambda: self._closed or self._idle or self._open < self.MAX_CONNECTIONS,
+                timeout=self.BORROW_TIMEOUT,
+            )
             if self._closed:
                 raise RuntimeError("the index is closed")
+            if not ready:
+                raise Busy("every index connection is in use; try again")
             if self._idle:
                 return self._idle.pop()
-        return self._connect(self.path)
+            self._open += 1
+        try:
+            return self._connect(self.path, self.CACHE_KIB)
+        except BaseException:
+            with self._pool_lock:
+                self._open -= 1
+                self._returned.notify()
+            raise
 
     def _give_back(self, conn: sqlite3.Connection) -> None:
         if conn.in_transaction:
@@ -341,7 +423,10 @@ class Index:
         with self._pool_lock:
             if not self._closed and len(self._idle) < self.IDLE_CONNECTIONS:
                 self._idle.append(conn)
+                self._returned.notify()
                 return
+            self._open -= 1
+            self._returned.notify()
         conn.close()
 
     # ------------------------------------------------------------------ reading
@@ -372,9 +457,9 @@ class Index:
         with self.listing(query) as listing:
             return [t for batch in iter(listing.fetch, []) for t in batch]
 
-    def listing(self, query: ListQuery) -> Listing:
-        """An open :class:`Listing` of ``query``; close it (or use ``with``)."""
-        return Listing(self, query)
+    def listing(self, query: ListQuery, first: int = 512) -> Listing:
+        """A :class:`Listing` of ``query`` with its ``total`` and ``first`` tracks read."""
+        return Listing(self, query, first)
 
     def versions(self) -> dict[str, Version]:
         """Every indexed path with what a scan compares: size, mtime, inode, sha256."""
@@ -409,6 +494,7 @@ class Index:
         with self._write_lock, self._writer:
             self._writer.execute("BEGIN")
             self._writer.executemany(_INSERT, rows)
+            self._writer.execute(_BUMP_GENERATION)
             self.count = self._count(self._writer)
 
     def delete(self, paths: Iterable[str]) -> None:
@@ -416,6 +502,7 @@ class Index:
         with self._write_lock, self._writer:
             self._writer.execute("BEGIN")
             self._writer.executemany("DELETE FROM tracks WHERE path = ?", ((p,) for p in paths))
+            self._writer.execute(_BUMP_GENERATION)
             self.count = self._count(self._writer)
 
     def set_sha256(self, path: str, size: int, mtime_ns: int, digest: str) -> bool:
@@ -429,44 +516,77 @@ class Index:
 
 
 class Listing:
-    """The tracks one query selects, in one read transaction, fetched in batches.
+    """The tracks one query selects, fetched in batches, each in its own short read
+    transaction; no connection is held between batches.
 
-    :attr:`total` counts every match (before ``offset`` and ``limit``); the
-    batches then follow in order. Usable from one thread at a time, from any.
+    :attr:`total` counts every match (before ``offset`` and ``limit``) in the
+    same snapshot as the first ``first`` tracks, read at once; later batches
+    continue after the last track read (see the module's docstring for what a
+    scan committing meanwhile can do, and :attr:`changed`). Usable from one
+    thread at a time, from any.
     """
 
-    def __init__(self, index: Index, query: ListQuery) -> None:
-        if query.sort not in _ORDER:
+    def __init__(self, index: Index, query: ListQuery, first: int = 512) -> None:
+        if query.sort not in _KEYS:
             raise ValueError(f"sort must be one of {', '.join(LIST_SORTS)}")
-        where, params = _where(query)
         self._index = index
-        self._conn = index._borrow()
-        try:
-            self._conn.execute("BEGIN")
-            self.total = int(
-                self._conn.execute("SELECT count(*) FROM tracks" + where, params).fetchone()[0]
-            )
-            limit = -1 if query.limit is None else query.limit  # SQLite: -1 is "no limit"
-            self._cursor: sqlite3.Cursor | None = self._conn.execute(
-                f"{_SELECT_TRACK}{where} ORDER BY {_ORDER[query.sort]} LIMIT ? OFFSET ?",
-                (*params, limit, query.offset),
-            )
-        except BaseException:
-            index._give_back(self._conn)
-            raise
+        self._where, self._params = _where(query)
+        self._keys = _KEYS[query.sort]
+        self._left = math.inf if query.limit is None else query.limit
+        self._after: tuple[Any, ...] | None = None  # the sort key of the last row read
+        self._ahead: list[TrackInfo] = []
+        self._done = False
+        #: whether a later batch came from another snapshot than the first (a scan
+        #: committed in between), so the reply may miss or repeat a track it moved
+        self.changed = False
+        with index._reader() as conn:
+            conn.execute("BEGIN")
+            self._generation = int(conn.execute(_GENERATION).fetchone()[0])
+            total = conn.execute("SELECT count(*) FROM tracks" + self._where, self._params)
+            self.total = int(total.fetchone()[0])
+            self._ahead = self._read(conn, first, query.offset)
+
+    def _read(self, conn: sqlite3.Connection, n: int, offset: int = 0) -> list[TrackInfo]:
+        """The next ``n`` tracks at most (after ``offset`` more), read with ``conn``."""
+        n = int(min(n, self._left))
+        if n <= 0 or self._done:
+            self._done = True
+            return []
+        keys = ", ".join(self._keys)
+        where, params = self._where, list(self._params)
+        if self._after is not None:
+            marks = ", ".join("?" * len(self._keys))
+            where += (" AND " if where else " WHERE ") + f"({keys}) > ({marks})"
+            params.extend(self._after)
+        rows = conn.execute(
+            f"SELECT {', '.join(TRACK_FIELDS)}, {keys} FROM tracks{where} "
+            f"ORDER BY {keys} LIMIT ? OFFSET ?",
+            (*params, n, offset),
+        ).fetchall()
+        if len(rows) < n:
+            self._done = True
+        if rows:
+            self._after = tuple(rows[-1][_N_TRACK:])
+        self._left -= len(rows)
+        return [track_of(row) for row in rows]
 
     def fetch(self, n: int = 512) -> list[TrackInfo]:
         """The next ``n`` tracks at most; ``[]`` at the end."""
-        if self._cursor is None:
+        if self._ahead:
+            out, self._ahead = self._ahead[:n], self._ahead[n:]
+            return out
+        if self._done:
             return []
-        return [track_of(row) for row in self._cursor.fetchmany(n)]
+        with self._index._reader() as conn:
+            conn.execute("BEGIN")
+            if int(conn.execute(_GENERATION).fetchone()[0]) != self._generation:
+                self.changed = True
+            return self._read(conn, n)
 
     def close(self) -> None:
-        """End the transaction and give the connection back; safe to call twice."""
-        if self._cursor is not None:
-            self._cursor.close()
-            self._cursor = None
-            self._index._give_back(self._conn)
+        """Forget what is left (nothing is held between batches); safe to call twice."""
+        self._ahead = []
+        self._done = True
 
     def __enter__(self) -> Listing:
         return self

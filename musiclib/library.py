@@ -9,6 +9,9 @@ Why it looks the way it does:
   every format it knows; opening the likely class first halves the cost for
   ogg/flac/opus. Only when that class fails do we fall back to sniffing (an
   ``.ogg`` may hold Opus or FLAC, an ``.mp3`` may really be something else).
+* **Tags are read in bounded memory.** mutagen reads through
+  :mod:`musiclib.tags`, which shows it only the text tags the index keeps
+  (never a picture) and refuses to read more than 16 MiB of one file.
 * **A file mutagen cannot parse is still a track.** It is listed with
   ``error`` set to a one-line reason and can still be served; one bad file
   never stops a scan. Only a file that vanished raises (``FileNotFoundError``).
@@ -17,6 +20,9 @@ Why it looks the way it does:
   neither (only ID3 in those containers). The walker reads chunk headers and
   small text chunks only, seeks over the audio, and gives up quietly on
   anything odd. ID3 values win; INFO/NAME fill the gaps.
+* **Files still being written are looked at again.** A scan indexes a file
+  modified moments ago as it finds it (so it is listed at once) and remembers
+  it; :meth:`Library.recheck` reads it again until it stops changing.
 * **An incremental scan over a persistent index.** The walk stats every file
   (cheap); only files whose size or mtime differ from the SQLite index
   (:mod:`musiclib.index`) are opened. Many changed files are read by a pool of
@@ -45,7 +51,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Final, Literal
 
 import mutagen
 from mutagen.aac import AAC
@@ -61,9 +67,10 @@ from mutagen.oggvorbis import OggVorbis
 from mutagen.wave import WAVE
 from mutagen.wavpack import WavPack
 
-from .errors import Ambiguous, NotFound
-from .index import TRACK_FIELDS, Index, Listing, ListQuery, Row, row_of
+from .errors import Ambiguous, Busy, NotFound, Unreadable
+from .index import TRACK_FIELDS, Index, Listing, ListQuery, Row, match_condition, row_of
 from .protocol import TrackInfo
+from .tags import BoundedMP4, BoundedOggOpus, BoundedOggVorbis, open_for_tags
 from .text import fold
 
 __all__ = [
@@ -87,12 +94,12 @@ SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
 # The mutagen class to try first for each extension.
 _CLASS_BY_EXT: dict[str, Any] = {
     "mp3": MP3,
-    "ogg": OggVorbis,
-    "oga": OggVorbis,
-    "opus": OggOpus,
+    "ogg": BoundedOggVorbis,
+    "oga": BoundedOggVorbis,
+    "opus": BoundedOggOpus,
     "flac": FLAC,
-    "m4a": MP4,
-    "mp4": MP4,
+    "m4a": BoundedMP4,
+    "mp4": BoundedMP4,
     "aac": AAC,
     "wav": WAVE,
     "aif": AIFF,
@@ -187,19 +194,26 @@ def _extension(name: str) -> str:
 
 
 def _load(path: str, ext: str) -> Any:
-    """The mutagen object for ``path``: the extension's class first, then sniffing."""
+    """The mutagen object for ``path``: the extension's class first, then sniffing.
+
+    mutagen reads the file through :func:`musiclib.tags.open_for_tags`, which
+    shows it only the tags the index uses and bounds what it may read.
+    """
     errors: list[Exception] = []
     cls = _CLASS_BY_EXT.get(ext)
-    if cls is not None:
+    with open(path, "rb") as raw:
+        view = open_for_tags(raw, path, ext)
+        if cls is not None:
+            try:
+                return cls(view)
+            except Exception as exc:  # hostile input raises anything
+                errors.append(exc)
         try:
-            return cls(path)
-        except Exception as exc:  # hostile input raises anything
+            view.seek(0)
+            audio = mutagen.File(view)
+        except Exception as exc:
             errors.append(exc)
-    try:
-        audio = mutagen.File(path)
-    except Exception as exc:
-        errors.append(exc)
-        audio = None
+            audio = None
     if audio is None:  # report the extension's class failure: it is the likelier story
         raise errors[0] if errors else ValueError("unknown audio format")
     return audio
@@ -227,16 +241,28 @@ def _stream_facts(audio: Any, size: int) -> dict[str, Any]:
     bitrate = _positive_int(getattr(info, "bitrate", None))
     if bitrate is None and duration:
         bitrate = int(size * 8 / duration)
+    codec = _codec(audio)
     return {
         "duration": float(duration) if duration is not None else None,
-        "codec": _codec(audio),
+        "codec": codec,
         "sample_rate": sample_rate,
         # WavPack reports mono as ``True``; the wire refuses bools, so int() it.
         "channels": _positive_int(getattr(info, "channels", None)),
         "bitrate": bitrate,
-        # lossless formats state it; lossy ones (mp3, vorbis, opus, aac) have none
-        "bits_per_sample": _positive_int(getattr(info, "bits_per_sample", None)),
+        # the stored samples' depth: PCM and lossless codecs only (PROTOCOL.md, "Track
+        # map"); a lossy codec has none, whatever its container states (MP4: 16)
+        "bits_per_sample": (
+            _positive_int(getattr(info, "bits_per_sample", None)) if _lossless(codec) else None
+        ),
     }
+
+
+#: codecs that store samples of a bit depth, besides every ``pcm_*`` one
+_LOSSLESS_CODECS: Final = frozenset({"flac", "alac", "wavpack"})
+
+
+def _lossless(codec: str | None) -> bool:
+    return codec is not None and (codec in _LOSSLESS_CODECS or codec.startswith("pcm_"))
 
 
 def _positive_int(value: object) -> int | None:
@@ -437,6 +463,10 @@ def _inside(real: str, real_root: str) -> bool:
     return real == real_root or real.startswith(prefix)
 
 
+#: characters a listed name may not hold: Unicode's control characters (category Cc)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+
+
 def _surrogates(name: str) -> bool:
     """True for a name that was not valid UTF-8 on disk (``os`` escapes such bytes)."""
     try:
@@ -449,8 +479,10 @@ def _surrogates(name: str) -> bool:
 def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
     """Yield ``(relative path, stat)`` for every supported file under ``root``.
 
-    Hidden names (leading ``.``), ``*.part`` files and names that are not
-    printable UTF-8 (they could not travel in a reply) are skipped. Symlinks
+    Hidden names (leading ``.``), ``*.part`` files, names that are not UTF-8
+    (they could not travel in a reply) and names holding a control character
+    (U+0000-U+001F, U+007F-U+009F: a newline in a path breaks every
+    line-based tool) are skipped; any other character is fine. Symlinks
     are followed only when their real path stays inside the real root; each
     real directory is listed once, plain directories before symlinked ones so
     that files keep their canonical path. Unreadable directories are skipped.
@@ -477,8 +509,8 @@ def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
         for entry in entries:
             if entry.name.startswith(".") or entry.name.endswith(".part"):
                 continue
-            if not entry.name.isprintable() or _surrogates(entry.name):
-                log.debug("skipping %r: the name cannot travel as UTF-8 text", entry.path)
+            if _surrogates(entry.name) or _CONTROL.search(entry.name):
+                log.debug("skipping %r: not UTF-8, or a control character", entry.path)
                 continue
             relpath = prefix + entry.name
             try:
@@ -550,8 +582,10 @@ def open_confined(root: Path, relpath: str) -> BinaryIO:
     """Open ``root/relpath`` for binary reading if its real path is inside the real root.
 
     A path that leaves the root (``..``, absolute, or through a symlink), a
-    missing file and a non-regular file all raise :class:`NotFound`. Other
-    ``OSError`` (permission denied...) propagate.
+    missing file, a name too long and a non-regular file (a directory, a
+    FIFO, a socket, a device) all raise :class:`NotFound`. Other ``OSError``
+    (permission denied, too many open files...) propagate:
+    :meth:`Library.open_track` says what they mean to a client.
     """
     parts = _split_name(relpath)
     real_root = os.path.realpath(root)
@@ -564,7 +598,9 @@ def open_confined(root: Path, relpath: str) -> BinaryIO:
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError) as exc:
         raise NotFound(f"no track {relpath!r}") from exc
     except OSError as exc:
-        if exc.errno == errno.ELOOP:  # replaced by a symlink since the check
+        # ELOOP: replaced by a symlink since the check; ENXIO: a socket (or a device
+        # with no driver); ENAMETOOLONG: no file can have that name
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.ENODEV, errno.ENAMETOOLONG):
             raise NotFound(f"no track {relpath!r}") from exc
         raise
     try:
@@ -575,6 +611,14 @@ def open_confined(root: Path, relpath: str) -> BinaryIO:
     except BaseException:
         os.close(fd)
         raise
+
+
+def _open_failure(relpath: str, exc: OSError) -> Busy | Unreadable:
+    """What an ``OSError`` from opening a track means to a client."""
+    if exc.errno in (errno.EMFILE, errno.ENFILE):
+        return Busy("the server has too many files open; try again shortly")
+    reason = (exc.strerror or type(exc).__name__).lower()
+    return Unreadable(f"the server cannot read {relpath!r}: {reason}")
 
 
 # --------------------------------------------------------------------------- the library
@@ -625,6 +669,9 @@ class Library:
         self.pool = pool
         self.scanning: bool = False
         self._scan_lock = threading.Lock()
+        # files found changing (see rescan's settle): path -> (size, mtime_ns) last read
+        self._unsettled: dict[str, tuple[int, int]] = {}
+        self._too_many_unsettled = False
 
     @property
     def root(self) -> Path:
@@ -648,7 +695,10 @@ class Library:
 
     # ------------------------------------------------------------------ scanning
 
-    def rescan(self, stop: threading.Event | None = None) -> int:
+    #: at most this many unsettled files are remembered; beyond, the next look is a rescan
+    MAX_UNSETTLED = 4096
+
+    def rescan(self, stop: threading.Event | None = None, *, settle: float = 0.0) -> int:
         """Bring the index up to date with the disk (blocking); return the track count.
 
         Files whose size and mtime match the index are not opened. New and
@@ -657,6 +707,11 @@ class Library:
         longer on disk are dropped at the end, so nothing disappears while the
         scan runs. A renamed file keeps its sha256 (same inode, size, mtime).
         ``stop`` ends the scan early with :class:`ScanStopped`.
+
+        A file read now that was modified less than ``settle`` seconds ago (or
+        in the future) may still be being written, by a copy in progress: it is
+        indexed as found, so it is listed at once, and remembered as
+        :attr:`unsettled` until :meth:`recheck` finds it unchanged.
         """
         stop = stop or threading.Event()
         with self._scan_lock:
@@ -664,6 +719,7 @@ class Library:
             try:
                 if stop.is_set():
                     raise ScanStopped
+                fresh_after = time.time_ns() - int(settle * 1e9)
                 known = self.index.versions()
                 seen: set[str] = set()
                 todo: list[WorkItem] = []
@@ -672,6 +728,8 @@ class Library:
                     old = known.get(relpath)
                     if old is None or old[0] != st.st_size or old[1] != st.st_mtime_ns:
                         todo.append((relpath, st.st_size, st.st_mtime_ns, st.st_ino))
+                        if settle > 0 and st.st_mtime_ns > fresh_after:
+                            self._remember_unsettled(relpath, st.st_size, st.st_mtime_ns)
                     if len(seen) % 4096 == 0 and stop.is_set():
                         raise ScanStopped
                 if stop.is_set():
@@ -688,6 +746,54 @@ class Library:
                 return self.index.count
             finally:
                 self.scanning = False
+
+    @property
+    def unsettled(self) -> bool:
+        """Whether a scan found files still changing, to be looked at again (:meth:`recheck`)."""
+        return bool(self._unsettled) or self._too_many_unsettled
+
+    def _remember_unsettled(self, relpath: str, size: int, mtime_ns: int) -> None:
+        if relpath in self._unsettled or len(self._unsettled) < self.MAX_UNSETTLED:
+            self._unsettled[relpath] = (size, mtime_ns)
+        else:
+            self._too_many_unsettled = True
+
+    def recheck(self, stop: threading.Event | None = None, *, settle: float = 0.0) -> None:
+        """Look again at the :attr:`unsettled` files (blocking), ``settle`` seconds or so
+        after the last look: one unchanged since then has settled and is forgotten; one
+        that changed is read again and stays unsettled; one that is gone is dropped
+        from the index. After too many unsettled files, this is a whole :meth:`rescan`.
+        """
+        if self._too_many_unsettled:
+            self._unsettled.clear()
+            self._too_many_unsettled = False
+            self.rescan(stop, settle=settle)
+            return
+        with self._scan_lock:
+            real_root = os.path.realpath(self._root)
+            items = sorted(self._unsettled.items())
+            todo: list[WorkItem] = []
+            gone: list[str] = []
+            for relpath, seen in items:
+                full = os.path.join(real_root, *relpath.split("/"))
+                try:
+                    st = os.stat(full)
+                    if not _inside(os.path.realpath(full), real_root):
+                        raise FileNotFoundError(relpath)
+                except OSError:
+                    gone.append(relpath)
+                    del self._unsettled[relpath]
+                    continue
+                if (st.st_size, st.st_mtime_ns) == seen:
+                    del self._unsettled[relpath]  # quiet since the last look: settled
+                else:
+                    todo.append((relpath, st.st_size, st.st_mtime_ns, st.st_ino))
+                    self._unsettled[relpath] = (st.st_size, st.st_mtime_ns)
+            if todo:
+                log.info("reading %d files again that were still changing", len(todo))
+                self._read_into_index(todo, {}, stop or threading.Event())
+            if gone:
+                self.index.delete(gone)
 
     def _read_into_index(
         self, todo: list[WorkItem], carried: dict[tuple[int, int, int], str], stop: threading.Event
@@ -774,37 +880,39 @@ class Library:
         """
         return self.index.search(ListQuery(query, **filters))
 
-    def listing(self, query: ListQuery) -> Listing:
-        """An open, consistent :class:`Listing` for a list reply sent in pages."""
-        return self.index.listing(query)
+    def listing(self, query: ListQuery, first: int = 512) -> Listing:
+        """A :class:`Listing` for a list reply sent in batches (its ``total`` and
+        ``first`` tracks read at once, from one snapshot)."""
+        return self.index.listing(query, first)
 
     def resolve(self, name: str) -> TrackInfo:
-        """The one track a user means by ``name``.
+        """The one track a user means by ``name`` (PROTOCOL.md, "Track names").
 
-        Tried in order: the exact relative path; paths ending with ``/name``;
-        paths containing ``name`` ignoring case. The first stage with any match
-        decides: one match is the answer, several raise :class:`Ambiguous`.
-        Absolute names, ``..`` components, NUL and empty names raise
+        The name is cleaned first (empty and ``.`` components dropped). Then:
+        the track whose path is exactly that; else the tracks a ``list`` with
+        the name as its query would give (the same words, the same folding):
+        one is the answer, several raise :class:`Ambiguous` with the first
+        :data:`MAX_CANDIDATES` paths. Absolute names, ``..`` components, NUL,
+        names with no word left and names too long for a query raise
         :class:`NotFound`, as does a name matching nothing.
         """
         key = "/".join(_split_name(name))
         exact = self.index.get(key)
         if exact is not None:
             return exact
-        suffix = "/" + key
-        stages = (
-            ("length(path) > ? AND substr(path, -?) = ?", (len(suffix), len(suffix), suffix)),
-            ("instr(path_key, ?) > 0", (key.casefold(),)),
-        )
-        for clause, params in stages:
-            count, paths = self.index.paths_where(clause, params, MAX_CANDIDATES)
-            if count == 1:
-                found = self.index.get(paths[0])
-                if found is not None:  # else deleted in between: keep looking
-                    return found
-            elif count:
-                raise Ambiguous(f"{name!r} matches {count} tracks", candidates=paths)
-        raise NotFound(f"no track matches {name!r}")
+        query = ListQuery(query=key)
+        if query.problem():  # more words or characters than any list query may have
+            raise NotFound(f"no track has the path {name!r}, and it is too long to search for")
+        condition, params = match_condition(query)
+        if not params:  # only spaces (or marks) left: that would match every track
+            raise NotFound(f"invalid track name {name!r}")
+        count, paths = self.index.paths_where(condition, params, MAX_CANDIDATES)
+        if count > 1:
+            raise Ambiguous(f"{name!r} matches {count} tracks", candidates=paths)
+        found = self.index.get(paths[0]) if count else None
+        if found is None:  # nothing, or deleted in between
+            raise NotFound(f"no track matches {name!r}")
+        return found
 
     def stored_sha256(self, track: TrackInfo, st: os.stat_result) -> str | None:
         """The index's sha256 of ``track`` if it is of the version ``st`` describes."""
@@ -815,8 +923,19 @@ class Library:
         self.index.set_sha256(track.path, st.st_size, st.st_mtime_ns, digest)
 
     def open_track(self, track: TrackInfo) -> BinaryIO:
-        """Open ``track`` for binary reading, confined to the root (see :func:`open_confined`)."""
-        return open_confined(self._root, track.path)
+        """Open ``track`` for binary reading, confined to the root (see :func:`open_confined`).
+
+        Every failure is an error a client can be told: :class:`NotFound` (gone,
+        outside the root, not a regular file), :class:`Busy` (the server is out
+        of file descriptors) or :class:`Unreadable` (permission denied, an I/O
+        error...), never an ``OSError``.
+        """
+        try:
+            return open_confined(self._root, track.path)
+        except OSError as exc:
+            failure = _open_failure(track.path, exc)
+            log.warning("cannot open %s: %s", track.path, exc.strerror or exc)
+            raise failure from exc
 
     def track_path(self, track: TrackInfo) -> tuple[Path, os.stat_result]:
         """The checked real path of ``track`` and its stat, for a program that opens it itself.

@@ -26,14 +26,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
-from .decode import AudioFormat, DecodeSlots, open_decoder
-from .errors import Changed, single_errors
+from .decode import DecodeSlots, open_decoder, output_format
+from .errors import Changed, ServerError, TooSlow, Unreadable, single_errors
 from .library import Library
 from .live.channels import Channels
 from .live.pacing import Pacer
@@ -70,11 +70,16 @@ class Session(LiveSession, Protocol):
 
     async def send_file(self, fd: int, offset: int, count: int) -> int:
         """Send ``count`` raw bytes of ``fd`` from ``offset`` under the send deadline
-        (zero-copy where :attr:`can_sendfile`); fewer only if the file ended first."""
+        (zero-copy where :attr:`can_sendfile`); fewer only if the file ended first
+        or a read of it failed."""
 
     async def peer_hung_up(self) -> bool:
         """Wait for the peer during a reply: ``True`` when it closed its end or the
         connection broke; ``False`` when it sent bytes (kept for its next request)."""
+
+    @property
+    def address(self) -> str | None:
+        """What per-address limits count this peer by (``None``: not counted)."""
 
 
 class RequestConfig(Protocol):
@@ -92,6 +97,10 @@ class RequestConfig(Protocol):
     burst: float
     #: seconds of audio in one paced data frame
     pacing_slice: float
+    #: the slowest a decoded stream may be read, in seconds of audio per second of sending
+    min_decode_rate: float
+    #: seconds of sending over which ``min_decode_rate`` is averaged
+    min_decode_window: float
 
 
 @dataclass(frozen=True)
@@ -110,25 +119,32 @@ class Services:
     config: RequestConfig
 
 
+#: tracks read from the index per batch of a list reply: what a peer that stops
+#: reading keeps in memory (a few dozen KiB), with no index connection held
+LIST_BATCH = 128
+
+
 async def serve_list(session: Session, services: Services, request: ListRequest) -> None:
     """The matches as pages of at most :data:`PAGE_BUDGET` bytes, then ``list_end``.
 
-    The index is read a batch at a time inside one read transaction (see
-    :class:`musiclib.index.Listing`), so a list of any length needs memory
-    for one batch only and is consistent even while a scan commits.
+    The index is read :data:`LIST_BATCH` tracks at a time, each batch in its own
+    short read transaction (see :class:`musiclib.index.Listing`) and encoded
+    before it is sent: a peer that stops reading holds one batch's bytes (some
+    30 KiB) and no index connection. The reply says ``scanning`` if a scan ran
+    when it started or committed while it was sent (it may then miss or repeat
+    a track the scan moved).
     """
     library, in_thread = services.library, services.maintainer.in_thread
     scanning = library.scanning  # before the snapshot: a scan may end meanwhile
-    listing = await in_thread(library.listing, request)
+    listing = await in_thread(library.listing, request, LIST_BATCH)
     sent = 0
-    try:
-        while batch := await in_thread(listing.fetch, 512):
-            for page in paginate(batch):
-                await session.send(page)
-            sent += len(batch)
-    finally:
-        listing.close()
-    end = ListEnd(count=sent, total=listing.total, scanning=scanning)
+    while batch := await in_thread(listing.fetch, LIST_BATCH):
+        sent += len(batch)
+        # encoded before the send, so a peer that stops reading holds these bytes only
+        frames = b"".join(session.conn.send(page) for page in paginate(batch))
+        del batch
+        await session.send_bytes(frames)
+    end = ListEnd(count=sent, total=listing.total, scanning=scanning or listing.changed)
     await session.send(end)
 
 
@@ -178,8 +194,14 @@ async def _sha256(services: Services, track: TrackInfo, fd: int, st: os.stat_res
 
 async def _compute_sha256(services: Services, track: TrackInfo, fd: int, st: os.stat_result) -> str:
     """Hash this version of ``track`` (shared with any request already hashing it)
-    and store the digest in the index."""
-    digest = await services.maintainer.checksums.sha256(fd, st)
+    and store the digest in the index.
+
+    ``Changed`` if the file moves meanwhile, ``Unreadable`` if a read fails.
+    """
+    try:
+        digest = await services.maintainer.checksums.sha256(fd, st)
+    except OSError as exc:  # EIO and the like, in the hashing thread
+        raise _unreadable(track.path, exc) from exc
     await services.maintainer.in_thread(services.library.store_sha256, track, st, digest)
     return digest
 
@@ -210,17 +232,25 @@ async def _stream_original(session: Session, services: Services, request: Stream
             )
         )
         digest: list[str] = []
+        failed: list[ServerError] = []
 
         async def checksum() -> None:
             # the index was asked for the header already: only compute what it lacked
-            digest.append(known or await _compute_sha256(services, track, f.fileno(), st))
+            try:
+                digest.append(known or await _compute_sha256(services, track, f.fileno(), st))
+            except (Changed, Unreadable) as exc:
+                # not a cancellation of the sender, which may be in the middle of a
+                # frame: it ends the stream with this error at its next frame boundary
+                failed.append(exc)
 
         with single_errors():
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(checksum)
                 await _send_file(
-                    session, services, f.fileno(), offset, st.st_size - offset, track.path
+                    session, services, f.fileno(), offset, st.st_size - offset, track.path, failed
                 )
+        if failed:  # the checksum failed after the last frame went out
+            raise failed[0]
         now = os.fstat(f.fileno())
         if (now.st_size, now.st_mtime_ns) != (st.st_size, st.st_mtime_ns):
             raise Changed(f"{track.path} changed while it was being sent")
@@ -228,33 +258,63 @@ async def _stream_original(session: Session, services: Services, request: Stream
 
 
 async def _send_file(
-    session: Session, services: Services, fd: int, offset: int, length: int, name: str
+    session: Session,
+    services: Services,
+    fd: int,
+    offset: int,
+    length: int,
+    name: str,
+    failed: Sequence[ServerError] = (),
 ) -> None:
     """Send ``length`` bytes of ``fd`` from ``offset`` as data frames.
 
     The frame header goes out before the file's bytes, so a file that
-    shrinks now cannot end the frame early: the rest is padded with zeros
-    and the stream then ends with ``changed``, which makes the client
-    discard what it got. Without zero-copy each chunk is read first, and a
-    short read ends the stream before its frame starts.
+    shrinks (or cannot be read) now cannot end the frame early: the rest is
+    padded with zeros and the stream then ends with ``changed`` (or
+    ``unreadable``), which makes the client discard what it got. Without
+    zero-copy each chunk is read first, and a short read ends the stream
+    before its frame starts. An error another task puts in ``failed`` (the
+    checksum's) ends the stream at the next frame boundary; nothing ever
+    stops in the middle of a frame, so the error can always be sent.
     """
     frame = services.config.chunk_size
     zero_copy = session.can_sendfile
     while length:
+        if failed:
+            raise failed[0]
         n = min(frame, length)
         if not zero_copy:
-            chunk = os.pread(fd, n, offset)
+            try:
+                chunk = os.pread(fd, n, offset)
+            except OSError as exc:
+                raise _unreadable(name, exc) from exc
             if len(chunk) < n:
                 raise Changed(f"{name} shrank while it was being sent")
             await session.send_data(chunk)
         else:
             await session.send_bytes(session.conn.send_data_header(n))
             sent = await session.send_file(fd, offset, n)
-            if sent < n:
+            if sent < n:  # the file ended, or a read failed: say which after the frame
                 await session.send_bytes(bytes(n - sent))
-                raise Changed(f"{name} shrank while it was being sent")
+                raise _short_read(fd, offset + sent, name)
         offset += n
         length -= n
+
+
+def _short_read(fd: int, position: int, name: str) -> ServerError:
+    """Why the file ``fd`` gave no more bytes at ``position``: it shrank, or it failed."""
+    try:
+        more = os.pread(fd, 1, position)
+    except OSError as exc:
+        return _unreadable(name, exc)
+    if not more:
+        return Changed(f"{name} shrank while it was being sent")
+    return Unreadable(f"the server could not read {name!r} past byte {position}")
+
+
+def _unreadable(name: str, exc: OSError) -> Unreadable:
+    reason = (exc.strerror or type(exc).__name__).lower()
+    return Unreadable(f"the server cannot read {name!r}: {reason}")
 
 
 async def _stream_decoded(session: Session, services: Services, request: StreamRequest) -> None:
@@ -267,13 +327,15 @@ async def _stream_decoded(session: Session, services: Services, request: StreamR
     config = services.config
     track = await _resolve(services, request.track)
     source, st = services.library.track_path(track)
-    fmt = AudioFormat(
-        request.sample_format or "s16le",
-        request.sample_rate or track.sample_rate or 48000,
-        request.channels or track.channels or 2,
+    fmt = output_format(
+        request.sample_format,
+        request.sample_rate,
+        request.channels,
+        source_rate=track.sample_rate,
+        source_channels=track.channels,
     )
     async with (
-        services.decode_slots.acquire(),
+        services.decode_slots.acquire(session.address),
         open_decoder(
             source,
             fmt,
@@ -281,6 +343,7 @@ async def _stream_decoded(session: Session, services: Services, request: StreamR
             duration=request.duration,
             ffmpeg=config.ffmpeg,
             chunk_size=config.chunk_size,
+            source_channels=track.channels,
         ) as decoder,
     ):
         chunks = decoder.__aiter__()
@@ -310,6 +373,7 @@ async def _stream_decoded(session: Session, services: Services, request: StreamR
         sent = 0
         # never more than burst + t seconds of audio after t seconds: the live channels' clock
         pacer = Pacer(fmt.sample_rate, burst=config.burst)
+        send = _RateFloor(session, fmt.bytes_per_second, config)
         bpf = fmt.bytes_per_frame
         chunk = first
         slice_bytes = max(
@@ -321,18 +385,53 @@ async def _stream_decoded(session: Session, services: Services, request: StreamR
                 nursery.start_soon(_watch_for_hangup, session, nursery.cancel_scope)
                 while chunk:
                     if request.pacing != "realtime":
-                        await session.send_data(chunk)
+                        await send(chunk)
                         sent += len(chunk)
                     else:  # in slices, so no chunk runs ahead of the clock
                         for piece in _slices(chunk, slice_bytes):
                             await pacer.wait_for(-(-(sent + len(piece)) // bpf))
-                            await session.send_data(piece)
+                            await send(piece)
                             sent += len(piece)
                     chunk = await _next_chunk(chunks)
                 nursery.cancel_scope.cancel()  # done: stop watching
         if chunk:  # the watcher cancelled the stream
             raise PeerLeft("hung up during a decoded stream")
     await session.send(StreamEnd(sent=sent, frames=sent // fmt.bytes_per_frame))
+
+
+class _RateFloor:
+    """Sends a decoded stream's data frames, and cuts a client that reads them far
+    below real time (``too_slow``), so that it cannot hold a decoder for hours.
+
+    Only the time spent in sends counts: waiting for ffmpeg or for the real-time
+    clock is the server's doing, not the client's. Over each
+    ``min_decode_window`` seconds of it, the client must have taken at least
+    ``min_decode_rate`` times as many seconds of audio. A paced stream read as
+    it comes (1x) always passes; so does any client that reads.
+    """
+
+    def __init__(self, session: Session, bytes_per_second: int, config: RequestConfig) -> None:
+        self.session = session
+        self.bytes_per_second = bytes_per_second
+        self.rate = config.min_decode_rate
+        self.window = config.min_decode_window
+        self._spent = 0.0
+        self._taken = 0
+
+    async def __call__(self, payload: bytes) -> None:
+        began = trio.current_time()
+        await self.session.send_data(payload)
+        self._spent += trio.current_time() - began
+        self._taken += len(payload)
+        if self.rate <= 0 or self._spent < self.window:
+            return
+        speed = self._taken / self.bytes_per_second / self._spent
+        if speed < self.rate:
+            raise TooSlow(
+                f"the decoded stream was read at {speed:.2g}x real time for "
+                f"{self._spent:.0f} s; this server needs at least {self.rate:g}x"
+            )
+        self._spent, self._taken = 0.0, 0
 
 
 async def _watch_for_hangup(session: Session, stream_scope: trio.CancelScope) -> None:

@@ -11,6 +11,26 @@ through :meth:`Maintainer.in_thread`, :meth:`Maintainer.request_rescan` and
 :meth:`Maintainer.wait_for_first_scan`; the server starts it with
 ``await nursery.start(maintainer.run)``.
 
+What the scans cost is bounded whoever asks for them:
+
+* **Requests share scans.** Every request that arrives while a scan runs (or
+  before the next one starts) is served by the same next scan: one queued
+  scan at most, however many clients ask. A request is never served by a scan
+  that started before it, which might have walked past the change that
+  prompted it.
+* **Scans rest.** After a scan that took ``d`` seconds the next one waits
+  until ``REST_FACTOR * d`` seconds have passed (at most ``MAX_REST``), so a
+  client asking in a loop keeps the scanner busy a quarter of the time at most,
+  not all of it. Incremental scans of an unchanged library are short, so
+  their rests are too; a long scan (many files read) rests ``MAX_REST``.
+* **Files still being written are looked at again.** A scan notes the files
+  it read that changed in the last ``watch_settle`` seconds (a copy in
+  progress); they are indexed as found, and every ``watch_settle`` seconds the
+  maintainer looks at just those files again (:meth:`Library.recheck
+  <musiclib.library.Library.recheck>`) until each stays unchanged over one
+  such period, so a file copied slowly ends up indexed whole without anyone
+  asking for a rescan.
+
 Its log lines are the server's (the ``musiclib.server`` logger), as they were
 when this lived in :mod:`musiclib.server`.
 """
@@ -18,6 +38,7 @@ when this lived in :mod:`musiclib.server`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -47,7 +68,8 @@ class MaintainerConfig(Protocol):
     background_checksums: bool
     #: rescan soon after the library changes (inotify, where available)
     watch: bool
-    #: seconds of quiet after a change before that rescan
+    #: seconds of quiet after a change before that rescan; also how long a file must
+    #: stay unchanged to count as settled (not still being written)
     watch_settle: float
 
 
@@ -83,6 +105,12 @@ async def run_stoppable(fn: Callable[[threading.Event], _T]) -> _T:
 class Maintainer:
     """Keeps one library's index current and its files hashed; runs once per library."""
 
+    #: a scan that took ``d`` seconds is followed by at least ``REST_FACTOR * d`` seconds
+    #: without one...
+    REST_FACTOR = 3.0
+    #: ...but never more than this many seconds
+    MAX_REST = 5.0
+
     def __init__(self, library: Library, config: MaintainerConfig) -> None:
         self.library = library
         self.config = config
@@ -90,9 +118,13 @@ class Maintainer:
         self.checksums = ChecksumCache()
         #: bounds the threads (and so the index connections) busy with index queries
         self.index_threads = trio.CapacityLimiter(8)
-        #: completed scans, and a wake-up for those waiting for one
+        #: scans started and completed, and a wake-up for those waiting for one
+        self.scans_started = 0
         self.scans_done = 0
         self._scan_finished = trio.Event()
+        #: when the last scan ended (trio's clock) and how long it took
+        self._last_end = -math.inf
+        self._last_took = 0.0
         # capacity 1: many requests for a rescan while one is pending ask for one rescan
         self._scan_kick, self._scan_kicked = trio.open_memory_channel[None](1)
         self._hash_kick, self._hash_kicked = trio.open_memory_channel[None](1)
@@ -119,38 +151,71 @@ class Maintainer:
 
     async def rescan(self) -> int:
         """Update the index in a worker thread; the event loop keeps serving meanwhile."""
-        count = await run_stoppable(self.library.rescan)
+        settle = self.config.watch_settle
+        count = await run_stoppable(functools.partial(self.library.rescan, settle=settle))
         log.info("indexed %d tracks under %s", count, self.library.root)
         with contextlib.suppress(trio.WouldBlock):
             self._hash_kick.send_nowait(None)
         return count
 
     async def rescan_periodically(self) -> None:
-        """Scan at start, then on request and every ``rescan_interval`` seconds if set.
+        """Scan at start, then on request and every ``rescan_interval`` seconds if set,
+        resting between scans; look again at unsettled files meanwhile.
 
         One task does every scan, so scans never overlap; requests that arrive
-        during a scan are served by the next one, which starts after them.
+        during a scan are all served by the next one, which starts after them.
         """
         while True:
+            await trio.sleep_until(
+                self._last_end + min(self.MAX_REST, self.REST_FACTOR * self._last_took)
+            )
             # said before the worker thread starts, so no reply in between claims
             # an up-to-date index
             self.library.scanning = True
+            self.scans_started += 1
+            with contextlib.suppress(trio.WouldBlock):  # what asked for it is served now
+                self._scan_kicked.receive_nowait()
+            started = trio.current_time()
             try:
                 await self.rescan()
             except (OSError, sqlite3.Error) as exc:
                 log.error("scan of %s failed: %s", self.library.root, exc)
             except Exception as exc:  # a bug: log it, keep serving what the index has
                 log.exception("scan of %s failed: %s", self.library.root, exc)
+            self._last_end = trio.current_time()
+            self._last_took = self._last_end - started
             self.scans_done += 1
             self._scan_finished.set()
             self._scan_finished = trio.Event()
-            interval = self.config.rescan_interval
-            with trio.move_on_after(interval if interval > 0 else math.inf):
+            await self._wait_for_next_scan()
+
+    async def _wait_for_next_scan(self) -> None:
+        """Until a scan is asked for or due, looking again at unsettled files every
+        ``watch_settle`` seconds meanwhile."""
+        interval = self.config.rescan_interval
+        due = trio.current_time() + interval if interval > 0 else math.inf
+        while True:
+            settle = self.config.watch_settle
+            look = trio.current_time() + settle if self.library.unsettled else math.inf
+            with trio.move_on_at(min(due, look)):
                 await self._scan_kicked.receive()
+                return
+            if trio.current_time() >= due:
+                return
+            try:
+                recheck = functools.partial(self.library.recheck, settle=settle)
+                await run_stoppable(recheck)
+            except (OSError, sqlite3.Error) as exc:
+                log.error("looking again at changing files failed: %s", exc)
+            except Exception as exc:  # a bug: log it, keep serving what the index has
+                log.exception("looking again at changing files failed: %s", exc)
 
     async def request_rescan(self, *, wait: bool) -> None:
-        """Ask for a scan that starts after this call; with ``wait``, until it is done."""
-        target = self.scans_done + (2 if self.library.scanning else 1)
+        """Ask for a scan that starts after this call; with ``wait``, until it is done.
+
+        Every request made before that scan starts is served by it.
+        """
+        target = self.scans_started + 1  # the next scan to start
         with contextlib.suppress(trio.WouldBlock):
             self._scan_kick.send_nowait(None)
         while wait and self.scans_done < target:

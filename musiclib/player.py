@@ -5,11 +5,16 @@ players we know, the arguments that make them do so are appended to what the
 user wrote, so ``--player "mpv --volume=50"`` runs ``mpv --volume=50
 --no-video -``. The process is always reaped: closing the :class:`Player`
 (also by cancellation, e.g. Ctrl-C) terminates it if it is still running.
+
+A player's exit status decides: 0 is success, also when it stopped reading
+early (the user quit mpv with ``q``); anything else, a signal included, is a
+failure the CLI reports with exit status 6.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shlex
 import shutil
@@ -18,6 +23,7 @@ import subprocess
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import PurePath
+from typing import overload
 
 import trio
 
@@ -94,12 +100,20 @@ class Player:
             self.listening = False
         return self.listening
 
-    async def finish(self) -> int:
-        """Close the player's input and wait for it to play what it has; its exit status."""
+    @overload
+    async def finish(self) -> int: ...
+    @overload
+    async def finish(self, timeout: float) -> int | None: ...
+
+    async def finish(self, timeout: float = math.inf) -> int | None:
+        """Close the player's input and wait for it to play what it has; its exit status
+        (``None`` if it is still running after ``timeout`` seconds)."""
         assert self.process.stdin is not None
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await self.process.stdin.aclose()
-        return await self.process.wait()
+        with trio.move_on_after(timeout):
+            return await self.process.wait()
+        return None
 
     def describe_exit(self, status: int) -> str:
         """One line saying how the player ended."""

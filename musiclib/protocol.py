@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import enum
+import re
 import struct
 import types
 import typing
@@ -56,6 +57,24 @@ MAX_MESSAGE_SIZE: Final = 1 << 20
 MAX_DATA_SIZE: Final = 1 << 20
 #: Pages of a list reply are kept below this many encoded bytes.
 PAGE_BUDGET: Final = 64 * 1024
+#: The most words a list query may have (each word is one more condition to test).
+MAX_QUERY_WORDS: Final = 32
+#: The longest a list filter (``query``, ``artist``, ``album``, ``format``) may be, in
+#: code points.
+MAX_FILTER_LENGTH: Final = 1024
+#: The longest a track name (``info``, ``stream``) may be, in code points.
+MAX_TRACK_NAME: Final = 4096
+#: What separates the words of a query: the characters of Unicode's White_Space property.
+_SPACE: Final = re.compile("[\t-\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]+")
+
+
+def query_words(query: str | None) -> list[str]:
+    """The words of a list query, as typed: split at Unicode ``White_Space``, nothing else.
+
+    Quotes and other punctuation are characters of the words like any other;
+    the server folds each word (see PROTOCOL.md, "Matching") before looking for it.
+    """
+    return [word for word in _SPACE.split(query) if word] if query else []
 
 
 class Role(enum.Enum):
@@ -183,7 +202,11 @@ class Hello(Message):
 
 @dataclass(frozen=True, slots=True)
 class Welcome(Message):
-    """The server accepts the connection and states what it has."""
+    """The server accepts the connection and states what it has.
+
+    ``versions``: every protocol version the server speaks (empty: not stated);
+    ``max_message_size``: the largest message body it accepts from this client.
+    """
 
     TYPE: ClassVar[str] = "welcome"
     SENDER: ClassVar[Role] = Role.SERVER
@@ -191,9 +214,15 @@ class Welcome(Message):
     server: str
     tracks: int = 0
     scanning: bool = False
+    versions: tuple[int, ...] = ()
+    max_message_size: int | None = None
 
     def problem(self) -> str | None:
-        return "version must be positive" if self.version < 1 else None
+        if self.version < 1:
+            return "version must be positive"
+        if self.versions and self.version not in self.versions:
+            return "versions must include the version of the conversation"
+        return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +252,12 @@ class ListRequest(Message):
             return "offset must be 0..2^63-1"
         if self.limit is not None and not 0 <= self.limit < 2**63:
             return "limit must be 0..2^63-1"
+        for name in ("query", "artist", "album", "format"):
+            value = getattr(self, name)
+            if value is not None and len(value) > MAX_FILTER_LENGTH:
+                return f"{name} must be at most {MAX_FILTER_LENGTH} characters"
+        if len(query_words(self.query)) > MAX_QUERY_WORDS:
+            return f"query must have at most {MAX_QUERY_WORDS} words"
         return None
 
 
@@ -284,6 +319,9 @@ class InfoRequest(Message):
     track: str
     checksum: bool = False
 
+    def problem(self) -> str | None:
+        return _track_name_problem(self.track)
+
 
 @dataclass(frozen=True, slots=True)
 class InfoReply(Message):
@@ -318,23 +356,41 @@ class StreamRequest(Message):
     pacing: str = "none"
 
     def problem(self) -> str | None:
-        if self.offset < 0:
-            return "offset must not be negative"
+        if name_problem := _track_name_problem(self.track):
+            return name_problem
+        if not 0 <= self.offset < 2**63:
+            return "offset must be 0..2^63-1"
         if self.mode not in MODES:
             return f"mode must be one of {', '.join(MODES)}"
         if self.pacing not in PACINGS:
             return f"pacing must be one of {', '.join(PACINGS)}"
         if self.mode == "original":
+            decoded_only = (self.sample_format, self.sample_rate, self.channels, self.duration)
+            if self.start or any(v is not None for v in decoded_only):
+                return (
+                    "sample_format, sample_rate, channels, start and duration "
+                    "apply to decoded streams only"
+                )
             return None
         if self.offset:
             return "offset applies to original streams only; use start"
         return _audio_problem(self.sample_format, self.sample_rate, self.channels) or (
-            "start must not be negative"
-            if not 0 <= self.start < 1e9
-            else "duration must be positive"
-            if self.duration is not None and not 0 < self.duration < 1e9
+            f"start must be at least 0 and less than {MAX_SECONDS:g} seconds"
+            if not 0 <= self.start < MAX_SECONDS
+            else f"duration must be more than 0 and less than {MAX_SECONDS:g} seconds"
+            if self.duration is not None and not 0 < self.duration < MAX_SECONDS
             else None
         )
+
+
+#: ``start`` and ``duration`` of a decoded stream are below this many seconds (finite)
+MAX_SECONDS: Final = 1e9
+
+
+def _track_name_problem(name: str) -> str | None:
+    if len(name) > MAX_TRACK_NAME:
+        return f"track must be at most {MAX_TRACK_NAME} characters"
+    return None
 
 
 #: stream modes a request may ask for
@@ -364,8 +420,9 @@ class StreamStart(Message):
 
     ``version`` changes whenever the file does (size and modification time),
     so a client can tell whether a partial download belongs to the same file.
-    ``length`` is the number of payload bytes that follow, or ``None`` when it
-    is not known in advance (decoded streams). A decoded stream states its
+    ``length`` is the number of payload bytes that follow: always ``size -
+    offset`` in an original stream, ``None`` in a decoded one (not known in
+    advance). A decoded stream states its
     sample format, rate and channels here, before any sample. ``sha256`` is the
     whole file's, when the server knows it already (original streams only).
     """
@@ -389,9 +446,10 @@ class StreamStart(Message):
             return "sha256 must be 64 lowercase hexadecimal digits"
         if self.size < 0 or self.offset < 0:
             return "size and offset must not be negative"
-        fits = self.length is None or 0 <= self.length <= self.size - self.offset
-        if self.mode == "original" and not fits:
-            return "length does not fit between offset and size"
+        if self.mode == "original" and (
+            self.offset > self.size or self.length != self.size - self.offset
+        ):
+            return "an original stream's length must be size - offset (offset at most size)"
         if self.mode not in MODES:
             return f"mode must be one of {', '.join(MODES)}"
         if self.mode == "decoded":
@@ -411,7 +469,8 @@ class StreamStart(Message):
 @dataclass(frozen=True, slots=True)
 class StreamEnd(Message):
     """End of a stream: the payload byte count and either the whole file's sha256
-    (original streams) or the number of sample frames sent (decoded streams)."""
+    (original streams: required) or the number of sample frames sent (decoded
+    streams: required)."""
 
     TYPE: ClassVar[str] = "stream_end"
     SENDER: ClassVar[Role] = Role.SERVER
@@ -431,7 +490,11 @@ def _is_sha256(text: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class Error(Message):
-    """A typed error. ``fatal`` means the server closes the connection after it."""
+    """A typed error. ``fatal`` means the server closes the connection after it.
+
+    ``candidates``: the matching paths of an ``ambiguous`` name; ``versions``: the
+    protocol versions the server speaks, in an ``unsupported_version`` error.
+    """
 
     TYPE: ClassVar[str] = "error"
     SENDER: ClassVar[Role] = Role.SERVER
@@ -439,6 +502,7 @@ class Error(Message):
     message: str
     candidates: tuple[str, ...] = ()
     fatal: bool = False
+    versions: tuple[int, ...] = ()
 
 
 # --------------------------------------------------------------------------
@@ -1249,4 +1313,6 @@ class Connection:
                 raise exc(f"stream_end says {msg.frames} frames for {msg.sent} bytes")
             if self._frame_bytes is not None and msg.sent % self._frame_bytes:
                 raise exc(f"{msg.sent} bytes are not a whole number of sample frames")
+            if self._frame_bytes is None and msg.sha256 is None:
+                raise exc("an original stream's stream_end must carry the file's sha256")
         self.state = new

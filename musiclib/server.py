@@ -12,6 +12,16 @@ The catalog's upkeep (scans, watcher, background hashing) is a service of its
 own, :class:`~musiclib.maintainer.Maintainer`, which the :class:`Server` holds
 and starts: a library is maintained once however many sessions serve it.
 
+Slow and greedy peers: the handshake timeout is a deadline from the accept to
+the complete hello (TLS handshake included, as ``SSLStream`` does it on the
+first read), and the idle timeout a deadline for the whole next request, so a
+peer dribbling bytes gets no longer than a silent one. One client address
+(:func:`address_key`) holds at most ``max_connections_per_address``
+connections and a share of the decoders; a refusal is bounded (a second for
+the hello) and takes none of the served slots; and when every slot is taken,
+the connection that has waited longest for its hello gives up its slot to
+the newcomer (slowloris from many addresses).
+
 The socket is reached only through a :class:`~musiclib.transport.Transport`,
 so the only transport errors seen here are musiclib's own (``ConnectionLost``,
 ``Timeout``); they end the connection with one log line saying why.
@@ -39,6 +49,7 @@ from . import __version__
 from .decode import DecodeSlots
 from .errors import (
     ConnectionLost,
+    ListenError,
     MessageError,
     RemoteProtocolError,
     ServerError,
@@ -99,9 +110,11 @@ class ServerConfig:
     port: int = DEFAULT_PORT
     #: payload bytes per data frame
     chunk_size: int = 256 * 1024
-    #: seconds a new peer has to send its hello
+    #: seconds from accepting a connection to its complete hello (TLS handshake included),
+    #: in all: a peer that dribbles its hello a byte at a time gets no more
     handshake_timeout: float = 10.0
-    #: seconds a connection may sit idle between requests
+    #: seconds a connection may wait between requests, in all: the next request must
+    #: arrive whole within it, however its bytes trickle in
     idle_timeout: float = 300.0
     #: seconds one chunk may take to be accepted by a peer that stopped reading
     send_timeout: float = 30.0
@@ -121,8 +134,17 @@ class ServerConfig:
     watch_settle: float = 1.0
     #: decoded streams (ffmpeg processes) running at once
     max_decodes: int = 32
+    #: decoded streams one client address may run at once (``None``: a quarter of
+    #: ``max_decodes``, at least 1; ``0``: no cap of its own)
+    max_decodes_per_address: int | None = None
     #: seconds a decoded-stream request waits for a free decoder before "busy"
     decode_wait: float = 5.0
+    #: the slowest a client may read a decoded stream, in seconds of audio per second spent
+    #: sending it, averaged over ``min_decode_window``; slower is cut with ``too_slow``
+    #: (``0``: no minimum)
+    min_decode_rate: float = 0.5
+    #: seconds of sending over which ``min_decode_rate`` is averaged
+    min_decode_window: float = 30.0
     #: seconds of audio sent at once before real-time pacing sets in
     burst: float = 1.0
     #: seconds of audio in one paced data frame: the granularity of real-time pacing
@@ -131,6 +153,9 @@ class ServerConfig:
     ffmpeg: str | None = None
     #: connections served at once; one more gets a fatal "busy" error
     max_connections: int = 1000
+    #: connections one client address (an IPv4 address, an IPv6 /64) may hold at once;
+    #: one more gets a fatal "busy" error (``None`` or ``0``: no cap of its own)
+    max_connections_per_address: int | None = 64
     #: largest message frame a client may send, in bytes
     max_message_size: int = 64 * 1024
     #: shared secret every client must present in its hello (``None``: no check)
@@ -159,8 +184,19 @@ class Server:
     stopping: trio.Event = field(default_factory=trio.Event)
     _idle_scopes: set[trio.CancelScope] = field(default_factory=set)
     decode_slots: DecodeSlots = field(init=False)
-    #: connections being served now
+    #: connections being served now (refused ones not counted)
     connections: int = 0
+    #: connections being served now, by client address (see :func:`address_key`)
+    by_address: dict[str, int] = field(default_factory=dict)
+    #: refusals running now (each reads a hello for at most a second, then says busy)
+    refusing: int = 0
+    #: served connections still waiting for their hello, the longest-waiting first
+    _handshaking: dict[_ConnectionHandler, trio.CancelScope] = field(default_factory=dict)
+    #: connections counted in (``connections``, ``by_address``) and not yet counted out
+    _counted: set[_ConnectionHandler] = field(default_factory=set)
+    #: when a refusal was last logged, and how many were not logged since
+    _refusal_logged_at: float = -math.inf
+    _refusals_unlogged: int = 0
     #: the catalog's upkeep: scans, watcher, background hashing, index threads
     maintainer: Maintainer = field(init=False)
     #: the live channels and their sources
@@ -169,7 +205,11 @@ class Server:
     services: Services = field(init=False)
 
     def __post_init__(self) -> None:
-        self.decode_slots = DecodeSlots(self.config.max_decodes, self.config.decode_wait)
+        self.decode_slots = DecodeSlots(
+            self.config.max_decodes,
+            self.config.decode_wait,
+            per_address=decode_share(self.config),
+        )
         self.maintainer = Maintainer(self.library, self.config)
         self.channels = Channels(ffmpeg=self.config.ffmpeg, history_seconds=self.config.history)
         self.services = Services(
@@ -200,17 +240,21 @@ class Server:
             sources.append((channel, read))
         return sources
 
-    async def handle(self, stream: trio.abc.Stream, peer: str = "peer") -> None:
+    async def handle(
+        self, stream: trio.abc.Stream, peer: str = "peer", address: str | None = None
+    ) -> None:
         """Serve one connection until the peer leaves, misbehaves, or the server stops.
 
+        ``address`` is what the per-address limits count the peer by
+        (:func:`address_key`; ``None``: not counted, as for a memory stream).
         Never raises (except ``Cancelled``): one connection's trouble is logged
         and ends that connection only.
         """
-        handler = _ConnectionHandler(self, stream, peer)
-        self.connections += 1
+        handler = _ConnectionHandler(self, stream, peer, address)
         try:
-            if self.connections > self.config.max_connections:
-                await handler.refuse_busy()
+            refusal = self._admit(handler)
+            if refusal is not None:
+                await self._refuse(handler, refusal)
             else:
                 await handler.run()
         except PeerLeft as exc:  # _PeerGone included
@@ -222,34 +266,119 @@ class Server:
             log.exception("%s: internal error: %s", peer, exc)
             await handler.try_send(Error("internal", "internal server error", fatal=True))
         finally:
-            self.connections -= 1
+            self._count_out(handler)
             await handler.transport.aclose()
+
+    def _admit(self, handler: _ConnectionHandler) -> str | None:
+        """Count a new connection in, or say why it is refused (the ``busy`` message).
+
+        An address at its own cap is refused whatever the server's load. When
+        every slot is taken, the connection that has waited longest for its
+        hello (over :data:`EVICTABLE_AFTER` seconds, or half the handshake
+        timeout if that is shorter) is closed to make room: a slot held by
+        a peer that has not said hello yet is not worth keeping a real
+        client out for (slowloris, from however many addresses).
+        """
+        cap = self.config.max_connections_per_address
+        address = handler.address
+        if cap and address is not None and self.by_address.get(address, 0) >= cap:
+            return (
+                f"this address already has {cap} connection{'s' if cap != 1 else ''} open, "
+                "the most one address may have; close some and try again"
+            )
+        if self.connections >= self.config.max_connections and not self._evict_a_handshake():
+            return "the server is busy (at its connection limit); try again later"
+        self.connections += 1
+        if address is not None:
+            self.by_address[address] = self.by_address.get(address, 0) + 1
+        self._counted.add(handler)
+        return None
+
+    def _count_out(self, handler: _ConnectionHandler) -> None:
+        """Give back the slots ``handler`` holds (once; nothing if it was refused)."""
+        if handler not in self._counted:
+            return
+        self._counted.discard(handler)
+        self._handshaking.pop(handler, None)
+        self.connections -= 1
+        if handler.address is not None:
+            left = self.by_address[handler.address] - 1
+            if left:
+                self.by_address[handler.address] = left
+            else:
+                del self.by_address[handler.address]
+
+    def _evict_a_handshake(self) -> bool:
+        """Close the connection waiting longest for its hello, if it waited long enough."""
+        if not self._handshaking:
+            return False
+        oldest, scope = next(iter(self._handshaking.items()))
+        patience = min(EVICTABLE_AFTER, self.config.handshake_timeout / 2)
+        if trio.current_time() - oldest.accepted < patience:
+            return False
+        scope.cancel()
+        self._count_out(oldest)
+        return True
+
+    def _log_refusal(self, peer: str, reason: str) -> None:
+        """One line a second at most: a flood of refusals must not become a flood of log."""
+        now = trio.current_time()
+        if now - self._refusal_logged_at < 1.0:
+            self._refusals_unlogged += 1
+            return
+        more = self._refusals_unlogged
+        also = f" (and {more} more refusal{'s' if more != 1 else ''} not logged)" if more else ""
+        log.warning("%s: refused: %s%s", peer, reason.split(";")[0], also)
+        self._refusal_logged_at, self._refusals_unlogged = now, 0
+
+    async def _refuse(self, handler: _ConnectionHandler, reason: str) -> None:
+        """Say ``busy`` (fatal) and close: bounded in time and in how many run at once."""
+        self._log_refusal(handler.peer, reason)
+        if self.refusing >= MAX_REFUSING:  # a flood of refusals: no hello read, no message
+            return
+        self.refusing += 1
+        try:
+            await handler.refuse_busy(reason)
+        finally:
+            self.refusing -= 1
 
 
 class _ConnectionHandler:
     """The conversation on one connection; exists only while it runs."""
 
-    def __init__(self, server: Server, stream: trio.abc.Stream, peer: str) -> None:
+    def __init__(
+        self, server: Server, stream: trio.abc.Stream, peer: str, address: str | None = None
+    ) -> None:
         self.server = server
         self.config = server.config
         self.library = server.library
         self.transport = Transport(stream, peer=peer)
         self.peer = peer
+        #: what the per-address limits count this peer by (``None``: not counted)
+        self.address = address
+        #: when the connection was accepted: the handshake timeout runs from here
+        self.accepted = trio.current_time()
         self.conn = Connection(Role.SERVER, max_message_size=server.config.max_message_size)
 
-    async def refuse_busy(self) -> None:
-        """Over the connection limit: read the hello (so the close is clean), say busy."""
-        with trio.move_on_after(min(self.config.handshake_timeout, 1.0)):
-            await self._next_event(self.config.handshake_timeout)
-        log.warning("%s: refused: %d connections already", self.peer, self.config.max_connections)
-        await self.try_send(
-            Error(
-                "busy", "the server is busy (at its connection limit); try again later", fatal=True
-            )
-        )
+    async def refuse_busy(self, reason: str) -> None:
+        """Refused: read the hello (so the close is clean), say busy; a second at most for each."""
+        with trio.move_on_after(REFUSE_HELLO_WAIT):
+            await self._next_event(REFUSE_HELLO_WAIT)
+        await self.try_send(Error("busy", reason, fatal=True))
 
     async def run(self) -> None:
-        hello = await self._next_event(self.config.handshake_timeout)
+        timeout = self.config.handshake_timeout
+        with trio.CancelScope() as evicted:
+            self.server._handshaking[self] = evicted
+            try:
+                hello = await self._next_event(timeout, since=self.accepted, hello=True)
+            finally:
+                self.server._handshaking.pop(self, None)
+        if evicted.cancel_called:  # (even if the hello came in the same moment: not counted now)
+            raise _PeerGone(
+                "closed to make room: every connection was taken and this one had not said "
+                f"hello after {trio.current_time() - self.accepted:.1f} s"
+            )
         if not isinstance(hello, Hello):
             raise _PeerGone("closed before the handshake")
         if self.config.token is not None and not _token_matches(hello.token, self.config.token):
@@ -266,6 +395,7 @@ class _ConnectionHandler:
                     f"protocol version {hello.version} is not supported; this server speaks "
                     + ", ".join(str(v) for v in sorted(SUPPORTED_VERSIONS)),
                     fatal=True,
+                    versions=tuple(sorted(SUPPORTED_VERSIONS)),
                 )
             )
             return
@@ -275,6 +405,8 @@ class _ConnectionHandler:
                 server=f"musiclib/{__version__}",
                 tracks=self.library.count,
                 scanning=self.library.scanning,
+                versions=tuple(sorted(SUPPORTED_VERSIONS)),
+                max_message_size=self.config.max_message_size,
             )
         )
         while not self.server.stopping.is_set():
@@ -322,7 +454,12 @@ class _ConnectionHandler:
         await self._send_bytes(data)
 
     async def next_event(self, timeout: float) -> Event:
-        """The next event from the peer (``_PeerGone`` after ``timeout`` s of silence)."""
+        """The next event from the peer within ``timeout`` s, else ``_PeerGone``.
+
+        A message must arrive whole within it; a data frame's payload is handed
+        on as it arrives, each piece an event (a publisher's audio), so for a
+        publisher this is a silence timeout.
+        """
         return await self._next_event(timeout)
 
     def raw_fd(self) -> int | None:
@@ -361,18 +498,32 @@ class _ConnectionHandler:
             return False
         return True
 
-    async def _next_event(self, timeout: float, *, idle: bool = False) -> Event:
+    async def _next_event(
+        self, timeout: float, *, since: float | None = None, idle: bool = False, hello: bool = False
+    ) -> Event:
+        """The next complete event, within ``timeout`` s from ``since`` (default: now).
+
+        The time bounds the whole wait, not each read: a peer that dribbles a
+        byte now and then gets no longer than a silent one (slowloris).
+        """
+        deadline = (trio.current_time() if since is None else since) + timeout
+        received = False
         while True:
             event = self.conn.next_event()
             if not isinstance(event, NeedData):
                 return event
             try:
-                data = await self.transport.receive(64 * 1024, timeout)
+                left = max(0.0, deadline - trio.current_time())
+                data = await self.transport.receive(64 * 1024, left)
             except Timeout as exc:
-                what = "idle" if idle else "silent"
-                raise _PeerGone(f"{what} for {timeout:g} s; closing") from exc
+                if not received:
+                    what = "idle" if idle else "silent"
+                    raise _PeerGone(f"{what} for {timeout:g} s; closing") from exc
+                what = "hello" if hello else "message"
+                raise _PeerGone(f"no complete {what} within {timeout:g} s; closing") from exc
             except ConnectionLost as exc:
                 raise _PeerGone(str(exc)) from exc
+            received = received or bool(data)
             self.conn.receive_data(data)
 
     async def _send(self, msg: Message) -> None:
@@ -456,15 +607,45 @@ def _raise_open_file_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
 
 
-def _peer_name(stream: trio.abc.Stream) -> str:
+def _peer_of(stream: trio.abc.Stream) -> tuple[str | None, str]:
+    """The peer's host (``None`` if unknown) and its name for log lines ("host:port")."""
     if isinstance(stream, trio.SSLStream):
         stream = stream.transport_stream
     sock = getattr(stream, "socket", None)
+    if sock is None:
+        return None, "?:0"
     try:
-        host, port = sock.getpeername()[:2] if sock is not None else ("?", 0)
+        host, port = sock.getpeername()[:2]
     except OSError:
-        return "peer"
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return None, "peer"
+    return str(host), f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def address_key(host: str) -> str:
+    """What the per-address limits count a peer by: one key per client machine, roughly.
+
+    An IPv4 address as it is, also when it arrives IPv4-mapped on an IPv6
+    socket (``::ffff:1.2.3.4`` is ``1.2.3.4``); an IPv6 address by its /64,
+    the block one machine or one home is usually given, so that hopping
+    through the addresses of one's own /64 gains nothing.
+    """
+    try:
+        ip = ipaddress.ip_address(host.partition("%")[0])
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
+def decode_share(config: ServerConfig) -> int | None:
+    """Decoded streams one address may run at once (``None``: no cap of its own)."""
+    share = config.max_decodes_per_address
+    if share is None:
+        return max(1, config.max_decodes // 4)
+    return share or None
 
 
 def open_library(config: ServerConfig) -> Library:
@@ -493,9 +674,8 @@ async def serve(
     try:
         trio_listeners = await trio.open_tcp_listeners(config.port, host=config.host)
     except OSError as exc:
-        reason = "address already in use" if exc.errno == errno.EADDRINUSE else exc.strerror
         where = f"{config.host}:{config.port}"
-        raise OSError(exc.errno, f"cannot listen on {where}: {reason}") from None
+        raise ListenError(f"cannot listen on {where}: {_listen_reason(exc)}") from None
     # trio bound them (addresses, IPv6-only flags, one port for all); we accept from
     # the plain sockets, in batches (see _accept_batches).
     sockets = [socket.socket(fileno=lst.socket.detach()) for lst in trio_listeners]
@@ -508,7 +688,8 @@ async def serve(
         )
 
     async def handler(stream: trio.abc.Stream) -> None:
-        await server.handle(stream, _peer_name(stream))
+        host, name = _peer_of(stream)
+        await server.handle(stream, name, address_key(host) if host is not None else None)
 
     try:
         async with trio.open_nursery() as background:
@@ -541,6 +722,13 @@ async def serve(
             sock.close()
     log.info("stopped")
 
+
+#: seconds a connection must have waited for its hello before a newcomer may take its slot
+EVICTABLE_AFTER = 1.0
+#: seconds a refused connection's hello is waited for (so the ``busy`` is read, not reset)
+REFUSE_HELLO_WAIT = 1.0
+#: refusals that wait for a hello at once; beyond that a refused connection is just closed
+MAX_REFUSING = 256
 
 #: connections accepted per wake-up of the accept loop
 ACCEPT_BATCH = 256
@@ -582,6 +770,17 @@ async def _accept_batches(
                 stream = trio.SSLStream(stream, ssl_context, server_side=True)
             nursery.start_soon(handler, stream)
         await trio.lowlevel.checkpoint()
+
+
+def _listen_reason(exc: OSError) -> str:
+    """Why listening failed, with a hint at the option that fixes it."""
+    if exc.errno == errno.EADDRINUSE:
+        return "address already in use (another server? choose another port with --port)"
+    if exc.errno == errno.EACCES:
+        return "permission denied (ports below 1024 need privileges; choose one with --port)"
+    if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
+        return f"{str(exc.strerror or exc).lower()} (not an address of this machine? see --host)"
+    return str(exc.strerror or exc)
 
 
 def _address(sock: socket.socket) -> tuple[str, int]:

@@ -14,6 +14,7 @@ exceptions (:mod:`musiclib.errors`), never as trio's::
     trio.BrokenResourceError                -> ConnectionLost  "connection lost: <reason>"
     trio.ClosedResourceError                -> ConnectionLost  (our side closed it meanwhile)
     BrokenPipeError, ConnectionResetError   -> ConnectionLost  (from os.sendfile)
+    os.sendfile's other socket errors       -> ConnectionLost  (ENOTCONN, ETIMEDOUT...)
     trio.Cancelled                          -> itself; a cancelled send sets ``broken``
     connecting: TooSlowError, OSError, TLS  -> ConnectError    (:func:`open_stream`)
 
@@ -131,9 +132,10 @@ class Transport:
 
         Zero-copy (``os.sendfile``) on a plain TCP socket, read and sent in
         pieces otherwise. Returns the bytes sent: fewer than ``count`` only if
-        the file ended first (it shrank); the caller decides what that means.
-        Failures as for :meth:`send`; a file that cannot be read raises its
-        ``OSError``.
+        the file ended first (it shrank) or a read of it failed (EIO...); the
+        caller decides what that means (the bytes on the wire are exactly the
+        ones counted, so the transport is not ``broken``). Failures of the
+        connection as for :meth:`send`.
         """
         if self.broken:
             raise _refused()
@@ -148,6 +150,8 @@ class Transport:
         except trio.TooSlowError:
             raise Timeout(self._not_accepted(timeout)) from None
         except _LOST as exc:
+            raise _lost(exc) from exc
+        except OSError as exc:  # the socket's: the file's errors only end the copy early
             raise _lost(exc) from exc
         finally:
             if not done:
@@ -175,8 +179,27 @@ def _refused() -> ConnectionLost:
     return ConnectionLost("connection lost: an earlier send stopped part way")
 
 
+#: errors of ``os.sendfile`` that come from the socket (the peer is gone), not the file
+_SOCKET_ERRNOS = frozenset(
+    {
+        errno.EPIPE,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.ENOTCONN,
+        errno.ESHUTDOWN,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.EHOSTDOWN,
+        errno.ENETUNREACH,
+        errno.ENETDOWN,
+        errno.ENETRESET,
+    }
+)
+
+
 async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: int) -> int:
-    """Up to ``count`` bytes of ``fd`` into the non-blocking ``sock``; fewer at end of file."""
+    """Up to ``count`` bytes of ``fd`` into the non-blocking ``sock``; fewer at end of
+    file or when the file cannot be read (the socket's errors are raised)."""
     sent = 0
     while sent < count:
         try:
@@ -184,17 +207,25 @@ async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: i
         except BlockingIOError:
             await trio.lowlevel.wait_writable(sock)
             continue
-        if n == 0:
+        except OSError as exc:
+            if exc.errno in _SOCKET_ERRNOS:
+                raise
+            break  # the file's (EIO, EINVAL...): nothing of this call went out
+        if n == 0:  # end of file: the file shrank
             break
         sent += n
     return sent
 
 
 async def _send_by_reads(stream: trio.abc.Stream, fd: int, offset: int, count: int) -> int:
-    """Up to ``count`` bytes of ``fd`` into ``stream``, read a piece at a time."""
+    """Up to ``count`` bytes of ``fd`` into ``stream``, read a piece at a time; fewer at
+    end of file or when the file cannot be read."""
     sent = 0
     while sent < count:
-        piece = os.pread(fd, min(FALLBACK_READ, count - sent), offset + sent)
+        try:
+            piece = os.pread(fd, min(FALLBACK_READ, count - sent), offset + sent)
+        except OSError:
+            break
         if not piece:
             break
         await stream.send_all(piece)

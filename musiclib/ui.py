@@ -2,12 +2,18 @@
 
 Pure formatting, except :class:`ProgressBar`, which draws with rich on
 standard error (rich comes with cyclopts) and only when that is a terminal.
+
+Everything here may come from a server that is broken or hostile, or from
+real tags in real files: every text bound for a terminal goes through
+:func:`printable` (no control character reaches it raw) and long texts through
+:func:`shorten`. JSON output is left exact (JSON escapes control characters).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 from collections.abc import Iterable, Sequence
 from typing import IO, Any, Literal
@@ -19,10 +25,15 @@ _TRACK_FIELDS = tuple(f.name for f in dataclasses.fields(TrackInfo))
 
 SortKey = Literal["path", "title", "artist", "album", "duration"]
 
+#: characters of one table cell, or of one error message, shown at most
+SHOWN_CHARS = 300
+#: characters of one fact shown by ``info`` (the reference server cuts tags at 1024)
+SHOWN_FACT_CHARS = 1100
+
 
 def format_duration(seconds: float | None) -> str:
-    """``m:ss`` (``h:mm:ss`` past an hour); empty when unknown."""
-    if seconds is None:
+    """``m:ss`` (``h:mm:ss`` past an hour); empty when unknown (or not a sane duration)."""
+    if seconds is None or not math.isfinite(seconds) or not 0 <= seconds < 1e12:
         return ""
     total = round(seconds)
     hours, rest = divmod(total, 3600)
@@ -113,16 +124,32 @@ def format_table(tracks: Sequence[TrackInfo], *, long: bool = False) -> str:
 
 
 def printable(text: str) -> str:
-    """``text`` with control characters shown as ``\\xNN``: what a server sends never
-    moves the cursor, clears the screen or retitles the terminal."""
+    """``text`` with control and other unprintable characters shown as ``\\xNN``,
+    ``\\uNNNN`` or ``\\UNNNNNNNN``: what a server sends never moves the cursor, clears the
+    screen, retitles the terminal or reverses the text's direction."""
     if text.isprintable():
         return text
-    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
+    return "".join(c if c.isprintable() else _escape(c) for c in text)
+
+
+def _escape(c: str) -> str:
+    n = ord(c)
+    return f"\\x{n:02x}" if n < 0x100 else f"\\u{n:04x}" if n < 0x10000 else f"\\U{n:08x}"
+
+
+def shorten(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` cut to ``limit`` characters, an ellipsis marking the cut."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def shown(text: str, limit: int = SHOWN_CHARS) -> str:
+    """``text`` as it may be shown on a terminal: printable, at most ``limit`` characters."""
+    return shorten(printable(shorten(text, limit)), limit)
 
 
 def _columns(header: list[str], rows: list[list[str]], right: set[str]) -> list[str]:
     """Rows as aligned text columns (``right``-aligned where named), header first."""
-    rows = [[printable(cell) for cell in row] for row in rows]
+    rows = [[shown(cell) for cell in row] for row in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     return [
         "  ".join(
@@ -216,7 +243,9 @@ def format_info(track: TrackInfo) -> str:
         ("error", track.error or ""),
     ]
     width = max(len(name) for name, _ in facts)
-    return "\n".join(f"{name.rjust(width)}  {value}" for name, value in facts if value)
+    return "\n".join(
+        f"{name.rjust(width)}  {shown(value, SHOWN_FACT_CHARS)}" for name, value in facts if value
+    )
 
 
 class ProgressBar:
@@ -236,7 +265,9 @@ class ProgressBar:
     ) -> None:
         self._stream = stream or sys.stderr
         self.enabled = enabled and self._stream.isatty()
-        self._label = label
+        self._label = shown(label, 60)
+        if duration is not None and not (math.isfinite(duration) and 0 < duration < 1e9):
+            duration = None
         self._duration = duration  # set: show playback time instead of bytes
         self._progress: Any = None
         self._task: Any = None
@@ -277,11 +308,19 @@ class ProgressBar:
 
     def begin(self, total: int | None, done: int = 0) -> None:
         if self._progress is not None:
-            self._task = self._progress.add_task(self._label, total=total, completed=done)
+            label = _markup_free(self._label)
+            self._task = self._progress.add_task(label, total=total, completed=done)
 
     def advance(self, n: int) -> None:
         if self._progress is not None and self._task is not None:
             self._progress.advance(self._task, n)
+
+
+def _markup_free(text: str) -> str:
+    """``text`` with rich's markup escaped: a title ``[blink]`` is shown as written."""
+    from rich.markup import escape
+
+    return escape(text)
 
 
 def _playback_columns(duration: float) -> list[Any]:

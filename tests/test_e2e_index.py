@@ -296,7 +296,8 @@ def test_a_list_during_the_first_scan(sounds: Path, tmp_path: Path) -> None:
         got = [t.path for t in tracks]
         assert got == sorted(set(got))
         assert set(got) <= set(every)
-        assert end.count == end.total == len(got)
+        # read in batches: tracks the scan added after the first one may come too
+        assert end.total is not None and end.total <= end.count == len(got)
         assert all(t.title == "Formation" for t in tracks)
     final_tracks, final_end = replies[-1]
     assert not final_end.scanning

@@ -467,7 +467,9 @@ def test_slow_peers_do_not_hold_up_the_server(tmp_path, shipped_tracks):
     work = tmp_path / "work"
     work.mkdir()
     idle: list[socket.socket] = []
-    with serving(root, "--handshake-timeout", "3", "--send-timeout", "3") as srv:
+    # 200 silent peers from one address: no per-address cap (test_slow_peers.py tests it)
+    limits = ("--handshake-timeout", "3", "--send-timeout", "3", "--max-per-address", "0")
+    with serving(root, *limits) as srv:
         stalled: Peer | None = None
         try:
             began = time.monotonic()

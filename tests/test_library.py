@@ -419,10 +419,12 @@ def test_resolve_stages(music: Library) -> None:
     assert music.resolve("Other/Album/track.mp3").path == "Other/Album/track.mp3"  # exact
     assert music.resolve("./Other//Album/track.mp3").path == "Other/Album/track.mp3"
     assert music.resolve("02 Sorry.flac").path == "Beyoncé/Lemonade/02 Sorry.flac"  # bare name
-    assert music.resolve("Album/Intro.ogg").path == "Other/Album/Intro.ogg"  # suffix
-    assert music.resolve("homogenic").path == "Björk/Homogenic/track.mp3"  # substring, any case
+    assert music.resolve("Album/Intro.ogg").path == "Other/Album/Intro.ogg"  # part of a path
+    assert music.resolve("homogenic").path == "Björk/Homogenic/track.mp3"  # any case
+    # the list rule: every word in title, artist, album or path, case and accents folded
+    assert music.resolve("BEYONCE sorry").path == "Beyoncé/Lemonade/02 Sorry.flac"
     assert music.resolve("single.wav").path == "single.wav"
-    # a suffix must stop at a component boundary: "ack.mp3" is only a substring match
+    # words are substrings, as for list: "ack.mp3" is in both track.mp3 paths
     with pytest.raises(Ambiguous):
         music.resolve("ack.mp3")
 

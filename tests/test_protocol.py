@@ -24,6 +24,9 @@ from musiclib.protocol import (
     KIND_MESSAGE,
     LIST_SORTS,
     MAX_DATA_SIZE,
+    MAX_FILTER_LENGTH,
+    MAX_QUERY_WORDS,
+    MAX_TRACK_NAME,
     NEED_DATA,
     PAGE_BUDGET,
     Audio,
@@ -53,6 +56,7 @@ from musiclib.protocol import (
     decode_message,
     encode_message,
     paginate,
+    query_words,
 )
 
 TRACK = TrackInfo(
@@ -74,6 +78,7 @@ SHA = hashlib.sha256(b"x").hexdigest()
 ALL_MESSAGES: list[Message] = [
     Hello(version=1, client="test/1"),
     Welcome(version=1, server="musiclib/0", tracks=3, scanning=True),
+    Welcome(version=2, server="musiclib/0", versions=(1, 2), max_message_size=65536),
     ListRequest(query="song"),
     ListRequest(),
     ListRequest(
@@ -91,6 +96,9 @@ ALL_MESSAGES: list[Message] = [
     StreamEnd(sent=90, sha256=SHA),
     Error(code="ambiguous", message="2 tracks", candidates=("a", "b")),
     Error(code="bad_request", message="no", fatal=True),
+    Error(code="unsupported_version", message="no", fatal=True, versions=(1, 2)),
+    ListRequest(query=" ".join(["w"] * MAX_QUERY_WORDS), artist="a" * MAX_FILTER_LENGTH),
+    InfoRequest(track="x" * MAX_TRACK_NAME),
 ]
 
 
@@ -258,26 +266,40 @@ def test_data_frames_are_handed_out_as_they_arrive() -> None:
     assert client.next_event() is NEED_DATA
     client.receive_data(b"defghij")
     assert client.next_event() == Data(b"defghij")
-    client.receive_data(encode_message(StreamEnd(sent=10)))
-    assert client.next_event() == StreamEnd(sent=10)
+    client.receive_data(encode_message(StreamEnd(sent=10, sha256=SHA)))
+    assert client.next_event() == StreamEnd(sent=10, sha256=SHA)
     assert client.state is State.IDLE
 
 
 def test_unknown_length_stream() -> None:
     client = _client_in_stream(length=None)
-    client.receive_data(HEADER.pack(KIND_DATA, 3) + b"abc" + encode_message(StreamEnd(sent=3)))
-    assert events(client) == [Data(b"abc"), StreamEnd(sent=3)]
+    end = StreamEnd(sent=4, frames=2)
+    client.receive_data(HEADER.pack(KIND_DATA, 4) + b"abcd" + encode_message(end))
+    assert events(client) == [Data(b"abcd"), end]
 
 
-def _client_in_stream(length: int | None, size: int = 10) -> Connection:
+def _client_in_stream(length: int | None) -> Connection:
+    """A client inside an original stream of ``length`` bytes, or a decoded stream
+    (s16le mono: 2 bytes a frame) of unknown length for ``None``."""
     client = Connection(Role.CLIENT)
     client.send(Hello(version=1))
     client.receive_data(encode_message(Welcome(version=1, server="s")))
     assert isinstance(client.next_event(), Welcome)
-    client.send(StreamRequest(track="a"))
-    client.receive_data(
-        encode_message(StreamStart(path="a", size=size, version="v", length=length))
-    )
+    if length is None:
+        client.send(StreamRequest(track="a", mode="decoded"))
+        start = StreamStart(
+            path="a",
+            size=10,
+            version="v",
+            mode="decoded",
+            sample_format="s16le",
+            sample_rate=8000,
+            channels=1,
+        )
+    else:
+        client.send(StreamRequest(track="a"))
+        start = StreamStart(path="a", size=length, version="v", length=length)
+    client.receive_data(encode_message(start))
     assert isinstance(client.next_event(), StreamStart)
     return client
 
@@ -387,8 +409,10 @@ def test_server_may_not_send_more_payload_than_announced() -> None:
     with pytest.raises(LocalProtocolError):
         server.send_data_header(1)
     with pytest.raises(LocalProtocolError, match="says 3"):
-        server.send(StreamEnd(sent=3))
-    server.send(StreamEnd(sent=4))
+        server.send(StreamEnd(sent=3, sha256=SHA))
+    with pytest.raises(LocalProtocolError, match="sha256"):
+        server.send(StreamEnd(sent=4))  # an original stream ends with the file's digest
+    server.send(StreamEnd(sent=4, sha256=SHA))
     assert server.state is State.IDLE
 
 
@@ -487,7 +511,8 @@ def test_data_header_bounds() -> None:
     server.next_event()
     server.send(Welcome(version=1, server="s"))
     server.next_event()
-    server.send(StreamStart(path="a", size=2 * MAX_DATA_SIZE, version="v", length=None))
+    size = 2 * MAX_DATA_SIZE
+    server.send(StreamStart(path="a", size=size, version="v", length=size))
     with pytest.raises(LocalProtocolError):
         server.send_data_header(0)
     with pytest.raises(LocalProtocolError):
@@ -508,6 +533,28 @@ def test_data_header_bounds() -> None:
         StreamEnd(sent=1, sha256="ABC"),
         StreamEnd(sent=-1),
         Hello(version=0),
+        Welcome(version=1, server="s", versions=(2,)),
+        # an original stream states its length, exactly size - offset
+        StreamStart(path="a", size=10, version="v"),
+        StreamStart(path="a", size=10, version="v", offset=12, length=-2),
+        # the bounds of a list request's filters (PROTOCOL.md, "list")
+        ListRequest(query="x" * (MAX_FILTER_LENGTH + 1)),
+        ListRequest(query=" ".join("w" * (MAX_QUERY_WORDS + 1))),
+        ListRequest(artist="x" * (MAX_FILTER_LENGTH + 1)),
+        ListRequest(album="x" * (MAX_FILTER_LENGTH + 1)),
+        ListRequest(format="x" * (MAX_FILTER_LENGTH + 1)),
+        InfoRequest(track="x" * (MAX_TRACK_NAME + 1)),
+        StreamRequest(track="x" * (MAX_TRACK_NAME + 1)),
+        StreamRequest(track="a", offset=2**63),
+        # fields of decoded streams are refused in original mode, and the reverse
+        StreamRequest(track="a", start=1.0),
+        StreamRequest(track="a", duration=1.0),
+        StreamRequest(track="a", sample_rate=8000),
+        StreamRequest(track="a", channels=1),
+        StreamRequest(track="a", sample_format="s16le"),
+        StreamRequest(track="a", mode="decoded", start=float("inf")),
+        StreamRequest(track="a", mode="decoded", start=float("nan")),
+        StreamRequest(track="a", mode="decoded", duration=1e9),
     ],
 )
 def test_invalid_field_values(msg: Message) -> None:
@@ -610,7 +657,18 @@ generated_messages = st.one_of(
     ),
     st.builds(ListEnd, count=st.integers(0, 2**40), total=opt_int, scanning=st.booleans()),
     st.builds(TrackPage, tracks=st.lists(tracks, max_size=5).map(tuple)),
-    st.builds(StreamRequest, track=text, offset=st.integers(0, 2**62)),
+    st.builds(StreamRequest, track=text, offset=st.integers(0, 2**63 - 1)),
+    st.builds(  # every value a decoded stream allows, bounds included
+        StreamRequest,
+        track=text,
+        mode=st.just("decoded"),
+        sample_format=st.none() | st.sampled_from(["s16le", "f32le"]),
+        sample_rate=st.none() | st.integers(1000, 384_000),
+        channels=st.none() | st.integers(1, 8),
+        start=st.floats(0, 1e9, exclude_max=True),
+        duration=st.none() | st.floats(0, 1e9, exclude_min=True, exclude_max=True),
+        pacing=st.sampled_from(["none", "realtime"]),
+    ),
     st.builds(Error, code=text, message=text, candidates=st.lists(text, max_size=4).map(tuple)),
     st.builds(InfoReply, track=tracks),
 )
@@ -620,6 +678,36 @@ generated_messages = st.one_of(
 @given(generated_messages)
 def test_generated_messages_round_trip(msg: Message) -> None:
     assert decode_message(encode_message(msg)[HEADER.size :]) == msg
+
+
+#: Unicode's White_Space property, spelled out as PROTOCOL.md does ("Matching")
+WHITE_SPACE = frozenset(
+    "\t\n\x0b\x0c\r \x85\xa0\u1680\u2028\u2029\u202f\u205f\u3000"
+    + "".join(chr(c) for c in range(0x2000, 0x200B))
+)
+spaces = st.text(st.sampled_from(sorted(WHITE_SPACE)), min_size=1, max_size=3)
+# words that may hold anything else, quotes and the characters Python alone calls spaces
+words = st.text(st.characters(blacklist_characters=sorted(WHITE_SPACE)), min_size=1, max_size=8)
+
+
+@settings(deadline=None)
+@given(st.lists(words, max_size=40), st.data())
+def test_a_query_is_its_words_between_white_space(parts: list[str], data: st.DataObject) -> None:
+    """Words are split at White_Space and nowhere else; a list request accepts at most
+    MAX_QUERY_WORDS of them and MAX_FILTER_LENGTH characters, on either side of the wire."""
+    query = data.draw(st.one_of(st.just(""), spaces))
+    for word in parts:
+        query += word + data.draw(spaces)
+    assert query_words(query) == parts
+    request = ListRequest(query=query)
+    ok = len(parts) <= MAX_QUERY_WORDS and len(query) <= MAX_FILTER_LENGTH
+    assert (request.problem() is None) is ok
+    body = msgpack.packb({"type": "list", "query": query})
+    if ok:
+        assert decode_message(body) == request
+    else:
+        with pytest.raises(MessageError, match="query must"):
+            decode_message(body)
 
 
 def test_protocol_module_imports_no_io_libraries() -> None:
@@ -637,6 +725,9 @@ def test_the_example_in_protocol_md_is_exact() -> None:
 
     seen = _replay_example("## Example\n", 6)
     assert seen[0] == Hello(version=1, client="demo")
+    assert seen[1] == Welcome(
+        version=1, server="musiclib/0.1.0", tracks=1, versions=(1, 2), max_message_size=65536
+    )
     assert seen[3] == StreamStart(path="a/x.mp3", size=3, version="3-0", length=3)
     assert seen[4] == Data(b"ID3")
     assert seen[5] == StreamEnd(sent=3, sha256=hashlib.sha256(b"ID3").hexdigest())

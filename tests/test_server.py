@@ -104,7 +104,11 @@ async def download(client: Client, track: str, offset: int = 0) -> tuple[bytes, 
 async def test_handshake_states_the_library(server: Server) -> None:
     async with connected(server) as client:
         assert client.welcome == Welcome(
-            version=1, server=client.welcome.server if client.welcome else "", tracks=3
+            version=1,
+            server=client.welcome.server if client.welcome else "",
+            tracks=3,
+            versions=(1, 2),
+            max_message_size=server.config.max_message_size,
         )
         assert client.welcome is not None and client.welcome.server.startswith("musiclib/")
 
