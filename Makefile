@@ -5,19 +5,32 @@ BIN     := $(VENV)/bin
 ROOT    ?= library
 PORT    ?= 7650
 
-.PHONY: install system-deps serve test test-fast lint fuzz library bench clean
+.PHONY: install runtime system-deps serve test test-fast lint fuzz library bench clean
 
 # What the device tests (tests/test_devices.py) need from the system: PortAudio, ALSA's
 # pulse plugin and a PulseAudio daemon with its tools. Without them those tests skip.
 SYSTEM_DEPS := libportaudio2 libasound2-plugins pulseaudio pulseaudio-utils
 
-$(BIN)/musiclib: pyproject.toml
+# Two installs, each done once (a stamp file in .venv says it is; editing pyproject.toml
+# redoes it): what serving needs (`serve`), and that plus the dev tools (everything else).
+PIP       := $(BIN)/python -m pip --disable-pip-version-check
+RUNTIME   := $(VENV)/.installed-runtime
+DEV       := $(VENV)/.installed-dev
+
+$(BIN)/python:
 	$(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e .
 	@touch $@
 
-install: $(BIN)/musiclib  ## create .venv and install musiclib with its dev tools
+$(DEV): pyproject.toml | $(BIN)/python
+	$(PIP) install --quiet -e '.[dev]'
+	@touch $@ $(RUNTIME)
+
+runtime: $(RUNTIME)  ## create .venv and install musiclib with what serving needs, nothing more
+
+install: $(DEV)  ## create .venv and install musiclib with its dev tools
 
 system-deps:  ## install SYSTEM_DEPS with apt-get when root; never fails, says what is missing
 	-@if ! command -v dpkg >/dev/null 2>&1; then \
@@ -40,7 +53,7 @@ system-deps:  ## install SYSTEM_DEPS with apt-get when root; never fails, says w
 	fi; \
 	exit 0
 
-serve: install  ## install, then serve ./library on 127.0.0.1:7650
+serve: runtime  ## install what serving needs, then serve ./library on 127.0.0.1:7650
 	$(BIN)/musiclib serve --root $(ROOT) --port $(PORT)
 
 test: install system-deps  ## the whole test suite, then lint
@@ -50,9 +63,10 @@ test: install system-deps  ## the whole test suite, then lint
 test-fast: install  ## the suite without the real-socket end-to-end tests
 	$(BIN)/python -m pytest -q -m "not e2e"
 
-fuzz: install  ## the protocol property tests (versions 1 and 2), 40 000 generated cases each
+fuzz: install  ## the protocol property tests (versions 1 and 2), 40 000 generated cases each; tags.py's
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_protocol.py tests/test_protocol_live.py \
-		-k "random_bytes or any_split or generated_messages" --hypothesis-profile=fuzz \
+		tests/test_tags.py -k "random_bytes or any_split or generated_messages or test_tags" \
+		--hypothesis-profile=fuzz \
 		--hypothesis-show-statistics
 
 lint: install  ## ruff and mypy --strict

@@ -13,37 +13,73 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from cyclopts import App, Parameter
 from cyclopts.config import Env
 
 from . import __version__
-from .client import DEFAULT_SERVER, open_client
+from .client import DEFAULT_SERVER, Client, open_client
 from .errors import (
     MusiclibError,
+    NotFound,
     OutputError,
     PlayerError,
     PlayerNotFound,
     UsageError,
     collapse,
 )
-from .protocol import TrackInfo
-from .ui import format_duration, format_table  # noqa: F401 - part of the CLI's API
+from .protocol import ServerStatus, TrackInfo
+from .ui import LsSortKey, format_duration, format_table  # noqa: F401 - part of the CLI's API
 
 if TYPE_CHECKING:
     import ssl
     from collections.abc import AsyncIterator
 
-    from . import fetch
+    from . import fetch, playing
     from .decode import AudioFormat
     from .fetch import Connector, Decoding, Retry
 
-app = App(
+#: where cyclopts' bash script reads the word being completed
+_BASH_CUR = 'cur="${COMP_WORDS[COMP_CWORD]}"\n'
+#: bash: what follows it, so that candidates are compared with the word as the shell
+#: will pass it. Without it a second TAB after ``Les\ Ondes\ `` finds nothing: the word
+#: still holds the backslashes, the track names do not.
+_BASH_DEQUOTE = r"""  # musiclib: the word unquoted, as the command will get it
+  local _w="$cur" _u=""
+  [[ "$_w" == [\"\']* ]] && _w="${_w:1}"
+  while [[ -n "$_w" ]]; do
+    if [[ "${_w:0:1}" == "\\" && ${#_w} -gt 1 ]]; then
+      _u+="${_w:1:1}"; _w="${_w:2}"
+    else
+      _u+="${_w:0:1}"; _w="${_w:1}"
+    fi
+  done
+  cur="$_u"
+"""
+
+
+def _dequoting(script: str) -> str:
+    """cyclopts' bash completion script, comparing candidates with the unquoted word."""
+    return script.replace(_BASH_CUR, _BASH_CUR + _BASH_DEQUOTE, 1)
+
+
+class _App(App):
+    """cyclopts' App, whose bash completion (printed or installed) compares track names
+    with the word being completed as the command will get it (:func:`_dequoting`)."""
+
+    def generate_completion(self, **kwargs: Any) -> str:
+        script: str = super().generate_completion(**kwargs)
+        return _dequoting(script) if "complete -F" in script else script
+
+
+app = _App(
     name="musiclib",
     help="A music library server and its client: list, save and play tracks over TCP.",
     version=__version__,
@@ -60,8 +96,8 @@ log = logging.getLogger("musiclib")
 
 @Parameter(name="*")
 @dataclass
-class ClientOptions:
-    """Options every client command takes."""
+class ConnectOptions:
+    """Options every client command takes: where the server is and how to get in."""
 
     server: Annotated[str, Parameter(env_var="MUSICLIB_SERVER")] = DEFAULT_SERVER
     """Server address as HOST:PORT."""
@@ -83,12 +119,6 @@ class ClientOptions:
     cafile: Path | None = None
     """Connect over TLS, trusting only the certificates in this PEM file."""
 
-    retries: int = 5
-    """Reconnections after a dropped connection (resuming where it stopped); 0: none."""
-
-    quiet: Annotated[bool, Parameter(name=["--quiet", "-q"], negative="")] = False
-    """No progress bar and no report lines; errors are still printed."""
-
     def connector(self, version: int = 1) -> Connector:
         """A factory of connections to the server, one per attempt.
 
@@ -109,6 +139,19 @@ class ClientOptions:
             version=version,
         )
 
+
+@Parameter(name="*")
+@dataclass
+class ClientOptions(ConnectOptions):
+    """Options of the commands that transfer audio: those of every client command, and
+    retries and quiet."""
+
+    retries: int = 5
+    """Reconnections after a dropped connection (resuming where it stopped); 0: none."""
+
+    quiet: Annotated[bool, Parameter(name=["--quiet", "-q"], negative="")] = False
+    """No progress bar and no report lines; errors are still printed."""
+
     def retry(self) -> Retry:
         """The retry policy for transfers."""
         from .fetch import Retry
@@ -119,21 +162,19 @@ class ClientOptions:
 
 
 _DEFAULT_CLIENT = ClientOptions()
+_DEFAULT_CONNECT = ConnectOptions()
 
 
 @Parameter(name="*")
 @dataclass
-class DecodeOptions:
-    """Options of decoded streams (``--decode``)."""
+class WavDecodeOptions:
+    """Options of decoded streams (``--decode``) that always come as WAV (``play``)."""
 
     decode: Annotated[bool, Parameter(negative="")] = False
     """Stream decoded samples (through the server's ffmpeg) instead of the original bytes."""
 
-    format: Literal["wav", "s16le", "f32le"] = "wav"
-    """With --decode: a WAV file, or bare interleaved samples (s16le, f32le)."""
-
     sample_format: Literal["s16le", "f32le"] = "s16le"
-    """With --decode --format wav: 16-bit PCM or 32-bit IEEE float samples."""
+    """With --decode, in a WAV stream: 16-bit PCM or 32-bit IEEE float samples."""
 
     rate: int | None = None
     """With --decode: sample rate in Hz (default: the source's)."""
@@ -150,18 +191,23 @@ class DecodeOptions:
     realtime: Annotated[bool, Parameter(negative="")] = False
     """With --decode: a short burst, then playback speed, like a live source."""
 
+    def output(self) -> Literal["wav", "s16le", "f32le"]:
+        """What the decoded samples come as."""
+        return "wav"
+
     def decoding(self) -> Decoding | None:
         """The Decoding asked for, or None; decode options without --decode are refused."""
         from .fetch import Decoding
 
         if not self.decode:
-            if self != DecodeOptions():
-                raise UsageError(
-                    "--format, --rate, --channels, --start, --duration and --realtime need --decode"
-                )
+            if self != type(self)():
+                options = "--rate, --channels, --start, --duration and --realtime"
+                if isinstance(self, DecodeOptions):
+                    options = "--format, " + options
+                raise UsageError(f"{options} need --decode")
             return None
         return Decoding(
-            output=self.format,
+            output=self.output(),
             sample_format=self.sample_format,
             sample_rate=self.rate,
             channels=self.channels,
@@ -171,7 +217,21 @@ class DecodeOptions:
         )
 
 
+@Parameter(name="*")
+@dataclass
+class DecodeOptions(WavDecodeOptions):
+    """Options of decoded streams (``--decode``), as WAV or bare samples (``get``)."""
+
+    format: Literal["wav", "s16le", "f32le"] = "wav"
+    """With --decode: a WAV file, or bare interleaved samples (s16le, f32le)."""
+
+    def output(self) -> Literal["wav", "s16le", "f32le"]:
+        return self.format
+
+
 _DEFAULT_DECODE = DecodeOptions()
+#: for ``play``, which feeds players WAV only: no ``--format`` to offer
+_DEFAULT_WAV_DECODE = WavDecodeOptions()
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -273,6 +333,7 @@ async def serve(
     tls_key: Path | None = None,
     channel: Annotated[list[str] | None, Parameter(env_var_split=_lines)] = None,
     lag_limit: float = 10.0,
+    follow_symlinks: Literal["inside", "all", "none"] = "inside",
     log_level: str = "info",
     log_format: Literal["text", "json"] = "text",
 ) -> int:
@@ -345,6 +406,10 @@ async def serve(
         (defaults: mic 16000 Hz mono, others 48000 Hz stereo, s16le).
     lag_limit
         Seconds a live listener may keep losing audio (falling behind) before it is cut.
+    follow_symlinks
+        Symbolic links to follow: inside (those whose real path stays inside --root),
+        all (also links leaving it: anyone who can write under --root can then publish
+        any file the server may read), none.
     log_level
         debug, info, warning or error.
     log_format
@@ -400,32 +465,88 @@ async def serve(
         ssl_context=_server_tls(tls_cert, tls_key),
         channels=specs,
         lag_limit=lag_limit,
+        follow_symlinks=follow_symlinks,
     )
     await run_until_signalled(config)
     return 0
 
 
+#: how long completing a track name waits for the server, in all
+COMPLETION_TIMEOUT = 0.5
+#: the most track names one completion offers
+COMPLETION_TRACKS = 200
+
+
+def _complete_tracks(context: Any) -> list[str]:
+    """Shell completion of a TRACK or QUERY: the paths of the server's tracks that start
+    with the word typed, at most :data:`COMPLETION_TRACKS` of them.
+
+    Runs at each TAB in a ``musiclib __complete`` process: asks the server named
+    on the command line (or in the environment), and gives nothing, silently,
+    when it does not answer within :data:`COMPLETION_TIMEOUT` seconds.
+    """
+    import trio
+
+    def typed(name: str, env: str | None = None) -> str | None:
+        argument = context.get(name)
+        raw = argument.raw if argument is not None and argument.provided else None
+        return raw or (os.environ.get(env) if env else None)
+
+    prefix = _shell_unescape(context.incomplete)
+    token_file = typed("--token-file", "MUSICLIB_TOKEN_FILE")
+    options = ConnectOptions(
+        server=typed("--server", "MUSICLIB_SERVER") or DEFAULT_SERVER,
+        timeout=COMPLETION_TIMEOUT,
+        token=typed("--token", "MUSICLIB_TOKEN"),
+        token_file=Path(token_file) if token_file else None,
+        tls=bool(getattr(context.get("--tls"), "provided", False)),
+        cafile=Path(cafile) if (cafile := typed("--cafile")) else None,
+    )
+
+    async def paths() -> list[str]:
+        with trio.move_on_after(COMPLETION_TIMEOUT):
+            async with options.connector()() as client:
+                found, _ = await client.list(prefix or None, limit=COMPLETION_TRACKS)
+                return [t.path for t in found if t.path.startswith(prefix)]
+        return []
+
+    try:
+        return trio.run(paths)
+    except Exception:  # completion never fails out loud: no server, a bad option, a bug
+        return []
+
+
+def _shell_unescape(word: str) -> str:
+    """The word being completed as the shell will pass it: quotes and backslashes gone."""
+    if word[:1] in ("'", '"'):
+        word = word[1:]
+    return re.sub(r"\\(.)", r"\1", word)
+
+
 @app.command(name="ls")
 async def ls(
-    query: str | None = None,
-    *,
+    *query: Annotated[str, Parameter(completer=_complete_tracks)],
     artist: str | None = None,
     album: str | None = None,
     format: str | None = None,
-    sort: Literal["path", "title", "artist", "album", "duration"] = "path",
+    sort: LsSortKey = "path",
+    reverse: Annotated[bool, Parameter(name=["--reverse", "-r"], negative="")] = False,
     limit: int | None = None,
     offset: int = 0,
     long: Annotated[bool, Parameter(name=["--long", "-l"], negative="")] = False,
+    paths: Annotated[bool, Parameter(name=["--paths", "-1"], negative="")] = False,
     json_output: Annotated[bool, Parameter(name="--json", negative="")] = False,
-    options: ClientOptions = _DEFAULT_CLIENT,
+    options: ConnectOptions = _DEFAULT_CONNECT,
 ) -> int:
     """List the library's tracks, optionally only those matching QUERY.
+
+    Exit status 1 when a query or filter matches nothing (like grep).
 
     Parameters
     ----------
     query
         Words that must all appear in the title, artist, album or path (case and accents
-        ignored).
+        ignored); several words need no quotes.
     artist
         Only tracks whose artist contains this (case and accents ignored).
     album
@@ -433,35 +554,84 @@ async def ls(
     format
         Only tracks of this format (file extension: mp3, flac, ...).
     sort
-        Order of the list.
+        Order of the list, natural (2 before 10); ties by path.
+    reverse
+        Reverse the order (tracks without the sorted value stay last).
     limit
-        Show at most this many tracks (with --offset, to page through a big library).
+        Show at most this many tracks (with --offset, to page through a big library; a
+        page of the path, title, artist, album or duration order is the server's, which
+        is by code point: 10 before 2).
     offset
         Skip this many tracks of the sorted list first.
     long
         Add the technical columns: codec, sample rate, channels, bit depth, bitrate, size.
+    paths
+        Print only the paths, one per line (for scripts; control characters escaped).
     json_output
-        Print a JSON array of track objects (every field) instead of a table.
+        Print a JSON array of track objects (every field, exact) instead of a table.
     """
     from .client import MAX_LIST_TRACKS
-    from .ui import json_array, select, track_dict
+    from .protocol import LIST_SORTS
+    from .ui import json_array, order, select, track_dict
 
     if (limit is not None and limit < 0) or offset < 0:
         raise UsageError("--limit and --offset must not be negative")
-    asked = MAX_LIST_TRACKS if limit is None else min(limit, MAX_LIST_TRACKS)
+    if paths and (json_output or long):
+        raise UsageError("--paths prints paths only: drop --json and --long")
+    words = " ".join(query) or None
+    filtered = bool(words or artist or album or format)
+    # A page of a server order is the server's (paging stays cheap in any library);
+    # anything else is sorted here, naturally, over the whole list (bounded by the
+    # protocol's 100 000 tracks a reply).
+    by_server = (limit is not None or offset > 0) and sort in LIST_SORTS and not reverse
+    hint = ""
     async with options.connector()() as client:
-        tracks, end = await client.list(
-            query, artist=artist, album=album, format=format, sort=sort, offset=offset, limit=asked
-        )
-    total = end.total
-    if total is None:  # an older server: it ignored the filters, so apply them here
-        tracks = select(tracks, artist=artist, album=album, fmt=format, sort=sort)
-        total = len(tracks)
-        tracks = tracks[offset:][:limit]
+        if by_server:
+            asked = MAX_LIST_TRACKS if limit is None else min(limit, MAX_LIST_TRACKS)
+            tracks, end = await client.list(
+                words, artist=artist, album=album, format=format, sort=sort, offset=offset,
+                limit=asked,
+            )  # fmt: skip
+        else:
+            tracks, end = await client.list(
+                words, artist=artist, album=album, format=format, limit=MAX_LIST_TRACKS
+            )
+        total = end.total
+        if total is None:  # an older server: it ignored the filters, so apply them here
+            tracks = select(tracks, artist=artist, album=album, fmt=format)
+            total = len(tracks)
+            by_server = False
+        if not total and filtered:
+            hint = await _did_you_mean(client, words or artist or album or "")
+    if not by_server:
+        if total > len(tracks):
+            log.warning(
+                "sorted the first %d of %d matches (by path); narrow the query, or page "
+                "with --limit and --offset",
+                len(tracks),
+                total,
+            )
+        tracks = order(tracks, sort, reverse=reverse)
+        tracks = tracks[offset:] if limit is None else tracks[offset : offset + limit]
     if json_output:
         print(json_array(track_dict(t) for t in tracks))
-    else:
-        print(format_table(tracks, long=long))
+    elif paths:
+        from .ui import printable
+
+        for t in tracks:
+            print(printable(t.path))
+    elif tracks or not filtered:
+        print(_track_table(tracks, long))
+    if not total and filtered:
+        what = " ".join(
+            f"{name} {value!r}"
+            for name, value in (("", words), ("--artist", artist), ("--album", album))
+            if value
+        ).strip()
+        from .ui import shown
+
+        log.warning("no track matches %s%s", shown(what or f"--format {format}"), hint)
+        return 1
     last = offset + len(tracks)
     if tracks and (offset or last < total):
         more = f" (--offset {last} for the next ones)" if last < total else ""
@@ -473,12 +643,72 @@ async def ls(
     return 0
 
 
+def _track_table(tracks: list[TrackInfo], long: bool) -> str:
+    """The table fitted to the terminal (rich), or plain and stable for a pipe."""
+    if sys.stdout.isatty():
+        from .ui import format_table_for_terminal
+
+        width = shutil.get_terminal_size().columns
+        return format_table_for_terminal(tracks, long=long, width=width)
+    return format_table(tracks, long=long)
+
+
+#: tracks fetched per look-up when a miss looks for "did you mean" candidates: a few
+#: hundred KiB at most, whatever the library's size
+SUGGEST_TRACKS = 500
+
+
+async def _did_you_mean(client: Client, query: str) -> str:
+    """``"; did you mean 'Brume'?"`` for a query that matched nothing, or ``""``.
+
+    Bounded for any library: the candidates are at most :data:`SUGGEST_TRACKS`
+    tracks sharing the first three letters of each word (five words at most),
+    and as many of the whole list.
+    """
+    from .protocol import query_words
+    from .ui import shown, suggestions
+
+    pool: dict[str, TrackInfo] = {}
+    probes = [None, *{w[:3] for w in query_words(query)[:5] if len(w) >= 3}]
+    for probe in probes:
+        try:
+            found, _ = await client.list(probe, limit=SUGGEST_TRACKS)
+        except MusiclibError:  # only a hint: a server that cannot give it gives none
+            return ""
+        pool.update((t.path, t) for t in found)
+    names = suggestions(query, pool.values())
+    if not names:
+        return ""
+    return "; did you mean " + " or ".join(repr(shown(n, 80)) for n in names) + "?"
+
+
+async def _info_or_hint(client: Client, track: str, checksum: bool = False) -> TrackInfo:
+    """``client.info(track)``; a miss (``NotFound``) says which names are close."""
+    try:
+        found: TrackInfo = await client.info(track, checksum=checksum)
+        return found
+    except NotFound as miss:
+        hint = await _did_you_mean(client, track)
+        if not hint:
+            raise
+        raise NotFound(miss.message + hint) from None
+
+
+def _one_track(words: tuple[str, ...], command: str) -> str:
+    """The TRACK of ``info``/``get``: its words, unquoted or not, as one name."""
+    if not words:
+        raise UsageError(
+            f"which track? musiclib {command} TRACK (a path, a file name or words of it; "
+            "musiclib ls lists them)"
+        )
+    return " ".join(words)
+
+
 @app.command
 async def info(
-    track: str,
-    *,
+    *track: Annotated[str, Parameter(completer=_complete_tracks)],
     json_output: Annotated[bool, Parameter(name="--json", negative="")] = False,
-    options: ClientOptions = _DEFAULT_CLIENT,
+    options: ConnectOptions = _DEFAULT_CONNECT,
 ) -> int:
     """Every known fact of one track: tags, codec, rate, channels, bit depth, bitrate,
     duration, size, sha256, path.
@@ -486,14 +716,16 @@ async def info(
     Parameters
     ----------
     track
-        Path relative to the library root, a file name, or any unambiguous part of a path.
+        Path relative to the library root, a file name, or words that find one track
+        (several words need no quotes).
     json_output
         Print a JSON object (every field) instead of lines.
     """
     from .ui import format_info, track_dict
 
+    name = _one_track(track, "info")
     async with options.connector()() as client:
-        found = await client.info(track, checksum=True)
+        found = await _info_or_hint(client, name, checksum=True)
     if json_output:
         print(json.dumps(track_dict(found), indent=2, ensure_ascii=False))
     else:
@@ -505,9 +737,10 @@ async def info(
 async def completion(
     shell: Literal["bash", "zsh", "fish"] | None = None,
 ) -> int:
-    """Print the shell completion script (e.g. ``musiclib completion --shell bash``).
+    """Print the shell completion script: commands, options, and track names asked of the
+    server as you type (nothing, quickly, when no server answers).
 
-    Load it with ``eval "$(musiclib completion --shell bash)"`` in ~/.bashrc, or let
+    Load it with ``eval "$(musiclib completion bash)"`` in ~/.bashrc, or let
     ``musiclib --install-completion`` install it for the current shell.
 
     Parameters
@@ -526,7 +759,8 @@ app.register_install_completion_command()
 async def rescan(
     *,
     wait: Annotated[bool, Parameter(negative="")] = False,
-    options: ClientOptions = _DEFAULT_CLIENT,
+    json_output: Annotated[bool, Parameter(name="--json", negative="")] = False,
+    options: ConnectOptions = _DEFAULT_CONNECT,
 ) -> int:
     """Ask the server to re-read its library folder (new, changed and deleted files).
 
@@ -534,21 +768,83 @@ async def rescan(
     ----------
     wait
         Wait until the scan has finished, then print the track count.
+    json_output
+        Print a JSON object: tracks, scanning, waited.
     """
     async with options.connector()() as client:
         status = await client.rescan(wait=wait)
-    state = "scanning" if status.scanning else "done"
-    print(f"{status.tracks} tracks ({state})")
+    if json_output:
+        report = {"tracks": status.tracks, "scanning": status.scanning, "waited": wait}
+        print(json.dumps(report))
+    elif wait:  # (scripts read this line: kept as it was)
+        print(f"{status.tracks} tracks ({'scanning' if status.scanning else 'done'})")
+    else:
+        print(
+            f"rescan started ({status.tracks} tracks indexed now); "
+            "musiclib rescan --wait waits for it, musiclib status shows it"
+        )
     return 0
 
 
 @app.command
-async def get(
-    track: str,
+async def status(
     *,
+    json_output: Annotated[bool, Parameter(name="--json", negative="")] = False,
+    options: ConnectOptions = _DEFAULT_CONNECT,
+) -> int:
+    """How the server is: version, protocol versions, tracks, scans, uptime, connections.
+
+    Parameters
+    ----------
+    json_output
+        Print a JSON object (every field) instead of lines.
+    """
+    from .errors import BadRequest, UnsupportedVersion
+    from .ui import format_status
+
+    note = ""
+    try:
+        async with options.connector(version=2)() as client:
+            try:
+                found = await client.status()
+            except BadRequest:  # a server older than status: what its welcome says
+                found, note = _status_of(client), "older than status"
+    except UnsupportedVersion:  # a server of version 1 only
+        async with options.connector()() as client:
+            found, note = _status_of(client), "protocol version 1 only"
+    if json_output:
+        data = dataclasses.asdict(found)
+        if note:
+            data.update(uptime=None, connections=None, scans=None, channels=None)
+        print(json.dumps({"address": options.server, **data}, ensure_ascii=False))
+    else:
+        print(format_status(found, options.server, complete=not note))
+    if note:
+        log.warning("the server is %s: it does not say its uptime, connections or scans", note)
+    return 0
+
+
+def _status_of(client: Client) -> ServerStatus:
+    """A status made of what a server's welcome said (uptime and the rest unknown: 0)."""
+    welcome = client.welcome
+    assert welcome is not None
+    return ServerStatus(
+        server=welcome.server,
+        versions=welcome.versions or (welcome.version,),
+        tracks=welcome.tracks,
+        uptime=0.0,
+        connections=0,
+        scanning=welcome.scanning,
+    )
+
+
+@app.command
+async def get(
+    *track: Annotated[str, Parameter(completer=_complete_tracks)],
     save: Annotated[bool, Parameter(negative="")] = False,
     output: Annotated[str | None, Parameter(name=["--output", "-o"])] = None,
     force: Annotated[bool, Parameter(negative="")] = False,
+    json_output: Annotated[bool, Parameter(name="--json", negative="")] = False,
     audio: DecodeOptions = _DEFAULT_DECODE,
     options: ClientOptions = _DEFAULT_CLIENT,
 ) -> int:
@@ -562,7 +858,8 @@ async def get(
     Parameters
     ----------
     track
-        Path relative to the library root, a file name, or any unambiguous part of a path.
+        Path relative to the library root, a file name, or words that find one track
+        (several words need no quotes: they are one name).
     save
         Save into the current folder under the track's own name (with --decode, its new
         extension).
@@ -571,11 +868,17 @@ async def get(
         track's own name.
     force
         Replace a file that exists already.
+    json_output
+        With --save or -o: report the saved file as a JSON object on standard output.
     """
     from . import fetch
 
+    name = _one_track(track, "get")
     decoding = audio.decoding()
-    if not save and output is None and sys.stdout.isatty():
+    saving = save or output is not None
+    if json_output and not saving:
+        raise UsageError("--json reports a saved file: add --save or -o PATH")
+    if not saving and sys.stdout.isatty():
         raise UsageError(
             "refusing to write audio to a terminal: use --save, -o PATH, or redirect the output"
         )
@@ -583,23 +886,30 @@ async def get(
 
     connect, retry = options.connector(), options.retry()
     async with connect() as client:
-        found = await client.info(track)
+        found = await _info_or_hint(client, name)
     if decoding is not None:
         decoding = dataclasses.replace(decoding, source_duration=found.duration)
     bar = ProgressBar(found.title, enabled=not options.quiet)
-    if save or output is not None:
-        dest = _destination(found, track, output, decoding, force)
-        with bar:
-            outcome = await fetch.save(
-                connect,
-                found.path,
-                dest,
-                decoding=decoding,
-                retry=retry,
-                reporter=bar,
-                replace=force,
-            )
-        if not options.quiet:
+    if saving:
+        dest = _destination(found, name, output, decoding, force)
+        try:
+            with bar:
+                outcome = await fetch.save(
+                    connect,
+                    found.path,
+                    dest,
+                    decoding=decoding,
+                    retry=retry,
+                    reporter=bar,
+                    replace=force,
+                )
+        except BaseException as exc:
+            if isinstance(collapse(exc), KeyboardInterrupt):
+                raise KeyboardInterrupt(_kept_part(dest, found.size)) from None
+            raise
+        if json_output:
+            print(json.dumps(_saved_json(outcome, dest), ensure_ascii=False))
+        elif not options.quiet:
             _report_saved(outcome, dest)
     else:
         with bar:
@@ -612,6 +922,34 @@ async def get(
                 reporter=bar,
             )
     return 0
+
+
+def _kept_part(dest: Path, size: int) -> str:
+    """What an interrupted save left, and how to go on: for ``musiclib: interrupted: ...``."""
+    from .fetch import part_path
+    from .ui import printable
+
+    part = part_path(dest)
+    try:
+        kept = part.stat().st_size
+    except OSError:
+        return "nothing was kept (a decoded download starts over when run again)"
+    return (
+        f"kept {printable(str(part))} ({kept} of {size} bytes): "
+        "run the same command again to resume"
+    )
+
+
+def _saved_json(outcome: fetch.Outcome, dest: Path) -> dict[str, object]:
+    """The final report of a save, for ``--json``."""
+    return {
+        "path": outcome.path,
+        "saved_to": str(dest),
+        "size": outcome.size if outcome.frames is None else dest.stat().st_size,
+        "frames": outcome.frames,
+        "resumed_from": outcome.resumed_from,
+        "verified": outcome.frames is None,
+    }
 
 
 def _report_saved(outcome: fetch.Outcome, dest: Path) -> None:
@@ -630,88 +968,164 @@ def _report_saved(outcome: fetch.Outcome, dest: Path) -> None:
 
 @app.command
 async def play(
-    track: str,
-    *,
+    *tracks: Annotated[str, Parameter(completer=_complete_tracks)],
     player: Annotated[str | None, Parameter(env_var="MUSICLIB_PLAYER")] = None,
+    shuffle: Annotated[bool, Parameter(negative="")] = False,
+    repeat: Annotated[bool, Parameter(negative="")] = False,
+    pipe: Annotated[bool, Parameter(negative="")] = False,
     save: Annotated[bool, Parameter(negative="")] = False,
     output: Annotated[str | None, Parameter(name=["--output", "-o"])] = None,
     force: Annotated[bool, Parameter(negative="")] = False,
-    audio: DecodeOptions = _DEFAULT_DECODE,
+    json_output: Annotated[bool, Parameter(name="--json", negative="")] = False,
+    audio: WavDecodeOptions = _DEFAULT_WAV_DECODE,
     options: ClientOptions = _DEFAULT_CLIENT,
 ) -> int:
-    """Play a track through a media player, optionally saving it at the same time.
+    """Play tracks through a media player, as one queue, optionally saving them too.
 
+    Each TRACK is a path, a file name, or words: a name that matches several
+    tracks (an album, an artist) queues them all in album order (album, track
+    number, path); unlike for get, that is not an error. mpv, vlc and ffplay
+    get URLs of a private loopback endpoint, so they seek anywhere and know each
+    track's length; other players (and --pipe, --decode) read standard input.
     With --decode the player gets a WAV stream decoded by the server (so aplay
     and paplay work too).
 
     Parameters
     ----------
-    track
-        Path relative to the library root, a file name, or any unambiguous part of a path.
+    tracks
+        Paths, file names, or words; several names play one after the other.
     player
-        Player command line; mpv, ffplay, vlc/cvlc and mplayer (and, with --decode, aplay
-        and paplay) get the arguments that make them read standard input.
-        Default: the first of mpv, ffplay, cvlc on PATH.
+        Player command line. mpv, vlc/cvlc and ffplay get URLs (mpv and vlc the whole
+        queue as a playlist); with --pipe they, mplayer (and, with --decode, aplay and
+        paplay) get the arguments that make them read standard input; any other
+        command reads standard input as given. Default: the first of mpv, ffplay, cvlc.
+    shuffle
+        Play the queue in random order.
+    repeat
+        Play the queue again and again, until the player is quit (or Ctrl-C).
+    pipe
+        Feed the player through standard input, one run per track, instead of URLs
+        (no seeking; an MP4 with its index at the end may not play).
     save
-        Also save into the current folder under the track's own name.
+        Also save each track into the current folder under its own name, as it plays.
     output
-        Also save to this path (a folder, or a path ending in /: under the track's own name).
+        Also save to this path (a folder, or a path ending in /: under the track's own
+        name; a file name only for a single track).
     force
         Replace a saved file that exists already.
+    json_output
+        With --save or -o: report each saved file as one JSON object per line.
     """
-    from . import fetch
-    from .player import open_player, player_command
-
-    decoding = audio.decoding()
-    if decoding is not None and decoding.output != "wav":
-        raise UsageError("play feeds the player WAV; for raw samples use get --decode --format")
-    argv = player_command(player, decoded=decoding is not None)
-    if shutil.which(argv[0]) is None:
-        raise PlayerNotFound(
-            f"player {argv[0]!r} not found: install it or choose another with --player"
-        )
+    from . import playing
+    from .player import plan_player
     from .ui import ProgressBar
 
+    if not tracks:
+        raise UsageError("name at least one TRACK to play (see musiclib play --help)")
+    decoding = audio.decoding()
+    plan = plan_player(player, decoded=decoding is not None, pipe=pipe)
+    if shutil.which(plan.argv[0]) is None:
+        raise PlayerNotFound(
+            f"player {plan.argv[0]!r} not found: install it or choose another with --player"
+        )
     connect, retry = options.connector(), options.retry()
     async with connect() as client:
-        found = await client.info(track)
-    if decoding is not None:
-        decoding = dataclasses.replace(decoding, source_duration=found.duration)
-    bar = ProgressBar(found.title, duration=found.duration, enabled=not options.quiet)
+        queue = await playing.build_queue(client, tracks, shuffle=shuffle)
+    saving = None
     if save or output is not None:
-        dest = _destination(found, track, output, decoding, force)
-        async with open_player(argv) as p:
-            with bar:
-                outcome = await fetch.save(
-                    connect,
-                    found.path,
-                    dest,
-                    player=p,
-                    decoding=decoding,
-                    retry=retry,
-                    reporter=bar,
-                    replace=force,
-                )
-        if not options.quiet:
-            _report_saved(outcome, dest)
+        saving = _queue_saving(queue, tracks, output, decoding, force, retry)
+    # mpv, vlc and ffplay draw their own status on the terminal: no bar competes with it
+    on_terminal = plan.interactive and sys.stderr.isatty()
+    total = len(queue)
+
+    def announce(index: int) -> None:
+        if not options.quiet and (plan.url or on_terminal or total > 1):
+            track = playing.describe_track(queue[index])
+            print(f"musiclib: now playing: {track} ({index + 1}/{total})", file=sys.stderr)
+
+    if plan.url:
+        result = await playing.play_urls(
+            connect, queue, plan, repeat=repeat, saving=saving, announce=announce
+        )
     else:
-        async with open_player(argv) as p:
-            with bar:
-                outcome = await fetch.pipe(
-                    connect, found.path, p, decoding=decoding, retry=retry, reporter=bar
-                )
-    if outcome.player_note:
-        log.warning("%s", outcome.player_note)
-    if outcome.player_status:  # a player that failed is exit 6, also when the save succeeded
-        raise PlayerError(p.describe_exit(outcome.player_status))
+
+        def bar(track: TrackInfo) -> ProgressBar:
+            enabled = not options.quiet and not on_terminal
+            return ProgressBar(track.title, duration=track.duration, enabled=enabled)
+
+        result = await playing.play_pipes(
+            connect,
+            queue,
+            plan,
+            repeat=repeat,
+            decoding=decoding,
+            retry=retry,
+            saving=saving,
+            announce=announce,
+            reporter=bar,
+        )
+    for outcome, dest in result.saved:
+        if json_output:
+            print(json.dumps(_saved_json(outcome, dest), ensure_ascii=False))
+        elif not options.quiet:
+            _report_saved(outcome, dest)
+    for note in result.notes:
+        log.warning("%s", note)
+    if result.status:  # a player that failed is exit 6, also when the save succeeded
+        raise PlayerError(_describe_exit(result.player, result.status))
+    if result.error is not None:
+        raise result.error
     return 0
+
+
+def _describe_exit(name: str, status: int) -> str:
+    """One line saying how the player ``name`` ended with ``status``."""
+    import signal
+
+    if status < 0:
+        try:
+            how = signal.Signals(-status).name
+        except ValueError:
+            how = f"signal {-status}"
+        return f"{name} was stopped by {how}"
+    return f"{name} exited with status {status}"
+
+
+def _queue_saving(
+    queue: list[TrackInfo],
+    typed: tuple[str, ...],
+    output: str | None,
+    decoding: Decoding | None,
+    force: bool,
+    retry: Retry,
+) -> playing.Saving:
+    """Where each track of ``queue`` is saved, checked before anything plays: every
+    file free (or ``force``), no two tracks under one name, ``-o FILE`` for one track."""
+    from .playing import Saving
+
+    unique = list({t.path: t for t in queue}.values())
+    single = typed[0] if len(unique) == 1 and len(typed) == 1 else None
+    is_folder = output is not None and (output.endswith(("/", os.sep)) or Path(output).is_dir())
+    if output is not None and not is_folder and len(unique) > 1:
+        raise UsageError(f"-o {output}: {len(unique)} tracks to save need a folder (end it with /)")
+    dests: dict[str, Path] = {}
+    taken: dict[Path, str] = {}
+    for track in unique:
+        dest = _destination(track, single or track.path, output, decoding, force)
+        if dest in taken:
+            raise OutputError(
+                f"{taken[dest]} and {track.path} would both be saved as {dest}: "
+                "play them one at a time"
+            )
+        dests[track.path], taken[dest] = dest, track.path
+    return Saving(lambda track: dests[track.path], retry, replace=force)
 
 
 @app.command(name="channels")
 async def channels_command(
     *,
     json_output: Annotated[bool, Parameter(name="--json", negative="")] = False,
-    options: ClientOptions = _DEFAULT_CLIENT,
+    options: ConnectOptions = _DEFAULT_CONNECT,
 ) -> int:
     """List the server's live channels: name, source, format, listeners, latency, state.
 
@@ -1030,8 +1444,53 @@ def describe(exc: MusiclibError, shown: int = 10) -> str:
     return text
 
 
+#: options people reach for that a client command spells otherwise
+_CLIENT_MISTAKES = {
+    "--port": "give the server as --server HOST:PORT (e.g. --server 127.0.0.1:7660)",
+    "--host": "give the server as --server HOST:PORT (e.g. --server myhost:7650)",
+    "-p": "give the server as --server HOST:PORT (e.g. --server 127.0.0.1:7660)",
+}
+
+
+def _bad_command_line(bad: Exception) -> str:
+    """One line for a command line cyclopts could not parse, saying what to do."""
+    from cyclopts.exceptions import UnknownOptionError
+
+    if isinstance(bad, UnknownOptionError):
+        token = bad.token.keyword or bad.token.value
+        option = token.split("=", 1)[0]
+        command = " ".join(bad.command_chain or ()) or "musiclib"
+        hint = _CLIENT_MISTAKES.get(option) if command != "serve" else None
+        if hint is not None:
+            return f"{command} has no {option} option: {hint}"
+    text = " ".join(str(bad).split())
+    return f"{text} (see musiclib --help)"
+
+
+#: set when the process was asked to stop with SIGTERM (handled as an interrupt)
+_terminated = False
+
+
+def _terminate_as_interrupt(signum: int, frame: object) -> None:
+    """SIGTERM stops a client command as Ctrl-C does: every task cancelled, the player
+    and ffmpeg reaped, a resumable ``.part`` kept, the terminal restored. Python's
+    default for SIGTERM is to die at once, leaving the player running on its own.
+    (``serve`` replaces this with its own graceful shutdown while it runs.)"""
+    global _terminated
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        # started in the background by a shell without job control, which ignores
+        # SIGINT for it: nothing can stop the command cleanly, so end as SIGTERM does
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.raise_signal(signal.SIGTERM)
+        return
+    _terminated = True
+    signal.raise_signal(signal.SIGINT)  # trio's SIGINT handler knows where it is safe
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: run a command; any musiclib error becomes one line and its exit code."""
+    if hasattr(signal, "SIGTERM") and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _terminate_as_interrupt)
     if not logging.getLogger().handlers:
         try:
             level = _log_level(os.environ.get("MUSICLIB_LOG_LEVEL", "info"), "MUSICLIB_LOG_LEVEL")
@@ -1044,8 +1503,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(argv if argv is not None else sys.argv[1:], print_error=False, exit_on_error=False)
     except CycloptsError as bad:  # a command line that does not parse
-        text = " ".join(str(bad).split())
-        print(f"musiclib: {text} (see musiclib --help)", file=sys.stderr)
+        print(f"musiclib: {_bad_command_line(bad)}", file=sys.stderr)
         sys.exit(UsageError.exit_code)
     except BaseException as raised:  # the boundary: re-raised unless we can say it in a line
         exc = collapse(raised)
@@ -1055,9 +1513,11 @@ def main(argv: list[str] | None = None) -> None:
                     os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
             print(f"musiclib: {describe(exc)}", file=sys.stderr)
             sys.exit(exc.exit_code)
-        if isinstance(exc, KeyboardInterrupt):
-            print("musiclib: interrupted", file=sys.stderr)
-            sys.exit(130)
+        if isinstance(exc, KeyboardInterrupt):  # its text, if any, says what was kept
+            note = f": {exc}" if str(exc) else ""
+            how, status = ("terminated", 143) if _terminated else ("interrupted", 130)
+            print(f"musiclib: {how}{note}", file=sys.stderr)
+            sys.exit(status)
         if isinstance(exc, BrokenPipeError):  # our reader left (e.g. `| head`): not an error
             with contextlib.suppress(OSError):
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -58,7 +58,9 @@ from .protocol import (
     RescanRequest,
     RescanStatus,
     Role,
+    ServerStatus,
     State,
+    StatusRequest,
     StopRequest,
     StreamEnd,
     StreamRequest,
@@ -83,6 +85,9 @@ READ_SIZE = 256 * 1024
 MAX_LIST_TRACKS = 100_000
 #: the most bytes (frames and all) one list reply may take
 MAX_LIST_BYTES = 128 * 1024 * 1024
+#: the longest wait for the answer to ``hello`` (a musiclib server answers at once, a busy
+#: one within a second): a peer that says nothing is not a musiclib server
+HELLO_TIMEOUT = 5.0
 #: seconds of audio a decoded stream may carry beyond the ``duration`` asked for
 DURATION_MARGIN = 1.0
 
@@ -97,9 +102,22 @@ def parse_address(text: str) -> tuple[str, int]:
         port = int(port_text)
     except ValueError:
         raise UsageError(f"bad server address {text!r}: expected HOST:PORT") from None
-    if not host or not 0 < port < 65536:
+    if not host:
         raise UsageError(f"bad server address {text!r}: expected HOST:PORT")
+    if not 0 < port < 65536:
+        raise UsageError(f"bad server address {text!r}: the port must be 1-65535")
     return host, port
+
+
+def _not_musiclib(first: bytes, tls: bool) -> str:
+    """What the first bytes of a reply to ``hello`` that is not a musiclib frame say the
+    peer is, and what to do."""
+    if not tls and len(first) >= 2 and first[0] in (0x15, 0x16) and first[1] == 3:
+        return "it answers in TLS: add --tls (or --cafile PEM)"
+    if first.startswith(b"HTTP/"):
+        line = first.split(b"\r\n", 1)[0].decode("ascii", "replace")
+        return f"it is a web server ({line!r}): check the port"
+    return f"it answered {first[:24]!r}: check the address and port"
 
 
 class Client:
@@ -123,6 +141,8 @@ class Client:
         self.welcome: Welcome | None = None
         #: bytes received so far (a reply's size is the difference)
         self.received = 0
+        #: the first bytes the server sent, to say what it is when it is not musiclib
+        self._first = b""
 
     async def handshake(self) -> Welcome:
         """Send ``hello`` and wait for ``welcome``; a refusal raises its ServerError.
@@ -132,7 +152,26 @@ class Client:
         """
         client = f"musiclib/{__version__}"
         await self._send(Hello(version=self._version, client=client, token=self._token))
-        event = await self._reply_event()
+        wait = min(self.timeout, HELLO_TIMEOUT)
+        tls = isinstance(self._stream, trio.SSLStream)
+        try:
+            event = await self._reply_event(wait)
+        except Timeout:
+            raise Timeout(
+                f"no complete answer to hello within {wait:g} s: is this a musiclib server "
+                f"(musiclib serve){'' if tls else ', or one that wants TLS (--tls)'}?"
+            ) from None
+        except ConnectionLost:
+            if tls or self._first:
+                raise
+            raise ConnectionLost(
+                "the server closed the connection without answering hello: if it serves "
+                "TLS, add --tls (or --cafile PEM); otherwise its log says why"
+            ) from None
+        except RemoteProtocolError:
+            raise RemoteProtocolError(
+                f"not a musiclib server: {_not_musiclib(self._first, tls)}"
+            ) from None
         if not isinstance(event, Welcome):
             raise RemoteProtocolError(f"expected welcome, got {type(event).__name__}")
         self.welcome = event
@@ -249,6 +288,18 @@ class Client:
             ),
             max_seconds=duration + DURATION_MARGIN if duration is not None else max_seconds,
         )
+
+    async def status(self) -> ServerStatus:
+        """How the server is: version, library, scans, uptime, connections (version 2).
+
+        A server older than ``status`` answers ``bad_request`` (an unknown
+        message type), which raises :class:`~musiclib.errors.BadRequest`.
+        """
+        await self._send(StatusRequest())
+        event = await self._reply_event()
+        if not isinstance(event, ServerStatus):
+            raise RemoteProtocolError(f"expected server_status, got {type(event).__name__}")
+        return event
 
     async def channels(self) -> tuple[ChannelInfo, ...]:
         """The server's live channels (protocol version 2)."""
@@ -373,6 +424,8 @@ class Client:
                 data = await self._transport.receive(READ_SIZE, left)
             except Timeout:
                 raise Timeout(f"the server sent no complete message for {timeout:g} s") from None
+            if len(self._first) < 32:
+                self._first += data[: 32 - len(self._first)]
             self.received += len(data)
             self._conn.receive_data(data)
 

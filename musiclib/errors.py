@@ -7,6 +7,14 @@ small helpers in ``decode`` and ``player``. The CLI turns any of them into one l
 standard error and the exit code named on the class. Anything else reaching
 the CLI is a bug and is reported as such.
 
+Exit codes (README.md, "Exit codes"): 0 success; 1 an unexpected failure (a
+bug), and for ``ls`` a query that matched nothing (``grep``'s convention: not
+an error, so no class here); 2 ``UsageError``; 3 ``ProtocolError``,
+``TransportError`` and the server errors that are about the connection; 4 the
+server refused the request; 5 ``IntegrityError`` and the server's ``changed``
+and ``decode_failed``; 6 ``PlayerError``; 7 ``OutputError``; 8 ``DeviceError``;
+130 interrupted (Ctrl-C).
+
 ::
 
     MusiclibError                      base; ``exit_code`` says how the CLI exits

@@ -1,5 +1,8 @@
 """What ``get`` and ``play`` do with a stream: save it, pipe it, or both at once.
 
+(``play`` by URL, mpv's and vlc's default, goes through :mod:`musiclib.playing` and
+:mod:`musiclib.gateway` instead; it still saves with :func:`save`.)
+
 Saving is atomic: bytes go to ``PATH.part`` and are renamed to ``PATH`` only
 once verified (original bytes: size and sha256 from the server; decoded
 samples: the frame count the protocol checks, and the WAV header patched to

@@ -29,8 +29,15 @@ Why it looks the way it does:
   processes (mutagen is pure Python, so threads would share one core:
   measured in BENCHMARKS.md, scenario 6), and rows are committed in batches
   that readers in other threads see at once.
-* **Confinement by real path.** Symlinks are followed only when their real
-  path stays inside the real root, both when scanning and when opening.
+* **Confinement by real path.** By default symlinks are followed only when
+  their real path stays inside the real root, both when scanning and when
+  opening (:data:`FollowSymlinks`: ``"all"`` follows every link, like MPD's
+  ``follow_outside_symlinks``; ``"none"`` follows none). Whatever the mode,
+  a client names tracks only through the index, never a path of its own.
+* **Formats mutagen cannot read are probed with ffmpeg.** ``.mka``, ``.caf``
+  and the rest of :data:`FFMPEG_EXTENSIONS` get their facts and tags from
+  ``ffmpeg -i``'s report, run by the scan (in its worker processes when there
+  are many) with a timeout, once per file version like any tag read.
 """
 
 from __future__ import annotations
@@ -39,14 +46,18 @@ import collections
 import concurrent.futures
 import dataclasses
 import errno
+import functools
 import logging
 import math
 import multiprocessing
 import os
 import re
+import shutil
 import signal
 import stat
 import struct
+import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -55,15 +66,24 @@ from typing import Any, BinaryIO, Final, Literal
 
 import mutagen
 from mutagen.aac import AAC
+from mutagen.ac3 import AC3
 from mutagen.aiff import AIFF
+from mutagen.asf import ASF, ASFTags
+from mutagen.dsdiff import DSDIFF
+from mutagen.dsf import DSF
 from mutagen.flac import FLAC
 from mutagen.id3 import ID3
+from mutagen.monkeysaudio import MonkeysAudio
 from mutagen.mp3 import MP3
 from mutagen.mp4 import MP4, MP4Tags
+from mutagen.musepack import Musepack
 from mutagen.oggflac import OggFLAC
 from mutagen.oggopus import OggOpus
 from mutagen.oggspeex import OggSpeex
 from mutagen.oggvorbis import OggVorbis
+from mutagen.optimfrog import OptimFROG
+from mutagen.tak import TAK
+from mutagen.trueaudio import TrueAudio
 from mutagen.wave import WAVE
 from mutagen.wavpack import WavPack
 
@@ -74,7 +94,9 @@ from .tags import BoundedMP4, BoundedOggOpus, BoundedOggVorbis, open_for_tags
 from .text import fold
 
 __all__ = [
+    "FFMPEG_EXTENSIONS",
     "SUPPORTED_EXTENSIONS",
+    "FollowSymlinks",
     "Library",
     "fold",
     "open_confined",
@@ -86,27 +108,56 @@ __all__ = [
 
 log = logging.getLogger("musiclib.library")
 
-#: File extensions (lowercase, no dot) that are scanned; matched case-insensitively.
-SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(
-    {"wav", "mp3", "ogg", "oga", "opus", "flac", "m4a", "mp4", "aac", "aif", "aiff", "wv"}
-)
-
-# The mutagen class to try first for each extension.
+# The mutagen class that reads each extension (tried first; sniffing follows if it fails).
 _CLASS_BY_EXT: dict[str, Any] = {
     "mp3": MP3,
+    "mp2": MP3,  # MPEG layer II: mutagen's MP3 reads every layer
     "ogg": BoundedOggVorbis,
     "oga": BoundedOggVorbis,
     "opus": BoundedOggOpus,
+    "spx": OggSpeex,
+    "oggflac": OggFLAC,
     "flac": FLAC,
     "m4a": BoundedMP4,
+    "m4b": BoundedMP4,  # audiobooks
+    "m4p": BoundedMP4,  # iTunes' protected AAC: listed and served; ffmpeg cannot decode it
+    "m4r": BoundedMP4,  # ringtones
     "mp4": BoundedMP4,
+    "3gp": BoundedMP4,
+    "3g2": BoundedMP4,
     "aac": AAC,
+    "ac3": AC3,
+    "eac3": AC3,
     "wav": WAVE,
+    "wave": WAVE,
     "aif": AIFF,
     "aiff": AIFF,
+    "aifc": AIFF,
     "wv": WavPack,
+    "wma": ASF,
+    "asf": ASF,
+    "ape": MonkeysAudio,
+    "mpc": Musepack,
+    "tta": TrueAudio,
+    "ofr": OptimFROG,  # ffmpeg has no OptimFROG decoder: served, never decoded
+    "ofs": OptimFROG,
+    "tak": TAK,
+    "dsf": DSF,
+    "dff": DSDIFF,
 }
 
+#: Extensions mutagen cannot read but ffmpeg can: their facts and tags come from an
+#: ffmpeg probe (:func:`_probe`), run by the scan like any tag read.
+FFMPEG_EXTENSIONS: frozenset[str] = frozenset({"mka", "webm", "weba", "caf", "w64", "au", "amr"})
+
+#: File extensions (lowercase, no dot) that are scanned; matched case-insensitively.
+SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(_CLASS_BY_EXT) | FFMPEG_EXTENSIONS
+
+#: Which symbolic links the library follows: those whose real path stays inside the
+#: real root (the default), every one, or none at all.
+FollowSymlinks = Literal["inside", "all", "none"]
+
+# codec names as ffmpeg spells them (``ffmpeg -decoders``), except OptimFROG's (none)
 _CODEC_BY_CLASS: tuple[tuple[Any, str], ...] = (
     (OggVorbis, "vorbis"),
     (OggOpus, "opus"),
@@ -115,7 +166,23 @@ _CODEC_BY_CLASS: tuple[tuple[Any, str], ...] = (
     (OggSpeex, "speex"),
     (WavPack, "wavpack"),
     (AAC, "aac"),
+    (MonkeysAudio, "ape"),
+    (TrueAudio, "tta"),
+    (OptimFROG, "optimfrog"),
+    (TAK, "tak"),
+    (DSF, "dsd_lsbf_planar"),
 )
+
+# ASF codec names (mutagen's) -> ffmpeg's
+_WMA_CODECS = {
+    "Windows Media Audio Standard": "wmav1",
+    "Windows Media Audio 9 Standard": "wmav2",
+    "Windows Media Audio 9 Professional": "wmapro",
+    "Windows Media Audio 9 Lossless": "wmalossless",
+    "Windows Media Audio 9 Voice": "wmavoice",
+}
+# MP4 sample entry (mutagen's ``codec``) -> ffmpeg's codec name, besides mp4a.40.*
+_MP4_CODECS = {"mp4a.69": "mp3", "mp4a.6b": "mp3", "ac-3": "ac3", "ec-3": "eac3"}
 
 # WAVE fmt tag -> codec; PCM variants are refined by bits per sample.
 _WAVE_FORMATS = {3: "pcm_f{bits}le", 6: "pcm_alaw", 7: "pcm_mulaw", 0x55: "mp3"}
@@ -125,6 +192,7 @@ _FIELDS = ("title", "artist", "album", "track")
 _ID3_KEYS = ("TIT2", "TPE1", "TALB", "TRCK")
 _MP4_KEYS = ("\xa9nam", "\xa9ART", "\xa9alb", "trkn")
 _VORBIS_KEYS = ("title", "artist", "album", "tracknumber")  # APEv2 uses "track"
+_ASF_KEYS = ("Title", "Author", "WM/AlbumTitle", "WM/TrackNumber")
 
 #: Tag values longer than this are cut (a list reply must stay small).
 MAX_TAG_CHARS = 1024
@@ -143,17 +211,35 @@ _INFO_FIELDS = {
     b"ITRK": "track",
 }
 _AIFF_FIELDS = {b"NAME": "title", b"AUTH": "artist"}
-_IFF_EXTS = frozenset({"wav", "aif", "aiff"})
+_IFF_EXTS = frozenset({"wav", "wave", "aif", "aiff", "aifc"})
+_AIFF_EXTS = frozenset({"aif", "aiff", "aifc"})
+# AIFF-C compression types -> ffmpeg's codec; NONE and twos are big-endian PCM as in AIFF
+_AIFC_CODECS = {
+    b"sowt": None,  # little-endian PCM: see _aifc_codec
+    b"fl32": "pcm_f32be",
+    b"FL32": "pcm_f32be",
+    b"fl64": "pcm_f64be",
+    b"FL64": "pcm_f64be",
+    b"in24": "pcm_s24be",
+    b"in32": "pcm_s32be",
+    b"alaw": "pcm_alaw",
+    b"ALAW": "pcm_alaw",
+    b"ulaw": "pcm_mulaw",
+    b"ULAW": "pcm_mulaw",
+    b"ima4": "adpcm_ima_qt",
+}
 
 
 # --------------------------------------------------------------------------- reading one file
 
 
-def read_track(root: Path, relpath: str) -> TrackInfo:
+def read_track(root: Path, relpath: str, ffmpeg: str | None = None) -> TrackInfo:
     """Read the facts of ``root/relpath`` (a ``/``-separated path from :func:`scan`).
 
     Never raises for a file that cannot be parsed: the result then has
     ``error`` set. Raises ``FileNotFoundError`` if the file does not exist.
+    The formats of :data:`FFMPEG_EXTENSIONS` are probed with ``ffmpeg`` (``None``:
+    ``$MUSICLIB_FFMPEG``, else the one imageio-ffmpeg ships).
     """
     full = os.path.join(root, *relpath.split("/"))
     name = relpath.rsplit("/", 1)[-1]
@@ -170,15 +256,24 @@ def read_track(root: Path, relpath: str) -> TrackInfo:
     facts: dict[str, Any] = {}
     error: str | None = None
     try:
-        audio = _load(full, ext)
-        facts = _stream_facts(audio, st.st_size)
-        tags = _tag_fields(audio.tags)
-        facts.update({k: v for k, v in tags.items() if v is not None})
+        if ext in FFMPEG_EXTENSIONS:
+            facts = _probe(full, st.st_size, ffmpeg)
+        else:
+            audio = _load(full, ext)
+            facts = _stream_facts(audio, st.st_size)
+            tags = _tag_fields(audio.tags)
+            facts.update({k: v for k, v in tags.items() if v is not None})
+    except ProbeFailed as exc:
+        if not os.path.exists(full):
+            raise FileNotFoundError(f"file vanished while reading: {relpath}") from exc
+        facts, error = {}, f"not a valid {ext.upper()} file: {exc}"[:200]
     except Exception as exc:  # mutagen raises many kinds on hostile input
         if not os.path.exists(full):
             raise FileNotFoundError(f"file vanished while reading: {relpath}") from exc
         facts, error = {}, _reason(exc, ext, full, relpath)
 
+    if ext in _AIFF_EXTS and isinstance(facts.get("codec"), str):
+        facts.update(_aifc_codec(full, facts["codec"]))
     if ext in _IFF_EXTS and not all(facts.get(k) for k in _FIELDS):
         for key, value in _iff_text_fields(full).items():
             facts.setdefault(key, value)
@@ -257,12 +352,14 @@ def _stream_facts(audio: Any, size: int) -> dict[str, Any]:
     }
 
 
-#: codecs that store samples of a bit depth, besides every ``pcm_*`` one
-_LOSSLESS_CODECS: Final = frozenset({"flac", "alac", "wavpack"})
+#: codecs that store samples of a bit depth, besides every ``pcm_*`` and ``dsd_*`` one
+_LOSSLESS_CODECS: Final = frozenset(
+    {"flac", "alac", "wavpack", "ape", "tta", "tak", "optimfrog", "wmalossless", "dst"}
+)
 
 
 def _lossless(codec: str | None) -> bool:
-    return codec is not None and (codec in _LOSSLESS_CODECS or codec.startswith("pcm_"))
+    return codec is not None and (codec in _LOSSLESS_CODECS or codec.startswith(("pcm_", "dsd_")))
 
 
 def _positive_int(value: object) -> int | None:
@@ -281,9 +378,15 @@ def _codec(audio: Any) -> str | None:
         codec = str(getattr(info, "codec", "") or "").lower()
         if codec.startswith("mp4a.40"):
             return "aac"
-        if codec in ("mp4a.69", "mp4a.6b"):
-            return "mp3"
-        return codec or None
+        return _MP4_CODECS.get(codec, codec) or None
+    if isinstance(audio, ASF):
+        return _WMA_CODECS.get(str(getattr(info, "codec_type", "")), "wma")
+    if isinstance(audio, AC3):
+        return "eac3" if getattr(info, "codec", "") == "ec-3" else "ac3"
+    if isinstance(audio, Musepack):
+        return "mpc8" if getattr(info, "version", 7) >= 8 else "mpc7"
+    if isinstance(audio, DSDIFF):
+        return "dst" if getattr(info, "compression", "DSD") == "DST" else "dsd_msbf"
     if isinstance(audio, WAVE):
         fmt = getattr(info, "audio_format", 1)
         if fmt in (1, 0xFFFE):  # PCM, WAVE_FORMAT_EXTENSIBLE (almost always PCM)
@@ -305,6 +408,8 @@ def _tag_fields(tags: Any) -> dict[str, Any]:
         keys: tuple[str, ...] = _ID3_KEYS
     elif isinstance(tags, MP4Tags):
         keys = _MP4_KEYS
+    elif isinstance(tags, ASFTags):
+        keys = _ASF_KEYS
     else:
         keys = _VORBIS_KEYS
     out: dict[str, Any] = {}
@@ -357,6 +462,149 @@ def _parse_track(value: object) -> int | None:
     return number if 0 < number < 2**31 else None
 
 
+# --------------------------------------------------------------------------- ffmpeg's probe
+
+#: seconds ffmpeg may take to probe one file (it reads a few MiB at most)
+PROBE_TIMEOUT = 10.0
+#: bytes of ffmpeg's report that are looked at
+_PROBE_OUTPUT_MAX = 256 * 1024
+
+_DURATION_RE = re.compile(r"^\s*Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)", re.M)
+_BITRATE_RE = re.compile(r"^\s*Duration: .*?bitrate: (\d+) kb/s", re.M)
+_AUDIO_RE = re.compile(r"^\s*Stream #\d+:\d+.*?: Audio: ([^\n]*)$", re.M)
+_METADATA_RE = re.compile(r"^(\s*)([^\s:][^:]*?)\s*: (.*)$")
+_LAYOUTS = {"mono": 1, "stereo": 2, "downmix": 2, "quad": 4, "hexagonal": 6, "octagonal": 8}
+_PROBE_TAGS = {"title": "title", "artist": "artist", "album": "album", "track": "track"}
+# "[matroska @ 0x55d0c0ffee00] ": addresses mean nothing to a client
+_LOG_PREFIX = re.compile(r"^\[[^\]]* @ 0x[0-9a-fA-F]+\]\s*")
+
+
+class ProbeFailed(Exception):
+    """ffmpeg could not tell what a file holds; the message says why, in one line."""
+
+
+@functools.cache
+def _default_ffmpeg() -> str:
+    """``$MUSICLIB_FFMPEG``, else imageio-ffmpeg's (as :mod:`musiclib.decode` finds it,
+    without importing trio into the scan's worker processes)."""
+    configured = os.environ.get("MUSICLIB_FFMPEG")
+    if configured:
+        return shutil.which(configured) or configured
+    import imageio_ffmpeg
+
+    exe: str = imageio_ffmpeg.get_ffmpeg_exe()
+    return exe
+
+
+def _probe(full: str, size: int, ffmpeg: str | None) -> dict[str, Any]:
+    """Stream facts and tags of a file mutagen cannot read, from ``ffmpeg -i``'s report.
+
+    ffmpeg reads the headers (a few MiB at most), prints what it found and exits;
+    it gets :data:`PROBE_TIMEOUT` seconds, its own session (a terminal's Ctrl-C is
+    the server's to handle) and no standard input. Raises :class:`ProbeFailed`.
+    """
+    try:
+        exe = ffmpeg or _default_ffmpeg()
+    except RuntimeError as exc:  # imageio-ffmpeg found no binary
+        raise ProbeFailed(f"no ffmpeg to probe it with ({exc})") from None
+    cmd = [exe, "-hide_banner", "-nostdin", "-i", "file:" + full]
+    with tempfile.TemporaryFile() as report:
+        try:
+            process = subprocess.Popen(
+                cmd,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=report,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise ProbeFailed(f"cannot run ffmpeg to probe it: {exc.strerror or exc}") from None
+        try:
+            process.wait(timeout=PROBE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+            raise ProbeFailed(f"ffmpeg took over {PROBE_TIMEOUT:g} s to probe it") from None
+        report.seek(0)
+        text = report.read(_PROBE_OUTPUT_MAX).decode("utf-8", "replace")
+    return _parse_probe(text.replace(full, os.path.basename(full)), size)
+
+
+def _parse_probe(text: str, size: int) -> dict[str, Any]:
+    """Facts from ffmpeg's report of one input (``ffmpeg -i FILE``, on standard error)."""
+    audio = _AUDIO_RE.search(text)
+    if "Input #0" not in text or audio is None:
+        lines = [line for line in text.splitlines() if line.strip()]
+        if "Input #0" in text:
+            raise ProbeFailed("it holds no audio stream")
+        last = _LOG_PREFIX.sub("", lines[-1]).strip() if lines else "ffmpeg said nothing"
+        raise ProbeFailed(last.removeprefix("Error opening input files: "))
+    facts: dict[str, Any] = {}
+    found = _DURATION_RE.search(text)
+    if found:
+        hours, minutes, seconds = found.groups()
+        facts["duration"] = int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+    parts = [part.strip() for part in audio.group(1).split(",")]
+    codec = parts[0].split(" ", 1)[0] or None
+    facts["codec"] = codec
+    for part in parts[1:]:
+        if part.endswith(" Hz"):
+            facts["sample_rate"] = _positive_int(_number(part[:-3]))
+        elif part.endswith(" kb/s"):
+            facts["bitrate"] = _positive_int((_number(part[:-5]) or 0) * 1000)
+    facts["channels"] = _channels(parts[2] if len(parts) > 2 else "")
+    if _lossless(codec) and len(parts) > 3:
+        depth = re.match(r"[su](\d+)p?(?: \((\d+) bit\))?$", parts[3])
+        if depth:
+            facts["bits_per_sample"] = int(depth.group(2) or depth.group(1))
+    if "bitrate" not in facts:
+        overall = _BITRATE_RE.search(text)
+        if overall:
+            facts["bitrate"] = _positive_int(int(overall.group(1)) * 1000)
+        elif facts.get("duration"):
+            facts["bitrate"] = int(size * 8 / facts["duration"])
+    facts.update(_probe_tags(text[: audio.end()]))
+    return facts
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _channels(layout: str) -> int | None:
+    """Channels of an ffmpeg layout: ``stereo``, ``5.1(side)``, ``7.1``, ``3 channels``..."""
+    name = layout.split("(", 1)[0].strip()
+    if name in _LAYOUTS:
+        return _LAYOUTS[name]
+    if re.fullmatch(r"\d+\.\d+", name):  # 5.1: five full-range channels and one LFE
+        return sum(int(n) for n in name.split("."))
+    counted = re.fullmatch(r"(\d+) channels", name)
+    return _positive_int(int(counted.group(1))) if counted else None
+
+
+def _probe_tags(text: str) -> dict[str, Any]:
+    """title/artist/album/track from the ``Metadata:`` blocks of the input and of the
+    streams up to the first audio one (the input's values first)."""
+    out: dict[str, Any] = {}
+    in_block = False
+    for line in text.splitlines():
+        if line.strip() == "Metadata:":
+            in_block = True
+            continue
+        found = _METADATA_RE.match(line) if in_block else None
+        if found is None or len(found.group(1)) < 4:
+            in_block = False
+            continue
+        field = _PROBE_TAGS.get(found.group(2).strip().lower())
+        if field and field not in out:
+            value = _clean_text(found.group(3))
+            out[field] = _parse_track(value) if field == "track" else value
+    return out
+
+
 # --------------------------------------------------------------------------- RIFF / AIFF text
 
 
@@ -391,6 +639,41 @@ def _iff_text_fields(path: str) -> dict[str, str]:
     except OSError as exc:
         log.debug("cannot read RIFF/AIFF chunks of %s: %s", path, exc)
     return out
+
+
+def _aifc_codec(path: str, codec: str) -> dict[str, Any]:
+    """The codec (and depth) of an AIFF-C file from its ``COMM`` chunk's compression
+    type (mutagen reads the sample size only, so calls A-law "pcm_s8be"); ``{}`` for
+    plain AIFF, uncompressed AIFF-C, or anything odd."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+
+            def read_at(pos: int, n: int) -> bytes:
+                f.seek(pos)
+                return f.read(n)
+
+            head = read_at(0, 12)
+            if head[:4] != b"FORM" or head[8:12] != b"AIFC":
+                return {}
+            for cid, pos, size in _walk_chunks(read_at, 12, ">"):
+                if cid == b"COMM":
+                    kind = read_at(pos + 18, 4) if size >= 22 else b""
+                    break
+            else:
+                return {}
+    except OSError:
+        return {}
+    if kind in (b"", b"NONE", b"twos"):
+        return {}
+    if kind == b"sowt":
+        return {"codec": codec[:-2] + "le"} if codec.endswith("be") else {}
+    new = _AIFC_CODECS.get(kind) or kind.decode("latin-1").strip().lower() or None
+    facts: dict[str, Any] = {"codec": new}
+    if not _lossless(new):
+        facts["bits_per_sample"] = None
+    elif new and new[-4:-2].isdigit():  # pcm_f32be: the depth is in the name
+        facts["bits_per_sample"] = int(new[-4:-2])
+    return facts
 
 
 def _collect_info(data: bytes, out: dict[str, str]) -> None:
@@ -463,6 +746,16 @@ def _inside(real: str, real_root: str) -> bool:
     return real == real_root or real.startswith(prefix)
 
 
+def _may_follow(follow: FollowSymlinks, real: str, real_root: str, plain: str = "") -> bool:
+    """Whether a path whose real path is ``real`` may be used (``plain``: the path as
+    named, under the real root, for ``"none"``; the walk checks links itself)."""
+    if follow == "all":
+        return True
+    if follow == "none" and plain and real != plain:
+        return False
+    return _inside(real, real_root)
+
+
 #: characters a listed name may not hold: Unicode's control characters (category Cc)
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 
@@ -476,16 +769,17 @@ def _surrogates(name: str) -> bool:
     return False
 
 
-def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
+def walk(root: Path, follow: FollowSymlinks = "inside") -> Iterator[tuple[str, os.stat_result]]:
     """Yield ``(relative path, stat)`` for every supported file under ``root``.
 
     Hidden names (leading ``.``), ``*.part`` files, names that are not UTF-8
     (they could not travel in a reply) and names holding a control character
     (U+0000-U+001F, U+007F-U+009F: a newline in a path breaks every
     line-based tool) are skipped; any other character is fine. Symlinks
-    are followed only when their real path stays inside the real root; each
-    real directory is listed once, plain directories before symlinked ones so
-    that files keep their canonical path. Unreadable directories are skipped.
+    are followed as ``follow`` says (by default only when their real path
+    stays inside the real root); each real directory is listed once (so a
+    loop ends), plain directories before symlinked ones so that files keep
+    their canonical path. Unreadable directories are skipped.
     Within a directory, files come in name order, then subdirectories. The
     stat is the target's (symlinks followed), taken before any tag is read.
     """
@@ -496,7 +790,7 @@ def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
     while plain or linked:
         directory, prefix = plain.pop() if plain else linked.pop(0)
         real = os.path.realpath(directory)
-        if real in visited or not _inside(real, real_root):
+        if real in visited or not _may_follow(follow, real, real_root):
             continue
         visited.add(real)
         try:
@@ -515,12 +809,14 @@ def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
             relpath = prefix + entry.name
             try:
                 is_link = entry.is_symlink()
+                if is_link and follow == "none":
+                    continue
                 if entry.is_dir():
                     (linked if is_link else subdirs).append((entry.path, relpath + "/"))
                     continue
                 if not entry.is_file() or _extension(entry.name) not in SUPPORTED_EXTENSIONS:
                     continue
-                if is_link and not _inside(os.path.realpath(entry.path), real_root):
+                if is_link and not _may_follow(follow, os.path.realpath(entry.path), real_root):
                     continue
                 st = entry.stat()
             except OSError as exc:  # vanished or unreadable meanwhile
@@ -530,11 +826,11 @@ def walk(root: Path) -> Iterator[tuple[str, os.stat_result]]:
         plain.extend(reversed(subdirs))
 
 
-def scan(root: Path) -> Iterator[TrackInfo]:
+def scan(root: Path, follow: FollowSymlinks = "inside") -> Iterator[TrackInfo]:
     """Yield a :class:`TrackInfo` for every file :func:`walk` finds (files that vanish
     meanwhile are skipped)."""
     real_root = Path(os.path.realpath(root))
-    for relpath, _ in walk(root):
+    for relpath, _ in walk(root, follow):
         try:
             yield read_track(real_root, relpath)
         except OSError as exc:
@@ -545,7 +841,7 @@ def scan(root: Path) -> Iterator[TrackInfo]:
 WorkItem = tuple[str, int, int, int]
 
 
-def read_rows(root: str, items: Sequence[WorkItem]) -> list[Row]:
+def read_rows(root: str, items: Sequence[WorkItem], ffmpeg: str | None = None) -> list[Row]:
     """Index rows for ``items`` (files that vanished are left out).
 
     A module-level function of plain arguments so that a process pool can run
@@ -555,7 +851,7 @@ def read_rows(root: str, items: Sequence[WorkItem]) -> list[Row]:
     rows = []
     for relpath, size, mtime_ns, inode in items:
         try:
-            info = read_track(Path(root), relpath)
+            info = read_track(Path(root), relpath, ffmpeg)
         except OSError as exc:
             log.debug("skipping %s: %s", relpath, exc)
             continue
@@ -578,19 +874,23 @@ def _split_name(name: str) -> list[str]:
     return parts
 
 
-def open_confined(root: Path, relpath: str) -> BinaryIO:
-    """Open ``root/relpath`` for binary reading if its real path is inside the real root.
+def open_confined(root: Path, relpath: str, follow: FollowSymlinks = "inside") -> BinaryIO:
+    """Open ``root/relpath`` for binary reading if ``follow`` allows its real path.
 
-    A path that leaves the root (``..``, absolute, or through a symlink), a
-    missing file, a name too long and a non-regular file (a directory, a
-    FIFO, a socket, a device) all raise :class:`NotFound`. Other ``OSError``
-    (permission denied, too many open files...) propagate:
+    ``relpath`` names a file below the root (``..`` and absolute names are
+    refused whatever the mode); by default its real path must be inside the
+    real root, ``"all"`` allows any real path (the name still comes from the
+    index, which only the scan fills), ``"none"`` allows no symlink on the way.
+    A path refused so, a missing file, a name too long and a non-regular file
+    (a directory, a FIFO, a socket, a device) all raise :class:`NotFound`.
+    Other ``OSError`` (permission denied, too many open files...) propagate:
     :meth:`Library.open_track` says what they mean to a client.
     """
     parts = _split_name(relpath)
     real_root = os.path.realpath(root)
-    real = os.path.realpath(os.path.join(real_root, *parts))
-    if not _inside(real, real_root) or real == real_root:
+    plain = os.path.join(real_root, *parts)
+    real = os.path.realpath(plain)
+    if real == real_root or not _may_follow(follow, real, real_root, plain):
         raise NotFound(f"no track {relpath!r}")
     flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)
     try:
@@ -638,6 +938,9 @@ class Library:
     directory. ``workers`` tag-reading processes help a scan with many files
     to read (``0``: read in the scanning thread); ``pool="thread"`` exists to
     measure threads against processes (BENCHMARKS.md, scenario 6).
+    ``follow_symlinks`` says which symbolic links are followed (:data:`FollowSymlinks`),
+    when scanning and when opening; ``ffmpeg`` probes the formats mutagen cannot
+    read (``None``: ``$MUSICLIB_FFMPEG``, else imageio-ffmpeg's).
     """
 
     #: a scan reads tags in a pool only when at least this many files changed
@@ -656,7 +959,13 @@ class Library:
         *,
         workers: int | None = None,
         pool: Literal["process", "thread"] = "process",
+        follow_symlinks: FollowSymlinks = "inside",
+        ffmpeg: str | None = None,
     ) -> None:
+        if follow_symlinks not in ("inside", "all", "none"):
+            raise ValueError(
+                f"follow_symlinks must be inside, all or none, not {follow_symlinks!r}"
+            )
         try:
             resolved = Path(root).resolve(strict=True)
         except FileNotFoundError:
@@ -667,6 +976,8 @@ class Library:
         self.index = Index(resolved, index)
         self.workers = default_workers() if workers is None else workers
         self.pool = pool
+        self.follow_symlinks: FollowSymlinks = follow_symlinks
+        self.ffmpeg = ffmpeg
         self.scanning: bool = False
         self._scan_lock = threading.Lock()
         # files found changing (see rescan's settle): path -> (size, mtime_ns) last read
@@ -723,7 +1034,7 @@ class Library:
                 known = self.index.versions()
                 seen: set[str] = set()
                 todo: list[WorkItem] = []
-                for relpath, st in walk(self._root):
+                for relpath, st in walk(self._root, self.follow_symlinks):
                     seen.add(relpath)
                     old = known.get(relpath)
                     if old is None or old[0] != st.st_size or old[1] != st.st_mtime_ns:
@@ -778,7 +1089,9 @@ class Library:
                 full = os.path.join(real_root, *relpath.split("/"))
                 try:
                     st = os.stat(full)
-                    if not _inside(os.path.realpath(full), real_root):
+                    if not _may_follow(
+                        self.follow_symlinks, os.path.realpath(full), real_root, full
+                    ):
                         raise FileNotFoundError(relpath)
                 except OSError:
                     gone.append(relpath)
@@ -831,7 +1144,7 @@ class Library:
         for batch in batches:  # whatever the pool did not do
             if stop.is_set():
                 raise ScanStopped
-            yield read_rows(root, batch)
+            yield read_rows(root, batch, self.ffmpeg)
 
     def _read_in_pool(
         self, root: str, batches: collections.deque[list[WorkItem]], stop: threading.Event
@@ -853,7 +1166,8 @@ class Library:
             # and results do not pile up ahead of the commits
             while batches:
                 while len(futures) < min(2 * self.workers, len(batches)):
-                    futures.append(executor.submit(read_rows, root, batches[len(futures)]))
+                    batch = batches[len(futures)]
+                    futures.append(executor.submit(read_rows, root, batch, self.ffmpeg))
                 if stop.is_set():
                     raise ScanStopped
                 try:
@@ -931,7 +1245,7 @@ class Library:
         error...), never an ``OSError``.
         """
         try:
-            return open_confined(self._root, track.path)
+            return open_confined(self._root, track.path, self.follow_symlinks)
         except OSError as exc:
             failure = _open_failure(track.path, exc)
             log.warning("cannot open %s: %s", track.path, exc.strerror or exc)

@@ -23,10 +23,15 @@ this code lived in :mod:`musiclib.server`.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import functools
 import logging
+import math
 import os
-from collections.abc import AsyncIterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -124,6 +129,60 @@ class Services:
 LIST_BATCH = 128
 
 
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``; ``None`` where the C library has none (musl, macOS)."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return functools.partial(trim, 0)
+
+
+class HeapTrim:
+    """Gives the memory freed by list replies back to the system when the last one ends.
+
+    500 peers that ask for a 20 000-track list and stop reading hold their
+    replies' buffers; when they leave, glibc keeps the freed arenas (RSS stayed
+    up by what they had held). When the number of list replies in progress
+    drops to zero, ``trim`` (``malloc_trim(0)``) runs in a worker thread, at
+    most once per ``interval`` seconds (a later one waits for its turn).
+    """
+
+    def __init__(self, trim: Callable[[], object] | None, interval: float = 5.0) -> None:
+        self.trim = trim
+        self.interval = interval
+        self.replies = 0  #: list replies in progress
+        self._last = -math.inf
+        self._pending = False
+
+    @contextlib.contextmanager
+    def reply(self) -> Iterator[None]:
+        """Count one list reply in progress while the block runs."""
+        self.replies += 1
+        try:
+            yield
+        finally:
+            self.replies -= 1
+            if not self.replies and self.trim is not None and not self._pending:
+                self._pending = True
+                trio.lowlevel.spawn_system_task(self._trim_when_due)
+
+    async def _trim_when_due(self) -> None:
+        try:
+            # time.monotonic, not trio's clock: the instance outlives one trio.run
+            await trio.sleep(max(0.0, self._last + self.interval - time.monotonic()))
+            if not self.replies and self.trim is not None:
+                self._last = time.monotonic()
+                await trio.to_thread.run_sync(self.trim)
+        finally:
+            self._pending = False
+
+
+#: the server's list replies (a test may replace ``trim``)
+LIST_REPLIES = HeapTrim(_malloc_trim())
+
+
 async def serve_list(session: Session, services: Services, request: ListRequest) -> None:
     """The matches as pages of at most :data:`PAGE_BUDGET` bytes, then ``list_end``.
 
@@ -132,8 +191,14 @@ async def serve_list(session: Session, services: Services, request: ListRequest)
     before it is sent: a peer that stops reading holds one batch's bytes (some
     30 KiB) and no index connection. The reply says ``scanning`` if a scan ran
     when it started or committed while it was sent (it may then miss or repeat
-    a track the scan moved).
+    a track the scan moved). When the last list reply in progress ends, the
+    memory the replies freed is given back (:class:`HeapTrim`).
     """
+    with LIST_REPLIES.reply():
+        await _serve_list(session, services, request)
+
+
+async def _serve_list(session: Session, services: Services, request: ListRequest) -> None:
     library, in_thread = services.library, services.maintainer.in_thread
     scanning = library.scanning  # before the snapshot: a scan may end meanwhile
     listing = await in_thread(library.listing, request, LIST_BATCH)

@@ -140,6 +140,12 @@ class Maintainer:
                 nursery.start_soon(self.watch_for_changes)
             task_status.started()
 
+    def last_scan(self) -> tuple[float, float] | None:
+        """Seconds since the last scan ended and how long it took; ``None`` before one ends."""
+        if self.scans_done < 1:
+            return None
+        return trio.current_time() - self._last_end, self._last_took
+
     async def in_thread(self, fn: Callable[..., _T], *args: object) -> _T:
         """Run an index query in a worker thread (they are short; never abandoned)."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.index_threads)
@@ -270,7 +276,7 @@ class Maintainer:
 
     async def _hash_one(self, path: str, size: int, mtime_ns: int) -> bool:
         try:
-            with open_confined(self.library.root, path) as f:
+            with open_confined(self.library.root, path, self.library.follow_symlinks) as f:
                 st = os.fstat(f.fileno())
                 if (st.st_size, st.st_mtime_ns) != (size, mtime_ns):
                     return False

@@ -96,6 +96,7 @@ class State(enum.Enum):
     STREAM_HEAD = "stream_head"  # the server sends stream_start (or an error)
     STREAMING = "streaming"  # data frames, then stream_end
     CHANNELS = "channels"  # the server sends channel_list (or an error)
+    STATUS = "status"  # the server sends server_status (or an error)
     LISTEN_HEAD = "listen_head"  # the server sends listen_start (or an error)
     LISTENING = "listening"  # audio frames and gaps; the client may send stop
     LISTEN_STOPPING = "listen_stopping"  # the client sent stop; listen_end is coming
@@ -161,6 +162,12 @@ class TrackInfo:
     def from_wire(cls, data: Mapping[str, Any]) -> TrackInfo:
         """Validate a received map; raises :class:`MessageError` when it is not a track."""
         return _from_wire(cls, data)
+
+    def album_order(self) -> tuple[bool, str, int, str]:
+        """The sort key of "album order", how several matches play (``play`` and a
+        ``track:`` channel alike): album (tracks without one last, as ``ls`` sorts it),
+        then track number, then path. The index keeps no disc number."""
+        return (self.album is None, (self.album or "").casefold(), self.track or 0, self.path)
 
 
 _TRACK_FIELD_NAMES: Final = tuple(f.name for f in dataclasses.fields(TrackInfo))
@@ -556,6 +563,51 @@ class ChannelList(Message):
     channels: tuple[ChannelInfo, ...]
 
 
+@dataclass(frozen=True, slots=True)
+class StatusRequest(Message):
+    """Ask how the server is: its version, its library, its load (``musiclib status``)."""
+
+    TYPE: ClassVar[str] = "status"
+    SENDER: ClassVar[Role] = Role.CLIENT
+    VERSION: ClassVar[int] = 2
+
+
+@dataclass(frozen=True, slots=True)
+class ServerStatus(Message):
+    """The answer to ``status``: who the server is, how big its library, how busy.
+
+    ``uptime``: seconds since it started; ``connections``: served now, this
+    one included; ``last_scan``: seconds since the last scan ended (absent:
+    none has ended yet), ``last_scan_took`` its length; ``scans``: scans ended
+    since start; ``channels``: live channels now.
+    """
+
+    TYPE: ClassVar[str] = "server_status"
+    SENDER: ClassVar[Role] = Role.SERVER
+    VERSION: ClassVar[int] = 2
+    server: str
+    versions: tuple[int, ...]
+    tracks: int
+    uptime: float
+    connections: int
+    scanning: bool = False
+    scans: int = 0
+    last_scan: float | None = None
+    last_scan_took: float | None = None
+    channels: int = 0
+
+    def problem(self) -> str | None:
+        if not self.versions:
+            return "versions must not be empty"
+        if self.tracks < 0 or self.connections < 0 or self.scans < 0 or self.channels < 0:
+            return "counts must not be negative"
+        for name in ("uptime", "last_scan", "last_scan_took"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1e12:  # NaN, infinities, negatives
+                return f"{name} must be a number of seconds, 0 or more"
+        return None
+
+
 #: bounds of a listener's declared maximum latency and preroll, in milliseconds
 MAX_LATENCY_MS: Final = range(1, 60_001)
 PREROLL_MS: Final = range(0, 60_001)
@@ -790,6 +842,8 @@ MESSAGE_TYPES: Final[dict[str, type[Message]]] = {
         Error,
         ChannelsRequest,
         ChannelList,
+        StatusRequest,
+        ServerStatus,
         ListenRequest,
         ListenStart,
         GapNotice,
@@ -989,6 +1043,9 @@ _TRANSITIONS: Final[dict[tuple[State, type[Message]], State]] = {
     (State.IDLE, ChannelsRequest): State.CHANNELS,
     (State.CHANNELS, ChannelList): State.IDLE,
     (State.CHANNELS, Error): State.IDLE,
+    (State.IDLE, StatusRequest): State.STATUS,
+    (State.STATUS, ServerStatus): State.IDLE,
+    (State.STATUS, Error): State.IDLE,
     (State.IDLE, ListenRequest): State.LISTEN_HEAD,
     (State.LISTEN_HEAD, ListenStart): State.LISTENING,
     (State.LISTEN_HEAD, Error): State.IDLE,

@@ -7,7 +7,9 @@ tracks idleness and finds each request's handler in a table keyed by the
 request's type. What a request means lives apart from the socket, so it can
 be read and changed without the connection's loop: the library's requests in
 :mod:`musiclib.library_requests`, the live ones in :mod:`musiclib.live.requests`,
-both written against a small ``Session`` that :class:`_ConnectionHandler` is.
+both written against a small ``Session`` that :class:`_ConnectionHandler` is;
+``status`` is about the server itself (uptime, connections) and is answered
+here, by :meth:`Server.status`.
 The catalog's upkeep (scans, watcher, background hashing) is a service of its
 own, :class:`~musiclib.maintainer.Maintainer`, which the :class:`Server` holds
 and starts: a library is maintained once however many sessions serve it.
@@ -38,6 +40,7 @@ import math
 import signal
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,7 +58,7 @@ from .errors import (
     ServerError,
     Timeout,
 )
-from .library import Library
+from .library import FollowSymlinks, Library
 from .library_requests import (
     Services,
     Session,
@@ -87,7 +90,9 @@ from .protocol import (
     PublishRequest,
     RescanRequest,
     Role,
+    ServerStatus,
     State,
+    StatusRequest,
     StopRequest,
     StreamRequest,
     Welcome,
@@ -168,6 +173,9 @@ class ServerConfig:
     lag_limit: float = 10.0
     #: seconds of recent audio each channel keeps for listeners' preroll
     history: float = 10.0
+    #: which symbolic links the library follows: ``inside`` the root (default), ``all``
+    #: (MPD's ``follow_outside_symlinks``) or ``none``
+    follow_symlinks: FollowSymlinks = "inside"
 
 
 class _PeerGone(PeerLeft):
@@ -203,6 +211,8 @@ class Server:
     channels: Channels = field(init=False)
     #: what the requests may use (all of the above but the connections)
     services: Services = field(init=False)
+    #: when the server was made (``time.monotonic()``): its uptime counts from here
+    started: float = field(default_factory=time.monotonic)
 
     def __post_init__(self) -> None:
         self.decode_slots = DecodeSlots(
@@ -222,6 +232,22 @@ class Server:
         self.channels.shutdown()
         for scope in self._idle_scopes:
             scope.cancel()
+
+    def status(self) -> ServerStatus:
+        """How the server is now: the ``status`` request's reply."""
+        last = self.maintainer.last_scan()
+        return ServerStatus(
+            server=f"musiclib/{__version__}",
+            versions=tuple(sorted(SUPPORTED_VERSIONS)),
+            tracks=self.library.count,
+            uptime=max(time.monotonic() - self.started, 0.0),
+            connections=self.connections,
+            scanning=self.library.scanning,
+            scans=self.maintainer.scans_done,
+            last_scan=None if last is None else max(last[0], 0.0),
+            last_scan_took=None if last is None else max(last[1], 0.0),
+            channels=len(self.channels.infos(time.time_ns())),
+        )
 
     def channel_sources(self) -> list[tuple[Channel, Callable[[Hub], Awaitable[None]]]]:
         """Register the configured channels; each with the coroutine reading its source."""
@@ -577,6 +603,11 @@ async def _serve_publish(session: Session, services: Services, request: PublishR
     await serve_publish(session, services.channels, request, silence_timeout=silence)
 
 
+async def _serve_status(session: Session, services: Services, request: StatusRequest) -> None:
+    assert isinstance(session, _ConnectionHandler)  # the status is the server's, not the library's
+    await session.send(session.server.status())
+
+
 #: each request's handler, by the request's type: ``await handler(session, services, request)``
 _REQUESTS: dict[type[Event], Callable[[Session, Services, Any], Awaitable[None]]] = {
     ListRequest: serve_list,
@@ -584,6 +615,7 @@ _REQUESTS: dict[type[Event], Callable[[Session, Services, Any], Awaitable[None]]
     RescanRequest: serve_rescan,
     StreamRequest: serve_stream,
     ChannelsRequest: _serve_channels,
+    StatusRequest: _serve_status,
     ListenRequest: _serve_listen,
     PublishRequest: _serve_publish,
 }
@@ -650,7 +682,13 @@ def decode_share(config: ServerConfig) -> int | None:
 
 def open_library(config: ServerConfig) -> Library:
     """The library ``config`` names, its index open (close it, or use ``with``)."""
-    return Library(config.root, config.index, workers=config.scan_workers)
+    return Library(
+        config.root,
+        config.index,
+        workers=config.scan_workers,
+        follow_symlinks=config.follow_symlinks,
+        ffmpeg=config.ffmpeg,
+    )
 
 
 async def serve(

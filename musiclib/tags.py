@@ -7,7 +7,7 @@ picture in one tag was read whole, during a scan. The index keeps no
 pictures and cuts every text at ``MAX_TAG_CHARS``, so mutagen is shown only
 what the index uses:
 
-* **ID3v2** (mp3): a tag larger than :data:`SMALL_TAG` is walked frame
+* **ID3v2** (mp3, mp2, tta): a tag larger than :data:`SMALL_TAG` is walked frame
   header by frame header, seeking over the frames, and mutagen reads a copy
   holding only the title, artist, album and track frames (each at most
   :data:`MAX_FIELD` bytes) in its place. A v2.2/v2.3 tag unsynchronised as a
@@ -28,9 +28,18 @@ what the index uses:
   still give a title), so the stream facts are still read.
 * **A budget under all of it**: mutagen reads a file through a
   :class:`BudgetFile`, which refuses to read more than :data:`MAX_READ` bytes
-  of one file in all. A format not trimmed above (an Ogg FLAC or Speex
-  comment, a WavPack APEv2 tag...) that would need more fails with
+  of one file in all, or to read more than :data:`MAX_READS` times (a file of
+  a million tiny MP4 atoms). A format not trimmed above (an Ogg FLAC or Speex
+  comment, an APEv2 tag of WavPack, Monkey's Audio or Musepack, an ASF
+  header, the ID3 tag of DSF and DSDIFF...) that would need more fails with
   :class:`TagsTooLarge`, and the file is listed with that error.
+
+* **Compressed ID3 frames** (v2.3/v2.4 allow zlib per frame) are inflated by
+  mutagen whatever the tag's size: a 1 MiB tag of them could inflate to
+  gigabytes. mutagen's ID3 frame parser is given a ``zlib`` whose
+  ``decompress`` inflates at most :data:`MAX_INFLATE` bytes per file read
+  through :func:`open_for_tags` (:data:`MAX_FIELD` per frame outside of it); a
+  frame past that is junk to mutagen, which drops it.
 
 The views are :class:`SplicedFile` objects: byte strings and ranges of the
 real file, read-only, which mutagen takes for the file itself.
@@ -41,8 +50,12 @@ from __future__ import annotations
 import os
 import re
 import struct
+import threading
+import zlib
+from collections.abc import Callable
 from typing import Any, BinaryIO, Final, Literal, Protocol
 
+import mutagen.id3._frames
 from mutagen._vorbis import VCommentDict
 from mutagen.mp4 import MP4, MP4Tags
 from mutagen.oggopus import OggOpus
@@ -50,7 +63,9 @@ from mutagen.oggvorbis import OggVorbis
 
 __all__ = [
     "MAX_FIELD",
+    "MAX_INFLATE",
     "MAX_READ",
+    "MAX_READS",
     "SMALL_TAG",
     "BoundedMP4",
     "BoundedOggOpus",
@@ -63,10 +78,16 @@ __all__ = [
 
 #: bytes mutagen may read of one file in all
 MAX_READ: Final = 16 * 1024 * 1024
+#: reads mutagen may make of one file in all: mutagen keeps an object per MP4 atom it
+#: reads a header of (some 200 bytes for 8 of the file's), so a file of tiny atoms
+#: cost 26 times its size
+MAX_READS: Final = 50_000
 #: a tag structure up to this size is given to mutagen as it is
 SMALL_TAG: Final = 1024 * 1024
 #: a wanted field longer than this is skipped (the index keeps 1024 characters)
 MAX_FIELD: Final = 64 * 1024
+#: bytes compressed ID3 frames may inflate to, in all, while one file is read
+MAX_INFLATE: Final = 256 * 1024
 #: at most this many Vorbis comments are looked at, and this many FLAC blocks / ID3 frames
 _MAX_ITEMS: Final = 10_000
 
@@ -82,19 +103,26 @@ class TagsTooLarge(ValueError):
 
 
 class BudgetFile:
-    """A read-only file that refuses to read more than ``budget`` bytes in all."""
+    """A read-only file that refuses to read more than ``budget`` bytes in all, or
+    more than :data:`MAX_READS` times."""
 
     def __init__(self, raw: BinaryIO, name: str, budget: int = MAX_READ) -> None:
         self._raw = raw
         self.name = name
         self._left = budget
+        self._reads_left = MAX_READS
 
     def read(self, n: int | None = -1) -> bytes:
-        if n is None or n < 0:
-            here = self._raw.tell()
-            n = max(0, os.fstat(self._raw.fileno()).st_size - here)
+        # At most what the file holds from here: a read past its end is short, not
+        # refused, and allocates no more than it returns (a raw read(n) allocates n
+        # bytes first, whatever the file holds).
+        left_in_file = max(0, os.fstat(self._raw.fileno()).st_size - self._raw.tell())
+        n = left_in_file if n is None or n < 0 else min(n, left_in_file)
         if n > self._left:
             raise TagsTooLarge(f"its tags need more than {MAX_READ // (1024 * 1024)} MiB read")
+        self._reads_left -= 1
+        if self._reads_left < 0:
+            raise TagsTooLarge(f"its tags need more than {MAX_READS} reads")
         data = self._raw.read(n)
         self._left -= len(data)
         return data
@@ -156,15 +184,20 @@ class SplicedFile:
 
 
 def open_for_tags(raw: BinaryIO, name: str, ext: str) -> BudgetFile | SplicedFile:
-    """``raw`` as mutagen should read it for a file of extension ``ext``."""
+    """``raw`` as mutagen should read it for a file of extension ``ext``.
+
+    Also starts this thread's allowance for inflating compressed ID3 frames
+    (:data:`MAX_INFLATE`): mutagen reads the file in this thread next.
+    """
+    _inflating.left = MAX_INFLATE
     budget = BudgetFile(raw, name)
     size = os.fstat(raw.fileno()).st_size
     parts: list[Part] | None = None
-    if ext == "mp3":
+    if ext in ("mp3", "mp2", "tta"):  # an ID3v2 tag at the start
         parts = _id3_parts(budget, size)
     elif ext == "flac":
         parts = _flac_parts(budget, size)
-    elif ext in ("wav", "aif", "aiff"):
+    elif ext in ("wav", "wave", "aif", "aiff", "aifc"):
         parts = _iff_parts(budget, size)
     if parts is None:
         budget.seek(0)
@@ -173,6 +206,30 @@ def open_for_tags(raw: BinaryIO, name: str, ext: str) -> BudgetFile | SplicedFil
 
 
 # --------------------------------------------------------------------------- ID3v2
+
+_inflating = threading.local()  # .left: bytes compressed frames may still inflate to
+
+
+class _BoundedZlib:
+    """The ``zlib`` mutagen's ID3 frame parser sees: ``decompress`` stops at this
+    thread's allowance (and at MAX_FIELD a frame outside :func:`open_for_tags`)."""
+
+    error = zlib.error
+
+    @staticmethod
+    def decompress(data: bytes) -> bytes:
+        left = getattr(_inflating, "left", MAX_FIELD)
+        inflater = zlib.decompressobj()
+        out = inflater.decompress(data, max(1, left))
+        if inflater.unconsumed_tail or not inflater.eof or len(out) > left:
+            raise zlib.error(f"a compressed frame inflates past {left} bytes")
+        _inflating.left = left - len(out)
+        return out
+
+
+_frames = vars(mutagen.id3._frames)
+assert _frames["zlib"] in (zlib, _BoundedZlib), "mutagen's ID3 frames no longer inflate this way"
+_frames["zlib"] = _BoundedZlib
 
 
 def _syncsafe(raw: bytes) -> int:
@@ -199,30 +256,71 @@ def _id3_parts(f: BudgetFile, size: int) -> list[Part] | None:
     if flags & 0x80 and major < 4:  # unsynchronised as a whole: frame sizes lie
         flags &= ~0x80
     elif major == 2:
-        frames = _walk_id3_frames(f, 10, 10 + body, 6, 3, lambda raw: int.from_bytes(raw, "big"))
+        frames = _walk_id3_frames(f, 10, 10 + body, 6, 3, _plain_size)
     else:
         pos = 10
         if flags & 0x40:  # an extended header: skipped, and not copied
             ext = f.read(4)
             if len(ext) < 4:
                 return None
-            pos += _syncsafe(ext) if major == 4 else 4 + int.from_bytes(ext, "big")
-        frames = _walk_id3_frames(f, pos, 10 + body, 10, 4, lambda raw: _frame_size(raw, major))
+            if _FRAME_ID.fullmatch(ext):
+                pass  # the flag without the header (some taggers): frames start here
+            else:
+                pos += _syncsafe(ext) if major == 4 else 4 + int.from_bytes(ext, "big")
+        size_of = _plain_size
+        if major == 4 and not _plain_sizes(f, pos, 10 + body):
+            size_of = _syncsafe_size
+        frames = _walk_id3_frames(f, pos, 10 + body, 10, 4, size_of, syncsafe=major == 4)
     header = b"ID3" + bytes((major, head[4], flags & ~0x50)) + _to_syncsafe(len(frames))
     return [header + frames, (end, max(0, size - end))]
 
 
-def _frame_size(raw: bytes, major: int) -> int:
-    # ID3v2.4 sizes are syncsafe, but some writers (old iTunes) put plain ones there
-    if major == 4 and not any(b & 0x80 for b in raw):
-        return _syncsafe(raw)
+def _plain_size(raw: bytes) -> int:
     return int.from_bytes(raw, "big")
 
 
+def _syncsafe_size(raw: bytes) -> int:
+    # as mutagen reads one: the high bit of each byte ignored
+    return (raw[0] & 0x7F) << 21 | (raw[1] & 0x7F) << 14 | (raw[2] & 0x7F) << 7 | raw[3] & 0x7F
+
+
+def _plain_sizes(f: BudgetFile, pos: int, end: int) -> bool:
+    """Whether an ID3v2.4 tag's frame sizes are plain integers (old iTunes) rather
+    than syncsafe ones: mutagen's rule (``determine_bpi``), on frame headers only."""
+
+    def walk(size_of: Callable[[bytes], int]) -> tuple[int, int]:
+        found, at = 0, pos
+        for _ in range(_MAX_ITEMS):
+            if at >= end - 10:
+                break
+            f.seek(at)
+            header = f.read(10)
+            if len(header) < 10:
+                return found, 10**9  # past the end of the file
+            if header == bytes(10):
+                return found, -((end - at) % 10)
+            at += 10 + size_of(header[4:8])
+            found += bool(_FRAME_ID.fullmatch(header[:4]))
+        return found, at - end
+
+    as_syncsafe, syncsafe_past = walk(_syncsafe_size)
+    as_plain, plain_past = walk(_plain_size)
+    return as_plain > as_syncsafe or (
+        as_plain == as_syncsafe and syncsafe_past >= 1 and plain_past <= 1
+    )
+
+
 def _walk_id3_frames(
-    f: BudgetFile, pos: int, end: int, header_size: int, id_size: int, size_of: Any
+    f: BudgetFile,
+    pos: int,
+    end: int,
+    header_size: int,
+    id_size: int,
+    size_of: Callable[[bytes], int],
+    syncsafe: bool = False,
 ) -> bytes:
-    """The wanted frames (headers included) between ``pos`` and ``end``, read one by one."""
+    """The wanted frames between ``pos`` and ``end``, read one by one, their headers
+    included (ID3v2.4 sizes rewritten syncsafe, so that mutagen reads them as we did)."""
     wanted = _ID3_WANTED if id_size == 4 else _ID3_22_WANTED
     kept: list[bytes] = []
     for _ in range(_MAX_ITEMS):
@@ -231,13 +329,15 @@ def _walk_id3_frames(
         f.seek(pos)
         header = f.read(header_size)
         frame_id = header[:id_size]
-        if len(header) < header_size or not _FRAME_ID.fullmatch(frame_id):
-            break  # padding, or the end of what can be trusted
+        if len(header) < header_size or not frame_id.strip(b"\0"):
+            break  # padding, or the end of the file
         n = size_of(header[id_size : id_size + (3 if id_size == 3 else 4)])
         if frame_id in wanted and n <= MAX_FIELD:
             data = f.read(n)
             if len(data) < n:
                 break
+            if syncsafe:
+                header = frame_id + _to_syncsafe(n) + header[8:]
             kept.append(header + data)
         pos += header_size + n
     return b"".join(kept)

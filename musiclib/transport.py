@@ -285,5 +285,11 @@ def _ssl_reason(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"the server's certificate is not trusted ({exc.verify_message})"
     if isinstance(exc, ssl.SSLError):
+        if exc.reason in _NOT_TLS:  # what OpenSSL says of a peer answering in plain bytes
+            return "the server does not speak TLS (drop --tls and --cafile, or check the port)"
         return exc.reason or str(exc)
     return str(exc) or "the server closed the connection (is it a TLS server?)"
+
+
+#: OpenSSL's reasons for a handshake answered by something that is not TLS
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG"})

@@ -14,16 +14,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import sys
-from collections.abc import Iterable, Sequence
-from typing import IO, Any, Literal
+from collections.abc import Callable, Iterable, Sequence
+from typing import IO, Any, Final, Literal
 
-from .protocol import ChannelInfo, TrackInfo
+from .protocol import ChannelInfo, ServerStatus, TrackInfo
 from .text import fold
 
 _TRACK_FIELDS = tuple(f.name for f in dataclasses.fields(TrackInfo))
 
 SortKey = Literal["path", "title", "artist", "album", "duration"]
+#: what ``ls --sort`` takes: the server's keys, and two the client sorts by itself
+LsSortKey = Literal["path", "title", "artist", "album", "duration", "size", "format"]
 
 #: characters of one table cell, or of one error message, shown at most
 SHOWN_CHARS = 300
@@ -83,6 +86,100 @@ def select(
     return sorted(chosen, key=key)
 
 
+_NUMBERS = re.compile(r"(\D*)(\d*)")
+
+
+def natural_key(text: str) -> tuple[tuple[str, int], ...]:
+    """A sort key that orders runs of digits by their value: ``2`` before ``10``.
+
+    Text between the numbers is compared folded (case and accents ignored);
+    ``01`` and ``1`` are equal here (callers break ties by path).
+    """
+    return tuple(
+        (letters, int(digits) if digits else -1)
+        for letters, digits in _NUMBERS.findall(fold(text))
+        if letters or digits
+    )
+
+
+def order(
+    tracks: Iterable[TrackInfo], sort: LsSortKey = "path", *, reverse: bool = False
+) -> list[TrackInfo]:
+    """Tracks in the order ``ls`` shows them: natural (``2`` before ``10``), by ``sort``,
+    ties by path (naturally, then code point by code point); tracks without the value
+    last, also when ``reverse`` turns the rest around.
+
+    The server orders by code point (PROTOCOL.md, "Order"); this is the
+    client's order of a list it has whole.
+    """
+
+    def tie(t: TrackInfo) -> tuple[Any, ...]:
+        return (natural_key(t.path), t.path)
+
+    def value(t: TrackInfo) -> Any:
+        if sort == "duration":
+            return t.duration
+        if sort == "size":
+            return t.size
+        if sort == "path":
+            return ()
+        text = getattr(t, sort)
+        return natural_key(text) if text else None
+
+    def key(t: TrackInfo) -> tuple[Any, ...]:
+        return (value(t), tie(t))
+
+    known = [t for t in tracks if value(t) is not None]
+    unknown = [t for t in tracks if value(t) is None]
+    return sorted(known, key=key, reverse=reverse) + sorted(unknown, key=tie, reverse=reverse)
+
+
+def suggestions(query: str, tracks: Iterable[TrackInfo], n: int = 3) -> list[str]:
+    """What "did you mean" offers after ``query`` matched nothing in a library holding
+    ``tracks`` (a sample of it): at most ``n`` names, closest first.
+
+    First the query with each word that occurs nowhere replaced by the closest
+    word that does (``cafe brumme`` -> ``cafe brume``), then the titles, artists,
+    albums and file names (without extension and leading track number) closest
+    to the whole query (difflib's ratio; case and accents ignored).
+    """
+    import difflib
+
+    from .protocol import query_words
+
+    wanted = [fold(w) for w in query_words(query)]
+    wanted = [w for w in wanted if w]
+    if not wanted:
+        return []
+    tracks = list(tracks)
+    names: dict[str, str] = {}  # folded -> as written
+    for t in tracks:
+        stem = _TRACK_NUMBER.sub("", t.path.rsplit("/", 1)[-1].rsplit(".", 1)[0])
+        for name in (t.title, t.artist, t.album, stem):
+            if name:
+                names.setdefault(fold(name), name)
+    haystack = list(names) + [fold(t.path) for t in tracks]
+    vocabulary = sorted({w for name in names for w in query_words(name)})
+    found: list[str] = []
+    fixed = []
+    for word in wanted:
+        if any(word in name for name in haystack):
+            fixed.append(word)
+        else:
+            nearest = difflib.get_close_matches(word, vocabulary, n=1, cutoff=0.6)
+            fixed.append(nearest[0] if nearest else word)
+    if fixed != wanted and len(wanted) > 1:
+        found.append(" ".join(fixed))
+    for name in difflib.get_close_matches(" ".join(wanted), list(names), n=n, cutoff=0.6):
+        if name not in {fold(f) for f in found}:
+            found.append(names[name])
+    return found[:n]
+
+
+#: a track number at the start of a file name: ``01 - ``, ``2. ``, ``03_``
+_TRACK_NUMBER: Final = re.compile(r"^\d+\s*[-._]?\s*")
+
+
 def totals(tracks: Sequence[TrackInfo]) -> str:
     """``10 tracks, 3:17, 2.7 MB``."""
     count = f"{len(tracks)} track{'' if len(tracks) == 1 else 's'}"
@@ -98,6 +195,130 @@ def format_table(tracks: Sequence[TrackInfo], *, long: bool = False) -> str:
     if long:
         header += ["CODEC", "RATE", "CH", "BITS", "BITRATE", "SIZE"]
     right = {"TIME", "RATE", "CH", "BITS", "BITRATE", "SIZE"}
+    lines = _columns(header, _rows(tracks, long), right)
+    lines.append(totals(tracks))
+    return "\n".join(lines)
+
+
+#: ``ls`` columns on a terminal: header, right-aligned, shrinks (a text column), and the
+#: order they are given up in when the terminal is too narrow (lowest first)
+_TERMINAL_COLUMNS: Final = {
+    "PATH": (False, True, 12),
+    "TITLE": (False, True, 10),
+    "ARTIST": (False, True, 6),
+    "ALBUM": (False, True, 5),
+    "TIME": (True, False, 11),
+    "FORMAT": (False, False, 1),
+    "CODEC": (False, False, 8),
+    "RATE": (True, False, 7),
+    "CH": (True, False, 3),
+    "BITS": (True, False, 2),
+    "BITRATE": (True, False, 4),
+    "SIZE": (True, False, 9),
+}
+#: the narrowest a shrinking column gets before columns are given up
+_MIN_TEXT_WIDTH: Final = 14
+_GAP: Final = 2
+
+
+def format_table_for_terminal(
+    tracks: Sequence[TrackInfo], *, long: bool = False, width: int = 80
+) -> str:
+    """The ``ls`` table fitted to a terminal ``width`` columns wide, then the totals line.
+
+    Widths are measured in terminal cells (rich's ``cell_len``: CJK and emoji
+    take two) and rich draws the table. When the natural table is too wide,
+    the text columns (path, title, artist, album) shrink in proportion to
+    their widths and end in an ellipsis; when even that leaves one narrower
+    than 12 cells, the least useful columns are left out and a last line names
+    them. Text is escaped (:func:`shown`) and never read as rich markup.
+
+    Imports rich (some 30 ms): call it only when drawing for a terminal.
+    """
+    import io
+
+    from rich.cells import cell_len
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    headers = ["PATH", "TITLE", "ARTIST", "ALBUM", "TIME", "FORMAT"]
+    if long:
+        headers += ["CODEC", "RATE", "CH", "BITS", "BITRATE", "SIZE"]
+    rows = [[shown(cell) for cell in row] for row in _rows(tracks, long)]
+    natural = {
+        h: max([cell_len(h), *(cell_len(r[i]) for r in rows)]) for i, h in enumerate(headers)
+    }
+    shown_headers = list(headers)
+    hidden: list[str] = []
+
+    def fixed() -> int:
+        return sum(natural[h] for h in shown_headers if not _TERMINAL_COLUMNS[h][1])
+
+    def texts() -> list[str]:
+        return [h for h in shown_headers if _TERMINAL_COLUMNS[h][1]]
+
+    def room() -> int:
+        return width - fixed() - _GAP * (len(shown_headers) - 1)
+
+    while (
+        len(shown_headers) > 1
+        and sum(natural[h] for h in shown_headers) + _GAP * (len(shown_headers) - 1) > width
+        and room() < _MIN_TEXT_WIDTH * len(texts())
+    ):
+        drop = min(shown_headers, key=lambda h: _TERMINAL_COLUMNS[h][2])
+        shown_headers.remove(drop)
+        hidden.append(drop)
+    widths = {h: natural[h] for h in shown_headers}
+    want = sum(natural[h] for h in texts())
+    if want > room() > 0:  # shrink the text columns in proportion, none below its share
+        left = room()
+        for i, h in enumerate(texts()):
+            share = left if i == len(texts()) - 1 else max(1, natural[h] * room() // want)
+            widths[h] = min(natural[h], share)
+            left -= widths[h]
+    table = Table(box=None, pad_edge=False, show_edge=False, padding=(0, _GAP, 0, 0))
+    for h in shown_headers:
+        right = _TERMINAL_COLUMNS[h][0]
+        table.add_column(
+            h,
+            justify="right" if right else "left",
+            no_wrap=True,
+            overflow="ellipsis",
+            width=max(widths[h], 1),
+        )
+    path = shown_headers.index("PATH") if "PATH" in shown_headers else -1
+    for row in rows:
+        cells = [row[headers.index(h)] for h in shown_headers]
+        if path >= 0:  # a path differs at its end: cut at its start
+            cells[path] = _tail(cells[path], widths["PATH"], cell_len)
+        table.add_row(*(Text(cell) for cell in cells))
+    out = io.StringIO()
+    console = Console(
+        file=out, width=max(width, 1) + _GAP, color_system=None, highlight=False, emoji=False
+    )
+    console.print(table)
+    lines = [line.rstrip() for line in out.getvalue().splitlines()]
+    lines.append(totals(tracks))
+    if hidden:
+        lines.append(f"(not shown, the terminal is too narrow: {', '.join(sorted(hidden))})")
+    return "\n".join(lines)
+
+
+def _tail(text: str, width: int, cell_len: Callable[[str], int]) -> str:
+    """``text`` in at most ``width`` terminal cells: its end, after an ellipsis."""
+    if cell_len(text) <= width:
+        return text
+    kept, used = [], 1  # the ellipsis takes one cell
+    for char in reversed(text):
+        used += cell_len(char)
+        if used > width:
+            break
+        kept.append(char)
+    return "…" + "".join(reversed(kept))
+
+
+def _rows(tracks: Sequence[TrackInfo], long: bool) -> list[list[str]]:
     rows: list[list[str]] = []
     for t in tracks:
         row = [
@@ -118,9 +339,48 @@ def format_table(tracks: Sequence[TrackInfo], *, long: bool = False) -> str:
                 format_size(t.size),
             ]
         rows.append(row)
-    lines = _columns(header, rows, right)
-    lines.append(totals(tracks))
-    return "\n".join(lines)
+    return rows
+
+
+def format_status(status: ServerStatus, address: str, *, complete: bool = True) -> str:
+    """What ``musiclib status`` prints: one fact per line. ``complete=False``: the status
+    was pieced together from an older server's welcome, which says no more than its
+    version, versions, tracks and whether it scans."""
+    if not complete:
+        last = uptime = connections = scans = channels = "unknown (an older server)"
+    else:
+        if status.last_scan is None:
+            last = "none finished yet"
+        else:
+            took = status.last_scan_took or 0.0
+            last = f"{_ago(status.last_scan)} ago, took {took:.2f} s"
+        uptime, scans = _ago(status.uptime), str(status.scans)
+        connections, channels = str(status.connections), str(status.channels)
+    facts = [
+        ("server", f"{status.server} at {address}"),
+        ("protocol", "versions " + ", ".join(str(v) for v in status.versions)),
+        ("tracks", str(status.tracks)),
+        ("scan", "running" if status.scanning else "idle"),
+        ("last scan", last),
+        ("scans", scans),
+        ("uptime", uptime),
+        ("connections", connections),
+        ("live channels", channels),
+    ]
+    width = max(len(name) for name, _ in facts)
+    return "\n".join(f"{name.rjust(width)}  {shown(value)}" for name, value in facts)
+
+
+def _ago(seconds: float) -> str:
+    """``42 s``, ``3 min 5 s``, ``2 h 10 min``, ``3 d 4 h``."""
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.0f} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
 
 
 def printable(text: str) -> str:

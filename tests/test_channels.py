@@ -8,7 +8,6 @@ from musiclib.decode import AudioFormat
 from musiclib.errors import UsageError
 from musiclib.live.channels import (
     ChannelSpec,
-    album_order,
     channel_format,
     parse_channel,
 )
@@ -82,5 +81,5 @@ def test_several_matches_play_in_album_order() -> None:
         track("z.mp3", None, None),
         track("b/1.mp3", "Beta", 1),
     ]
-    ordered = [t.path for t in sorted(tracks, key=album_order)]
+    ordered = [t.path for t in sorted(tracks, key=TrackInfo.album_order)]
     assert ordered == ["a/9.mp3", "a/10.mp3", "b/1.mp3", "b/2.mp3", "z.mp3"]

@@ -512,7 +512,7 @@ async def test_errors_in_process_are_typed(address, capsys):
 
 @pytest.mark.parametrize(
     "argv",
-    [["ls", "--bogus"], ["get"], ["ls", "--sort", "size"], ["serve", "--port", "x"], ["nope"]],
+    [["ls", "--bogus"], ["ls", "--sort", "bitrate"], ["serve", "--port", "x"], ["nope"]],
 )
 def test_a_bad_command_line_is_one_line_and_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_:

@@ -432,7 +432,7 @@ def test_ls_query_filters(cli, shipped_tracks):
     assert result.returncode == 0, result.stderr
     assert [t["path"] for t in json.loads(result.stdout)] == [track["path"]]
     nothing = cli("ls", "--json", "no-such-word-anywhere")
-    assert nothing.returncode == 0, nothing.stderr
+    assert nothing.returncode == 1, nothing.stderr  # nothing matched: like grep
     assert json.loads(nothing.stdout) == []
 
 

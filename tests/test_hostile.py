@@ -1048,7 +1048,9 @@ def test_ctrl_c_keeps_the_part_and_the_next_run_resumes(start_server, tmp_path):
     assert os.listdir(work) == ["big.wav"]
     assert (work / "big.wav").read_bytes() == data
     # last, so that a wrong message does not hide the rest
-    assert assert_one_error_line(err) == "musiclib: interrupted"
+    line = assert_one_error_line(err)  # says what was kept and what to do
+    assert line.startswith(f"musiclib: interrupted: kept {part} ("), line
+    assert line.endswith(f" of {len(data)} bytes): run the same command again to resume"), line
 
 
 def start_slow_play(
@@ -1067,23 +1069,30 @@ def start_slow_play(
     return process, int(pidfile.read_text())
 
 
-def test_ctrl_c_during_play_stops_the_player(server, shipped_tracks, tmp_path):
+@pytest.mark.parametrize(
+    ("signum", "expected", "said"),
+    [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
+    ids=["ctrl-c", "sigterm"],
+)
+def test_ctrl_c_or_sigterm_during_play_stops_the_player(
+    server, shipped_tracks, tmp_path, signum, expected, said
+):
     track = smallest(shipped_tracks)
     process, player = start_slow_play(server, track, tmp_path)
     with reaped(process):
         time.sleep(0.3)  # well into the transfer, the player reading slowly
         assert process.poll() is None
-        process.send_signal(signal.SIGINT)
+        process.send_signal(signum)
         status, err = finish(process)
         stopped = time.monotonic()
-    assert status == 130, err
+    assert status == expected, err
     while not process_gone(player):
         if time.monotonic() - stopped >= 2:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(player, signal.SIGKILL)
             pytest.fail("the player outlived musiclib by 2 s")
         time.sleep(POLL)
-    assert assert_one_error_line(err) == "musiclib: interrupted"
+    assert assert_one_error_line(err) == f"musiclib: {said}"
 
 
 def read_available(fd: int) -> bytes:

@@ -123,9 +123,11 @@ class ReadCounter:
         self.read: list[str] = []
         self.real = lib_mod.read_rows
 
-    def __call__(self, root: str, items: Sequence[lib_mod.WorkItem]) -> list[tuple[Any, ...]]:
+    def __call__(
+        self, root: str, items: Sequence[lib_mod.WorkItem], ffmpeg: str | None = None
+    ) -> list[tuple[Any, ...]]:
         self.read.extend(item[0] for item in items)
-        return self.real(root, items)
+        return self.real(root, items, ffmpeg)
 
 
 @pytest.fixture
@@ -971,10 +973,12 @@ def test_stop_after_the_first_commit_keeps_it_and_the_next_scan_reads_the_rest(
     given: list[list[str]] = []
     real = lib_mod.read_rows
 
-    def read_then_stop(root: str, items: Sequence[lib_mod.WorkItem]) -> list[tuple[Any, ...]]:
+    def read_then_stop(
+        root: str, items: Sequence[lib_mod.WorkItem], ffmpeg: str | None = None
+    ) -> list[tuple[Any, ...]]:
         given.append([item[0] for item in items])
         stop.set()
-        return real(root, items)
+        return real(root, items, ffmpeg)
 
     monkeypatch.setattr(lib_mod, "read_rows", read_then_stop)
     with Library(root, tmp_path / "index.sqlite3", workers=0) as lib:

@@ -503,10 +503,12 @@ def test_rescan_publishes_progress_and_sets_scanning(
     seen: list[tuple[bool, int, bool]] = []
     real_read_rows = lib_mod.read_rows
 
-    def watching(root: str, items: list[lib_mod.WorkItem]) -> list[tuple[object, ...]]:
+    def watching(
+        root: str, items: list[lib_mod.WorkItem], ffmpeg: str | None = None
+    ) -> list[tuple[object, ...]]:
         visible = paths(lib.tracks())
         seen.append((lib.scanning, len(visible), "old.mp3" in visible))
-        return real_read_rows(root, items)
+        return real_read_rows(root, items, ffmpeg)
 
     monkeypatch.setattr(lib_mod, "read_rows", watching)
     assert not lib.scanning
@@ -520,7 +522,7 @@ def test_rescan_publishes_progress_and_sets_scanning(
 def test_scanning_is_reset_when_the_scan_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def failing_walk(root: Path) -> Iterator[tuple[str, object]]:
+    def failing_walk(root: Path, follow: str = "inside") -> Iterator[tuple[str, object]]:
         raise RuntimeError("boom")
         yield  # pragma: no cover
 

@@ -46,7 +46,9 @@ from musiclib.protocol import (
     NeedData,
     PublishDone,
     Role,
+    ServerStatus,
     State,
+    StatusRequest,
     StreamEnd,
     StreamRequest,
     StreamStart,
@@ -671,6 +673,20 @@ generated_messages = st.one_of(
     ),
     st.builds(Error, code=text, message=text, candidates=st.lists(text, max_size=4).map(tuple)),
     st.builds(InfoReply, track=tracks),
+    st.just(StatusRequest()),
+    st.builds(  # every value a status allows
+        ServerStatus,
+        server=text,
+        versions=st.lists(st.integers(1, 2**31), min_size=1, max_size=4).map(tuple),
+        tracks=st.integers(0, 2**53),
+        uptime=st.floats(0, 1e12, exclude_max=True),
+        connections=st.integers(0, 2**31),
+        scanning=st.booleans(),
+        scans=st.integers(0, 2**40),
+        last_scan=st.none() | st.floats(0, 1e12, exclude_max=True),
+        last_scan_took=st.none() | st.floats(0, 1e12, exclude_max=True),
+        channels=st.integers(0, 2**31),
+    ),
 )
 
 
@@ -687,7 +703,12 @@ WHITE_SPACE = frozenset(
 )
 spaces = st.text(st.sampled_from(sorted(WHITE_SPACE)), min_size=1, max_size=3)
 # words that may hold anything else, quotes and the characters Python alone calls spaces
-words = st.text(st.characters(blacklist_characters=sorted(WHITE_SPACE)), min_size=1, max_size=8)
+# (no lone surrogates: they are not text a peer can send, UTF-8 has no encoding for them)
+words = st.text(
+    st.characters(blacklist_categories=("Cs",), blacklist_characters=sorted(WHITE_SPACE)),
+    min_size=1,
+    max_size=8,
+)
 
 
 @settings(deadline=None)

@@ -12,6 +12,7 @@ anywhere (the events never change).
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections.abc import Callable, Iterable
 
@@ -53,7 +54,9 @@ from musiclib.protocol import (
     PublishReady,
     PublishRequest,
     Role,
+    ServerStatus,
     State,
+    StatusRequest,
     StopRequest,
     StreamEnd,
     StreamRequest,
@@ -80,6 +83,17 @@ CHANNEL = ChannelInfo(
     listeners=2,
     position=320,
     latency_ms=12.5,
+)
+STATUS = ServerStatus(
+    server="musiclib/0.1.0",
+    versions=(1, 2),
+    tracks=10,
+    uptime=61.5,
+    connections=1,
+    scans=2,
+    last_scan=3.25,
+    last_scan_took=0.5,
+    channels=1,
 )
 
 
@@ -175,6 +189,8 @@ TRANSCRIPT: list[Step] = [
     *HANDSHAKE,
     (C, ChannelsRequest()),
     (S, ChannelList(channels=(CHANNEL,))),
+    (C, StatusRequest()),
+    (S, STATUS),
     # a listen with preroll, a gap, then the source ends
     (C, ListenRequest(channel="kitchen", max_latency_ms=100, preroll_ms=20)),
     (S, start(position=1000, preroll=3)),
@@ -639,6 +655,8 @@ def test_v2_messages_out_of_turn_are_remote_errors() -> None:
         (State.IDLE, ListenEnd(reason="x", message="", frames=0)),
         (State.LISTENING, PublishDone(frames=0)),
         (State.LISTEN_HEAD, ChannelList(channels=())),
+        (State.CHANNELS, STATUS),  # a status for a channels request
+        (State.IDLE, STATUS),
         (State.PUBLISHING, ListenEnd(reason="x", message="", frames=0)),
         (State.PUBLISH_HEAD, PublishDone(frames=0)),
     ]:
@@ -692,6 +710,10 @@ def test_a_bad_v2_request_is_a_recoverable_bad_request() -> None:
         (PublishEnd(sent=-1), "sent"),
         (GapNotice(position=0, frames=0), "gap"),
         (ListenStart("a", "s16le", 16000, 1, position=-1), "position"),
+        (dataclasses.replace(STATUS, versions=()), "versions"),
+        (dataclasses.replace(STATUS, connections=-1), "counts"),
+        (dataclasses.replace(STATUS, uptime=-1.0), "uptime"),
+        (dataclasses.replace(STATUS, last_scan=float("inf")), "last_scan"),
     ],
 )
 def test_invalid_v2_field_values(msg: Message, problem: str) -> None:
@@ -704,6 +726,7 @@ def test_invalid_v2_field_values(msg: Message, problem: str) -> None:
 
 V2_REQUESTS: list[Message] = [
     ChannelsRequest(),
+    StatusRequest(),
     ListenRequest(channel="kitchen"),
     StopRequest(),
     publish(),
@@ -825,6 +848,7 @@ def test_a_v1_client_against_a_v2_server_works_as_before(feed: Feeder, group: bo
 _ROUTES: dict[State, list[Step]] = {
     State.IDLE: [],
     State.CHANNELS: [(C, ChannelsRequest())],
+    State.STATUS: [(C, StatusRequest())],
     State.LISTEN_HEAD: [(C, ListenRequest(channel="kitchen"))],
     State.LISTENING: [(C, ListenRequest(channel="kitchen")), (S, start())],
     State.LISTEN_STOPPING: [

@@ -30,6 +30,7 @@ from mutagen.oggopus import OggOpus
 from mutagen.oggvorbis import OggVorbis
 from mutagen.wave import WAVE
 
+from musiclib import library_requests
 from musiclib.client import Client
 from musiclib.errors import Busy
 from musiclib.index import Index, row_of
@@ -115,6 +116,47 @@ async def test_list_replies_nobody_reads_hold_no_index_connection(big_library: L
     assert stuck_descriptors <= baseline, "pending replies hold index descriptors"
     assert index.connections <= Index.IDLE_CONNECTIONS
     assert index_descriptors(index) <= baseline
+
+
+async def test_memory_is_given_back_once_after_the_last_pending_list_reply(
+    big_library: Library, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """500 peers that send ``list`` and stop reading left RSS 25 MiB up after they
+    had gone: glibc keeps freed memory. ``malloc_trim`` (here a counting hook) now
+    runs once the last list reply in progress has ended, never while one still runs."""
+    calls: list[int] = []  # the replies in progress at each trim
+    trimmed = trio.Event()
+    replies = library_requests.LIST_REPLIES
+
+    def trim() -> None:  # runs in a worker thread
+        calls.append(replies.replies)
+        trio.from_thread.run_sync(trimmed.set)
+
+    monkeypatch.setattr(replies, "trim", trim)
+    monkeypatch.setattr(replies, "interval", 0.0)
+
+    server = Server(big_library, ServerConfig(root=big_library.root, send_timeout=600.0))
+    clients: list[Client] = []
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            client_stream, server_stream = trio.testing.lockstep_stream_pair()
+            nursery.start_soon(server.handle, server_stream, f"stuck{i}")
+            client = Client(client_stream, timeout=30)
+            await client.handshake()
+            await client._send(ListRequest())
+            assert await client._stream.receive_some(1)  # the reply is under way, stuck
+            clients.append(client)
+        await trio.testing.wait_all_tasks_blocked()
+        assert replies.replies == 5
+        for client in clients[:-1]:
+            await client._stream.aclose()
+        await trio.sleep(0.1)
+        assert (calls, replies.replies) == ([], 1)  # one reply still runs: no trim
+        await clients[-1]._stream.aclose()
+        with trio.fail_after(5):
+            await trimmed.wait()
+        await trio.sleep(0.1)  # and no second one
+    assert calls == [0]
 
 
 def test_the_index_pool_has_a_hard_bound(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

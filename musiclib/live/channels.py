@@ -128,12 +128,6 @@ def parse_channel(text: str) -> ChannelSpec:
     return spec
 
 
-def album_order(track: TrackInfo) -> tuple[bool, str, int, str]:
-    """How several matches play: album (tracks without one last, as ``ls`` sorts), then
-    track number, then path."""
-    return (track.album is None, (track.album or "").casefold(), track.track or 0, track.path)
-
-
 def tracks_for(library: Library, name: str) -> list[TrackInfo]:
     """Every track ``name`` means, in album order: the one it resolves to, all the
     candidates when it is ambiguous, else every track matching its words."""
@@ -145,7 +139,7 @@ def tracks_for(library: Library, name: str) -> list[TrackInfo]:
         found = library.search(name)
     if not found:
         raise NotFound(f"no track matches {name!r}")
-    return sorted(found, key=album_order)
+    return sorted(found, key=TrackInfo.album_order)
 
 
 @dataclass(eq=False)
