@@ -1017,7 +1017,7 @@ async def play(
         With --save or -o: report each saved file as one JSON object per line.
     """
     from . import playing
-    from .player import plan_player
+    from .player import describe_exit, plan_player
     from .ui import ProgressBar
 
     if not tracks:
@@ -1072,23 +1072,10 @@ async def play(
     for note in result.notes:
         log.warning("%s", note)
     if result.status:  # a player that failed is exit 6, also when the save succeeded
-        raise PlayerError(_describe_exit(result.player, result.status))
+        raise PlayerError(describe_exit(result.player, result.status))
     if result.error is not None:
         raise result.error
     return 0
-
-
-def _describe_exit(name: str, status: int) -> str:
-    """One line saying how the player ``name`` ended with ``status``."""
-    import signal
-
-    if status < 0:
-        try:
-            how = signal.Signals(-status).name
-        except ValueError:
-            how = f"signal {-status}"
-        return f"{name} was stopped by {how}"
-    return f"{name} exited with status {status}"
 
 
 def _queue_saving(

@@ -13,7 +13,7 @@ an error, so no class here); 2 ``UsageError``; 3 ``ProtocolError``,
 ``TransportError`` and the server errors that are about the connection; 4 the
 server refused the request; 5 ``IntegrityError`` and the server's ``changed``
 and ``decode_failed``; 6 ``PlayerError``; 7 ``OutputError``; 8 ``DeviceError``;
-130 interrupted (Ctrl-C).
+130 interrupted (Ctrl-C); 143 terminated (SIGTERM), stopped as Ctrl-C stops it.
 
 ::
 

@@ -99,20 +99,16 @@ PRESETS: dict[str, Preset] = {
         url_args=("-nodisp", "-autoexit", "-loglevel", "warning", "-i"),
         interactive=True,
     ),
-    "cvlc": Preset(
-        STDIN_ARGS["cvlc"],
-        url_args=("--play-and-exit",),
-        playlist_arg="{}",
-        repeat_args=("--loop",),
-        interactive=True,
-    ),
-    "vlc": Preset(
-        STDIN_ARGS["vlc"],
-        url_args=("--play-and-exit",),
-        playlist_arg="{}",
-        repeat_args=("--loop",),
-        interactive=True,
-    ),
+    **{
+        vlc: Preset(
+            STDIN_ARGS[vlc],
+            url_args=("--play-and-exit",),
+            playlist_arg="{}",
+            repeat_args=("--loop",),
+            interactive=True,
+        )
+        for vlc in ("cvlc", "vlc")
+    },
     "mplayer": Preset(STDIN_ARGS["mplayer"], interactive=True),
     "aplay": Preset(STDIN_ARGS["aplay"]),
     "paplay": Preset(STDIN_ARGS["paplay"]),
@@ -265,13 +261,7 @@ class Player:
 
     def describe_exit(self, status: int) -> str:
         """One line saying how the player ended."""
-        if status < 0:
-            try:
-                how = signal.Signals(-status).name
-            except ValueError:
-                how = f"signal {-status}"
-            return f"{self.name} was stopped by {how}"
-        return f"{self.name} exited with status {status}"
+        return describe_exit(self.name, status)
 
 
 @asynccontextmanager
@@ -291,6 +281,17 @@ async def open_player(argv: list[str]) -> AsyncIterator[Player]:
     finally:
         with trio.CancelScope(shield=True):
             await _reap(process)
+
+
+def describe_exit(name: str, status: int) -> str:
+    """One line saying how the player ``name`` ended with exit ``status`` (negative: a signal)."""
+    if status < 0:
+        try:
+            how = signal.Signals(-status).name
+        except ValueError:
+            how = f"signal {-status}"
+        return f"{name} was stopped by {how}"
+    return f"{name} exited with status {status}"
 
 
 async def run_player(argv: Sequence[str]) -> int:
