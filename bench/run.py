@@ -2,8 +2,8 @@
 
 ``python -m bench [--quick] [--only NAME ...]`` (or ``python bench/run.py``). Scenario
 names: ``download``, ``concurrent``, ``paced``, ``startup``, ``client-rss``, ``index``,
-``live`` (or their numbers 1-7). A scenario that fails is reported as an error and the others
-still run; the exit status is 1 if any failed to run (a FAIL against a target is a
+``live``, ``cli`` (or their numbers 1-8). A scenario that fails is reported as an error and
+the others still run; the exit status is 1 if any failed to run (a FAIL against a target is a
 finding, not an error, and leaves the status at 0).
 """
 
@@ -48,6 +48,7 @@ SCENARIOS = (
     ("5", "client-rss", "bench.s5_client_rss"),
     ("6", "index", "bench.s6_index"),
     ("7", "live", "bench.s7_live"),
+    ("8", "cli", "bench.s8_cli"),
 )
 
 

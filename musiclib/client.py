@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Generic, TypeVar
 
 import trio
 
-from . import __version__
+from . import DEFAULT_SERVER, __version__
 from .errors import (
     Busy,
     ConnectionLost,
@@ -74,7 +74,6 @@ from .transport import Transport, open_stream
 if TYPE_CHECKING:
     import ssl
 
-DEFAULT_SERVER = "127.0.0.1:7650"
 #: failures worth reconnecting for (``get``, ``play``, ``listen``): the network, a peer
 #: cut in the middle of a frame or otherwise confused, a full server
 RETRYABLE: tuple[type[Exception], ...] = (TransportError, RemoteProtocolError, Busy)

@@ -50,7 +50,7 @@ import logging
 import math
 import os
 import stat
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -373,6 +373,26 @@ class _Progress:
 # ---- retries -----------------------------------------------------------------
 
 Connector = Callable[[], AbstractAsyncContextManager[Client]]
+
+
+def reusing(client: Client, connect: Connector) -> Connector:
+    """A :data:`Connector` whose first connection is ``client``, already open, and the
+    later ones (retries, more tracks) new ones from ``connect``.
+
+    ``get`` and ``play`` ask ``info`` first; their stream then goes over the same
+    connection instead of a second connect and handshake. Whoever opened
+    ``client`` still closes it; a stream left unfinished closes it earlier.
+    """
+    spare = [client]
+
+    @contextlib.asynccontextmanager
+    async def reused() -> AsyncIterator[Client]:
+        yield spare.pop()
+
+    def connector() -> AbstractAsyncContextManager[Client]:
+        return reused() if spare else connect()
+
+    return connector
 
 
 @dataclass(frozen=True)

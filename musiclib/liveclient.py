@@ -82,6 +82,20 @@ class FdSink:
             await self.write(b"")
 
 
+def create_output(path: Path, *, replace: bool = False) -> BinaryIO:
+    """A new file at ``path`` for a recording: an existing one is refused (as ``get``
+    refuses it) unless ``replace``, which removes it first, so that a symbolic link
+    there is replaced, never written through. OutputError on failure."""
+    try:
+        if replace and (path.is_symlink() or path.is_file()):
+            path.unlink()
+        return open(path, "xb")  # the sink closes it
+    except FileExistsError:
+        raise OutputError(f"{path} already exists: use --force to replace it") from None
+    except OSError as exc:
+        raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
 class WavFileSink:
     """A WAV file whose header states the real length once the listen ends.
 
@@ -89,12 +103,13 @@ class WavFileSink:
     recorded is always a valid file.
     """
 
-    def __init__(self, path: Path, fmt: AudioFormat) -> None:
+    def __init__(self, path: Path, fmt: AudioFormat, *, replace: bool = False) -> None:
         self.path = path
+        self._file: BinaryIO = create_output(path, replace=replace)
         try:
-            self._file: BinaryIO = open(path, "wb")  # noqa: SIM115 - closed in close()
             self._file.write(wav_header(fmt.sample_format, fmt.sample_rate, fmt.channels, None))
         except OSError as exc:
+            self._file.close()
             raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
         self.data_bytes = 0
 
@@ -122,12 +137,9 @@ class WavFileSink:
 class RawFileSink(WavFileSink):
     """Bare samples to a file (``-o FILE --format s16le``): no header to patch."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, *, replace: bool = False) -> None:
         self.path = path
-        try:
-            self._file = open(path, "wb")  # noqa: SIM115 - closed in close()
-        except OSError as exc:
-            raise OutputError(f"cannot write {path}: {exc.strerror or exc}") from None
+        self._file = create_output(path, replace=replace)
         self.data_bytes = 0
 
     def _finish(self) -> None:

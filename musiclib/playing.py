@@ -54,7 +54,6 @@ from . import fetch
 from .client import Client
 from .errors import Ambiguous, MusiclibError, NotFound, PlayerError
 from .fetch import Connector, Decoding, Reporter, Retry
-from .gateway import open_gateway
 from .player import PlayerPlan, open_player, run_player
 from .protocol import TrackInfo
 from .ui import shown
@@ -139,6 +138,8 @@ async def play_urls(
     announce: Announce | None = None,
 ) -> Playback:
     """Play ``queue`` by URL (see the module docstring); saves run alongside."""
+    from .gateway import open_gateway  # h11 and the rest: 12 ms that --pipe does not need
+
     result = Playback(player=plan.name)
     send_save, receive_save = trio.open_memory_channel[int](max(len(queue), 1))
     asked: set[str] = set()

@@ -8,6 +8,7 @@ when a real server is needed; that server runs in the same trio run on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -15,6 +16,7 @@ import logging
 import os
 import socket
 import stat
+import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -495,6 +497,87 @@ async def test_get_to_stdout_in_process(address, capsysbinary):
     rel = track.relative_to(LIBRARY).as_posix()
     assert await run_app("get", rel, "--server", address) == 0
     assert capsysbinary.readouterr().out == track.read_bytes()
+
+
+def counting_connections(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Count the connections the CLI opens (one entry per ``open_client``)."""
+    import musiclib.client
+
+    opened: list[str] = []
+    real = musiclib.client.open_client
+
+    def counted(address: str, **kwargs: object):  # type: ignore[no-untyped-def]
+        opened.append(address)
+        return real(address, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(musiclib.client, "open_client", counted)
+    return opened
+
+
+async def test_get_asks_info_and_streams_on_one_connection(address, tmp_path, monkeypatch):
+    opened = counting_connections(monkeypatch)
+    track = min(shipped_files(), key=lambda p: p.stat().st_size)
+    monkeypatch.chdir(tmp_path)
+    assert await run_app("get", track.stem, "--save", "-q", "--server", address) == 0
+    assert (tmp_path / track.name).read_bytes() == track.read_bytes()
+    assert len(opened) == 1
+
+
+async def test_play_pipe_builds_the_queue_and_streams_on_one_connection(
+    address, tmp_path, monkeypatch
+):
+    opened = counting_connections(monkeypatch)
+    track = min(shipped_files(), key=lambda p: p.stat().st_size)
+    heard = tmp_path / "heard"
+    player = f"sh -c 'cat > {heard}'"
+    argv = ["play", track.stem, "--pipe", "-q", "--player", player, "--server", address]
+    assert await run_app(*argv) == 0
+    assert heard.read_bytes() == track.read_bytes()
+    assert len(opened) == 1
+
+
+async def test_reusing_hands_out_the_open_client_once():
+    from musiclib.fetch import reusing
+
+    opened: list[object] = []
+    spare = object()
+
+    @contextlib.asynccontextmanager
+    async def connect():  # type: ignore[no-untyped-def]
+        client = object()
+        opened.append(client)
+        yield client
+
+    connector = reusing(spare, connect)  # type: ignore[arg-type]
+    async with connector() as first:
+        assert first is spare
+    async with connector() as second, connector() as third:
+        assert opened == [second, third]
+
+
+def imported_by(code: str) -> set[str]:
+    """The modules a fresh interpreter has loaded after running ``code``."""
+    done = subprocess.run(
+        [sys.executable, "-c", f"{code}\nimport sys; print(' '.join(sys.modules))"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    return set(done.stdout.split())
+
+
+def test_the_cli_imports_what_a_command_needs_only():
+    """Start-up is import time (issue 15): the CLI module loads no trio (only commands
+    that connect need it), no server, no player, no rich; playing through a pipe loads
+    no HTTP gateway (h11)."""
+    cli = imported_by("import musiclib.cli")
+    unwanted = {"trio", "musiclib.client", "rich", "h11", "musiclib.server", "musiclib.fetch"}
+    unwanted |= {"musiclib.playing"}
+    unwanted |= {"musiclib.gateway", "musiclib.library", "msgpack.fallback", "sqlite3"}
+    assert not cli & unwanted
+    piped = imported_by("import musiclib.cli, musiclib.playing")
+    assert not piped & {"h11", "musiclib.gateway", "rich", "musiclib.server"}
 
 
 async def test_errors_in_process_are_typed(address, capsys):

@@ -1128,3 +1128,29 @@ async def test_a_dropped_listen_reconnects_and_misses_nothing(start_server, tmp_
     assert "lost" not in out.stderr, out.stderr
     assert len(out.stdout) == 3 * NOISE.sample_rate * bpf
     place_in(reference, out.stdout, bpf, "the reconnected listen")
+
+
+async def test_listen_output_never_overwrites_unless_forced(start_server, tmp_path):
+    """``listen -o`` refuses an existing file (as ``get`` does), and ``--force`` replaces a
+    planted symbolic link itself, never the file it points to."""
+    srv = live_server(start_server, tmp_path, NOISE_CHANNEL)
+    await wait_for_channel(srv.address, "noise")
+    rec = tmp_path / "rec.wav"
+    rec.write_bytes(b"an earlier recording")
+    args = ("listen", "noise", "-o", rec, "--duration", "0.2")
+
+    refused = await run_cli_async(*args, server=srv.address)
+    assert refused.returncode == 7, refused.stderr
+    assert refused.summary() == f"musiclib: {rec} already exists: use --force to replace it"
+    assert rec.read_bytes() == b"an earlier recording"
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"not yours")
+    rec.unlink()
+    rec.symlink_to(victim)
+    forced = await run_cli_async(*args, "--force", server=srv.address)
+    assert forced.returncode == 0, forced.stderr
+    assert victim.read_bytes() == b"not yours"
+    assert not rec.is_symlink()
+    with wave.open(str(rec), "rb") as recorded:
+        assert recorded.getnframes() == round(0.2 * 48000)
