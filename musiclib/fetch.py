@@ -301,6 +301,9 @@ class _WriteBehind:
         self._send, self._receive = trio.open_memory_channel[bytes](QUEUE_CHUNKS)
         self._deliver = deliver
         self._done = trio.Event()
+        self._queued = 0  # chunks put so far
+        self._delivered = 0  # chunks the consumer has taken care of
+        self._progress = trio.Event()  # set (and replaced) after each batch
         #: the consumer went away (a player quit, a pipe's reader left)
         self.stopped = False
 
@@ -316,8 +319,12 @@ class _WriteBehind:
                     if not await self._deliver(chunks):
                         self.stopped = True
                         return  # closing the queue tells the network side to stop
+                    self._delivered += len(chunks)
+                    self._progress.set()
+                    self._progress = trio.Event()
         finally:
             self._done.set()
+            self._progress.set()
 
     async def put(self, chunk: bytes) -> bool:
         """Queue ``chunk``; False once the consumer has gone away."""
@@ -325,7 +332,16 @@ class _WriteBehind:
             await self._send.send(chunk)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return False
+        self._queued += 1
         return True
+
+    async def drain(self) -> bool:
+        """Wait until every chunk queued so far has been delivered; False if the
+        consumer went away first (then not all of them were)."""
+        target = self._queued
+        while self._delivered < target and not self._done.is_set():
+            await self._progress.wait()
+        return self._delivered >= target
 
     async def close(self) -> None:
         """No more chunks: wait until everything queued has been delivered.
@@ -554,6 +570,8 @@ async def _save_into(
                     nursery.start_soon(queue.run)
                     try:
                         async for chunk in stream:
+                            # hashed here, not in the writer's thread: writing into the
+                            # page cache is the slower side (measured, issue 15)
                             digest.update(chunk)
                             outcome.received += len(chunk)
                             await queue.put(chunk)
@@ -642,7 +660,7 @@ async def pipe(
         async def to_file(chunks: list[bytes]) -> bool:
             try:
                 outcome.reporter.advance(
-                    await trio.to_thread.run_sync(_write_chunks, output, chunks)
+                    await trio.to_thread.run_sync(_write_chunks, output, chunks, digest)
                 )
             except BrokenPipeError:
                 return False  # the reader of our output is gone: end quietly
@@ -664,7 +682,9 @@ async def pipe(
         async with trio.open_nursery() as nursery:
             nursery.start_soon(queue.run)
             try:
-                await _pipe_attempts(connect, track, queue.put, decoding, retry, digest, outcome)
+                await _pipe_attempts(
+                    connect, track, queue, decoding, retry, digest, outcome, file is None
+                )
             except BaseException:
                 if file is None:  # a player need not finish the queue of a failed stream
                     nursery.cancel_scope.cancel()
@@ -697,13 +717,21 @@ async def _exit_status(player: Player) -> int:
 async def _pipe_attempts(
     connect: Connector,
     track: str,
-    put: Callable[[bytes], Awaitable[bool]],
+    queue: _WriteBehind,
     decoding: Decoding | None,
     retry: Retry,
     digest: hashlib._Hash,
     outcome: Outcome,
+    hash_here: bool,
 ) -> None:
-    """Pass the stream to ``put``, resuming after dropped connections."""
+    """Pass the stream to ``queue``, resuming after dropped connections.
+
+    ``digest`` is updated here as chunks arrive (``hash_here``, for a player),
+    or else by the queue's consumer in the writer's thread, so that hashing
+    overlaps receiving; then the checksum is compared once the queue has
+    delivered every byte of the stream.
+    """
+    put = queue.put
 
     async def attempt() -> None:
         async with connect() as client:
@@ -721,11 +749,15 @@ async def _pipe_attempts(
                     outcome.stopped_early = True
                     return
                 async for chunk in stream:
-                    digest.update(chunk)
+                    if hash_here:
+                        digest.update(chunk)
                     outcome.received += len(chunk)
                     if not await put(chunk):
                         outcome.stopped_early = True
                         return  # leaving the stream early closes the connection
+                if not hash_here and not await queue.drain():  # every byte hashed first
+                    outcome.stopped_early = True
+                    return
                 _verify(stream, digest.hexdigest(), outcome.received)
                 assert stream.end is not None
                 outcome.frames = stream.end.frames
@@ -887,8 +919,17 @@ def _unlink(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _write_chunks(sink: BinaryIO, chunks: list[bytes]) -> int:
-    """Write ``chunks`` and flush them (so a reader sees them); the byte count."""
+def _hash_chunks(digest: hashlib._Hash, chunks: list[bytes]) -> None:
+    """Add ``chunks`` to ``digest`` (in a worker thread: hashlib releases the GIL)."""
+    for chunk in chunks:
+        digest.update(chunk)
+
+
+def _write_chunks(sink: BinaryIO, chunks: list[bytes], digest: hashlib._Hash | None = None) -> int:
+    """Hash ``chunks`` into ``digest`` (if given), write them and flush them (so a
+    reader sees them); the byte count."""
+    if digest is not None:
+        _hash_chunks(digest, chunks)
     sink.writelines(chunks)
     sink.flush()
     return sum(len(c) for c in chunks)

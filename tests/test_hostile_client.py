@@ -466,6 +466,23 @@ async def test_an_original_stream_is_cut_at_the_announced_size(tmp_path):
     assert not part.exists() or part.stat().st_size <= 1000
 
 
+async def test_a_wrong_checksum_fails_to_standard_output_and_to_a_file(tmp_path):
+    """The digest is computed off the event loop (issue 15); it is still compared before
+    exit 0: standard output exits 5, a file is never renamed into place."""
+    wrong = "0" * 64
+    async with fake_server(answering(track(), sha256=wrong)) as address:
+        status, out, err = await run_cli(
+            "get", "Song", "--retries", "0", "--server", address, cwd=tmp_path
+        )
+        assert status == 5 and "sha256" in one_line(err), err
+        assert out == PAYLOAD  # passed on as it came, then found wrong
+        status, _, err = await run_cli(
+            "get", "Song", "-o", "out.flac", "--retries", "0", "--server", address, cwd=tmp_path
+        )
+        assert status == 5 and "sha256" in one_line(err), err
+    assert os.listdir(tmp_path) == []
+
+
 DECODED = {"mode": "decoded", "sample_format": "s16le", "sample_rate": 8000, "channels": 1}
 
 
