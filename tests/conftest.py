@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -157,16 +157,21 @@ class ServerProcess:
 
 @contextmanager
 def running_server(
-    root: Path, *extra_args: str, log_level: str = "debug", wait_indexed: bool = True
+    root: Path,
+    *extra_args: str,
+    log_level: str = "debug",
+    wait_indexed: bool = True,
+    wrapper: Sequence[str] = (),
 ) -> Iterator[ServerProcess]:
     """Start ``musiclib serve --root ROOT --port 0``, wait until it has indexed (or only
-    until it listens: ``wait_indexed=False``), stop it after.
+    until it listens: ``wait_indexed=False``), stop it after. ``wrapper`` runs before
+    the interpreter (e.g. ``setpriv`` to drop a capability).
 
     On the way out the server must exit 0 on SIGTERM (unless the test stopped it
     already) and must not have logged a traceback (always a bug).
     """
-    argv = [sys.executable, "-m", "musiclib", "serve", "--root", str(root), "--port", "0"]
-    argv += ["--log-level", log_level, *extra_args]
+    argv = [*wrapper, sys.executable, "-m", "musiclib", "serve", "--root", str(root)]
+    argv += ["--port", "0", "--log-level", log_level, *extra_args]
     process = subprocess.Popen(
         argv,
         cwd=REPO,

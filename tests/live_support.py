@@ -52,6 +52,34 @@ def assert_same_bytes(got: bytes, want: bytes, what: str) -> None:
     pytest.fail(f"{what}: got {len(got)} bytes, want {len(want)}; first difference at {first}")
 
 
+# ---------------------------------------------------------------------------- numbered samples
+
+#: bytes per frame of the numbered samples (s16le, mono)
+NUMBERED_BPF = 2
+
+
+def frames(n: int, first: int = 0) -> bytes:
+    """Frames ``first`` .. ``first + n``: each frame's two bytes name its position."""
+    return b"".join((p % 65536).to_bytes(2, "little") for p in range(first, first + n))
+
+
+def check_cover(events: list[Audio | GapNotice], start: int) -> tuple[int, int]:
+    """Audio and gaps continue each other from ``start`` and each audio frame carries its
+    own position's samples (:func:`frames`). Returns (audio frames, gap frames)."""
+    position, audio, lost = start, 0, 0
+    for event in events:
+        assert event.position == position, f"{event!r} where {position} was due"
+        if isinstance(event, Audio):
+            n = len(event.payload) // NUMBERED_BPF
+            assert event.payload == frames(n, position)
+            audio += n
+        else:
+            n = event.frames
+            lost += n
+        position += n
+    return audio, lost
+
+
 # ---------------------------------------------------------------------------- servers
 
 

@@ -24,11 +24,10 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import wave
 from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +35,7 @@ import msgpack
 import pytest
 import trio
 import trio.testing
-from conftest import REPO, STARTUP_TIMEOUT, ServerProcess, client_env, run_cli
+from conftest import ServerProcess, run_cli, running_server
 
 from musiclib.client import Client
 from musiclib.errors import Changed, ServerError
@@ -540,29 +539,9 @@ def _capability_dropper() -> list[str]:
     return prefix
 
 
-@contextmanager
-def subject_to_permissions_server(root: Path) -> Iterator[ServerProcess]:
+def subject_to_permissions_server(root: Path) -> AbstractContextManager[ServerProcess]:
     """``musiclib serve`` over ``root`` that chmod can deny (as root: capability dropped)."""
-    argv = [*_capability_dropper(), sys.executable, "-m", "musiclib", "serve"]
-    argv += ["--root", str(root), "--port", "0", "--log-level", "debug", "--no-watch"]
-    process = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=client_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    server = ServerProcess(process)
-    try:
-        server.port = int(server.wait_for_log(r"listening on [\d.]+:(\d+)", STARTUP_TIMEOUT)[1])
-        server.address = f"127.0.0.1:{server.port}"
-        server.wait_for_log(r"indexed \d+ tracks", STARTUP_TIMEOUT)
-        yield server
-    finally:
-        status = server.stop()
-    assert status == 0, server.log()
-    assert "Traceback" not in server.log(), server.log()
+    return running_server(root, "--no-watch", wrapper=_capability_dropper())
 
 
 def test_an_unreadable_file_e2e(tmp_path: Path) -> None:

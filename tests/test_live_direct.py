@@ -33,7 +33,7 @@ import live_support
 import pytest
 import trio
 import trio.testing
-from live_support import in_process_server
+from live_support import check_cover, frames, in_process_server
 
 import musiclib.live.requests as requests
 from musiclib.client import Client, ListenReader
@@ -70,11 +70,6 @@ NO_LOSS_MS = 60_000
 KINDS = ["unix", "tcp"]
 
 
-def frames(n: int, first: int = 0) -> bytes:
-    """Frames ``first`` .. ``first + n``: each frame's two bytes name its position."""
-    return b"".join((p % 65536).to_bytes(2, "little") for p in range(first, first + n))
-
-
 class Published(list[Audio]):
     """What a source published, as the listener should receive it."""
 
@@ -93,23 +88,6 @@ def wire_of(audio: Audio) -> bytes:
     """The audio frame (kind 3) carrying ``audio``, as PROTOCOL.md lays it out."""
     head = HEADER.pack(KIND_AUDIO, AUDIO_HEADER.size + len(audio.payload))
     return head + AUDIO_HEADER.pack(audio.position, audio.time_ns) + audio.payload
-
-
-def check_cover(events: list[Audio | GapNotice], start: int) -> tuple[int, int]:
-    """Audio and gaps continue each other from ``start`` and each audio frame carries its
-    own position's samples. Returns (audio frames, gap frames)."""
-    position, audio, lost = start, 0, 0
-    for event in events:
-        assert event.position == position, f"{event!r} where {position} was due"
-        if isinstance(event, Audio):
-            n = len(event.payload) // BPF
-            assert event.payload == frames(n, position)
-            audio += n
-        else:
-            n = event.frames
-            lost += n
-        position += n
-    return audio, lost
 
 
 def frames_in_batch(data: bytes, published: list[Audio]) -> int:

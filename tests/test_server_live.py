@@ -20,7 +20,7 @@ import live_support
 import pytest
 import trio
 import trio.testing
-from live_support import in_process_server
+from live_support import check_cover, frames, in_process_server
 
 from musiclib.client import Client
 from musiclib.decode import AudioFormat
@@ -53,11 +53,6 @@ CHUNK = 160
 T0 = 1_700_000_000_000_000_000
 #: seconds (real, or virtual on the mock clock) after which a hanging test fails
 TIMEOUT = 20
-
-
-def frames(n: int, first: int = 0) -> bytes:
-    """Frames ``first`` .. ``first + n``: each frame's two bytes name its position."""
-    return b"".join((p % 65536).to_bytes(2, "little") for p in range(first, first + n))
 
 
 @pytest.fixture
@@ -97,23 +92,6 @@ async def run_source(hub: Hub, count: int, size: int = CHUNK, close: bool = True
     if close:
         hub.close("source_ended", "the source ended")
     return sent
-
-
-def check_cover(events: list[Audio | GapNotice], start: int) -> tuple[int, int]:
-    """Audio and gaps continue each other from ``start`` and each audio frame carries its
-    own position's samples. Returns (audio frames, gap frames)."""
-    position, audio, lost = start, 0, 0
-    for event in events:
-        assert event.position == position, f"{event!r} where {position} was due"
-        if isinstance(event, Audio):
-            n = len(event.payload) // BPF
-            assert event.payload == frames(n, position)
-            audio += n
-        else:
-            n = event.frames
-            lost += n
-        position += n
-    return audio, lost
 
 
 # ---- channels and listening -------------------------------------------------------------
