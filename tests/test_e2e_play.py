@@ -416,9 +416,9 @@ def mpv_play(
     *args: str,
     mpv_args: str = "",
     cwd: Path | None = None,
-    ipc: bool = True,
+    connect_ipc: bool = True,
 ) -> Iterator[Mpv]:
-    """``musiclib play ARGS`` with a headless mpv; with ``ipc``, connected to mpv's IPC
+    """``musiclib play ARGS`` with a headless mpv; with ``connect_ipc``, connected to mpv's IPC
     socket first (a test that only waits for the end must not: at ``--speed=8`` a
     short track, one mpv per track with ``--pipe``, can end before the socket is seen)."""
     ipc = tmp_path / "mpv.sock"
@@ -436,7 +436,7 @@ def mpv_play(
     mpv = Mpv(process, ipc)
     failed = True
     try:
-        if ipc:
+        if connect_ipc:
             mpv.connect()
         yield mpv
         failed = False
@@ -531,7 +531,7 @@ def test_mpv_save_while_playing(server, library, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     with mpv_play(
-        server, tmp_path, "Trio", "--save", mpv_args="--speed=8", cwd=work, ipc=False
+        server, tmp_path, "Trio", "--save", mpv_args="--speed=8", cwd=work, connect_ipc=False
     ) as mpv:
         status, err = mpv.finish()
     assert status == 0, err
@@ -542,7 +542,9 @@ def test_mpv_save_while_playing(server, library, tmp_path):
 
 @needs_mpv
 def test_mpv_through_a_pipe_still_plays(server, tmp_path):
-    with mpv_play(server, tmp_path, "Trio", "--pipe", mpv_args="--speed=8", ipc=False) as mpv:
+    with mpv_play(
+        server, tmp_path, "Trio", "--pipe", mpv_args="--speed=8", connect_ipc=False
+    ) as mpv:
         status, err = mpv.finish()
     assert status == 0, err
     assert len(now_playing(err)) == 3
