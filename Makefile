@@ -5,11 +5,12 @@ BIN     := $(VENV)/bin
 ROOT    ?= library
 PORT    ?= 7650
 
-.PHONY: install runtime system-deps serve test test-fast lint fuzz library bench clean
+.PHONY: install runtime system-deps serve cluster test test-fast lint fuzz library bench clean
 
-# What the device tests (tests/test_devices.py) need from the system: PortAudio, ALSA's
-# pulse plugin and a PulseAudio daemon with its tools. Without them those tests skip.
-SYSTEM_DEPS := libportaudio2 libasound2-plugins pulseaudio pulseaudio-utils
+# What some tests need from the system: the device tests (tests/test_devices.py) PortAudio,
+# ALSA's pulse plugin and a PulseAudio daemon with its tools; the cluster tests
+# (tests/test_cluster.py) and `make cluster` HAProxy; the Wyoming tests espeak-ng (speech). Without them those tests skip.
+SYSTEM_DEPS := libportaudio2 libasound2-plugins pulseaudio pulseaudio-utils haproxy espeak-ng
 
 # Two installs, each done once (a stamp file in .venv says it is; editing pyproject.toml
 # redoes it): what serving needs (`serve`), and that plus the dev tools (everything else).
@@ -34,7 +35,7 @@ install: $(DEV)  ## create .venv and install musiclib with its dev tools
 
 system-deps:  ## install SYSTEM_DEPS with apt-get when root; never fails, says what is missing
 	-@if ! command -v dpkg >/dev/null 2>&1; then \
-		echo "system-deps: no dpkg to check for $(SYSTEM_DEPS); device tests skip what is missing"; \
+		echo "system-deps: no dpkg to check for $(SYSTEM_DEPS); the tests needing them skip"; \
 		exit 0; \
 	fi; \
 	missing=""; \
@@ -44,17 +45,27 @@ system-deps:  ## install SYSTEM_DEPS with apt-get when root; never fails, says w
 	done; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
-		echo "system-deps: installing$$missing (for the device tests)"; \
+		echo "system-deps: installing$$missing (for the device and cluster tests)"; \
 		{ apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
 			apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
-		|| echo "system-deps: could not install$$missing; device tests will skip"; \
+		|| echo "system-deps: could not install$$missing; the tests needing them will skip"; \
 	else \
-		echo "system-deps: missing$$missing (install them as root); device tests will skip"; \
+		echo "system-deps: missing$$missing (install them as root); the tests needing them will skip"; \
 	fi; \
 	exit 0
 
 serve: runtime  ## install what serving needs, then serve ./library on 127.0.0.1:7650
 	$(BIN)/musiclib serve --root $(ROOT) --port $(PORT)
+
+cluster: runtime  ## three replicas of ./library behind HAProxy on 127.0.0.1:7650, until Ctrl-C
+	@command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ] || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+			echo "cluster: installing haproxy"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+				apt-get install -y -qq --no-install-recommends haproxy >/dev/null; \
+		fi; \
+	}
+	BIN=$(BIN) deploy/cluster.sh $(ROOT)
 
 test: install system-deps  ## the whole test suite, then lint
 	$(BIN)/python -m pytest -q

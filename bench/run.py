@@ -2,9 +2,10 @@
 
 ``python -m bench [--quick] [--only NAME ...]`` (or ``python bench/run.py``). Scenario
 names: ``download``, ``concurrent``, ``paced``, ``startup``, ``client-rss``, ``index``,
-``live``, ``cli`` (or their numbers 1-8). A scenario that fails is reported as an error and
-the others still run; the exit status is 1 if any failed to run (a FAIL against a target is a
-finding, not an error, and leaves the status at 0).
+``live``, ``cli``, ``workers``, ``relay``, ``cluster`` (or their numbers 1-11). A scenario that
+fails is reported as an error and the others still run; the exit status is 1 if any
+failed to run (a FAIL against a target is a finding, not an error, and leaves the status
+at 0).
 """
 
 from __future__ import annotations
@@ -49,6 +50,10 @@ SCENARIOS = (
     ("6", "index", "bench.s6_index"),
     ("7", "live", "bench.s7_live"),
     ("8", "cli", "bench.s8_cli"),
+    ("9", "workers", "bench.s9_workers"),
+    ("10", "relay", "bench.s10_relay"),
+    ("11", "cluster", "bench.s11_cluster"),
+    ("12", "wyoming", "bench.s12_wyoming"),
 )
 
 

@@ -115,6 +115,8 @@ def musiclib_server(
     argv = [PYTHON, "-m", "musiclib", "serve", "--root", str(root), "--port", "0"]
     # every benchmark client comes from 127.0.0.1: no per-address caps, or they are measured
     argv += ["--max-per-address", "0", "--max-decodes-per-address", "0"]
+    if not any(option.startswith("--workers") for option in options):
+        argv += ["--workers", "1"]  # the single process every scenario but 9 measures
     server = ServerProcess([*argv, "--log-level", "info", *options], on_line=on_line)
     try:
         server.wait_ready()

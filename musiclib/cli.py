@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -334,6 +335,11 @@ async def serve(
     channel: Annotated[list[str] | None, Parameter(env_var_split=_lines)] = None,
     lag_limit: float = 10.0,
     follow_symlinks: Literal["inside", "all", "none"] = "inside",
+    workers: int | None = None,
+    wyoming: str | None = None,
+    wyoming_channel: str | None = None,
+    wyoming_format: list[str] | None = None,
+    wyoming_latency: int = 500,
     log_level: str = "info",
     log_format: Literal["text", "json"] = "text",
 ) -> int:
@@ -402,14 +408,32 @@ async def serve(
     channel
         A live channel NAME=SOURCE (repeatable; in the environment one per line): mic,
         mic:DEVICE, track:QUERY (played once in real time), loop:QUERY (forever) or
-        ffmpeg:ARGS (any ffmpeg input); add ?rate=R&channels=C&format=F to set its format
-        (defaults: mic 16000 Hz mono, others 48000 Hz stereo, s16le).
+        ffmpeg:ARGS (any ffmpeg input) or relay:HOST:PORT[/NAME] (another server's channel,
+        reconnected by itself); add ?rate=R&channels=C&format=F to set its format
+        (defaults: mic 16000 Hz mono, relay its origin's, others 48000 Hz stereo, s16le);
+        a relay also takes latency=MS, token-file=PATH (default: --token), tls=1, cafile=PEM.
     lag_limit
         Seconds a live listener may keep losing audio (falling behind) before it is cut.
     follow_symlinks
         Symbolic links to follow: inside (those whose real path stays inside --root),
         all (also links leaving it: anyone who can write under --root can then publish
         any file the server may read), none.
+    workers
+        Processes accepting on the address (default: one per core; 1: one process). One
+        of them scans and runs the live channels, the others serve the index it keeps;
+        the limits above are each worker's.
+    wyoming
+        Also serve the live channels as Wyoming microphones on HOST:PORT (e.g.
+        127.0.0.1:10600), for wyoming-satellite --mic-uri and Wyoming services; off by
+        default. Wyoming has no authentication: keep it on 127.0.0.1 unless you mean it.
+    wyoming_channel
+        The channel a Wyoming connection gets (default: the first --channel; a client
+        may choose another with select-program).
+    wyoming_format
+        NAME=RATE[/CHANNELS]: send channel NAME to Wyoming clients in this format
+        (repeatable; default 16000 Hz mono 16-bit, what Wyoming services take).
+    wyoming_latency
+        Milliseconds a Wyoming client may fall behind before its oldest audio is dropped.
     log_level
         debug, info, warning or error.
     log_format
@@ -439,7 +463,14 @@ async def serve(
         raise UsageError("--max-per-address and --max-decodes-per-address must not be negative")
     if min_decode_rate < 0 or min_decode_window <= 0:
         raise UsageError("--min-decode-rate must not be negative, --min-decode-window positive")
+    if workers is not None and workers < 1:
+        raise UsageError("--workers must be at least 1")
     secret = _token(token, token_file)
+    wyoming_config = _wyoming_config(wyoming, wyoming_channel, wyoming_format, wyoming_latency)
+    if any(spec.relay is not None for spec in specs):
+        from .live.relay import prepare_relays
+
+        specs = await prepare_relays(specs, token=secret)  # each origin asked for its format
     config = ServerConfig(
         root=root,
         host=host,
@@ -466,9 +497,47 @@ async def serve(
         channels=specs,
         lag_limit=lag_limit,
         follow_symlinks=follow_symlinks,
+        wyoming=wyoming_config,
     )
-    await run_until_signalled(config)
+    from .workers import default_workers, supervise
+
+    processes = default_workers() if workers is None else workers
+    if processes == 1:
+        await run_until_signalled(config)
+        return 0
+    # what each worker needs and cannot receive as a value: module-level functions
+    # travel pickled by name (see musiclib.workers)
+    await supervise(
+        config,
+        processes,
+        setup_logging=functools.partial(
+            _setup_logging, _log_level(log_level, "--log-level"), True, log_format
+        ),
+        make_tls=functools.partial(_server_tls, tls_cert, tls_key),
+    )
     return 0
+
+
+def _wyoming_config(
+    address: str | None, channel: str | None, formats: list[str] | None, latency: int
+) -> Any:
+    """``serve``'s ``--wyoming*`` options as a ``WyomingConfig`` (``None``: off)."""
+    if address is None:
+        if channel is not None or formats:
+            raise UsageError("--wyoming-channel and --wyoming-format go with --wyoming")
+        return None
+    from .wyoming import WyomingConfig, parse_endpoint, parse_format
+
+    if not 1 <= latency <= 60_000:
+        raise UsageError("--wyoming-latency must be 1..60000 ms")
+    host, port = parse_endpoint(address)
+    return WyomingConfig(
+        host=host,
+        port=port,
+        channel=channel,
+        formats=dict(parse_format(text) for text in formats or ()),
+        max_latency_ms=latency,
+    )
 
 
 #: how long completing a track name waits for the server, in all
@@ -887,8 +956,10 @@ async def get(
     from .ui import ProgressBar
 
     connect, retry = options.connector(), options.retry()
-    async with connect() as client:  # info, then the stream on the same connection
-        found = await _info_or_hint(client, name)
+    # info, then the stream on the same connection; both retried after a dropped connection
+    async with fetch.first_reply(
+        connect, retry, name, lambda client: _info_or_hint(client, name)
+    ) as (client, found):
         connect = fetch.reusing(client, connect)
         if decoding is not None:
             decoding = dataclasses.replace(decoding, source_duration=found.duration)
@@ -1153,6 +1224,11 @@ async def listen(
     device: str | None = None,
     player: Annotated[str | None, Parameter(env_var="MUSICLIB_PLAYER")] = None,
     fill_gaps: bool = True,
+    wyoming: str | None = None,
+    wake: list[str] | None = None,
+    transcribe: Annotated[bool, Parameter(negative="")] = False,
+    language: str | None = None,
+    json_output: Annotated[bool, Parameter(name="--json", negative="")] = False,
     options: ClientOptions = _DEFAULT_CLIENT,
 ) -> int:
     """Receive a live channel: to standard output, a WAV file, the speaker, or a player.
@@ -1192,8 +1268,39 @@ async def listen(
         Feed a media player (a WAV stream on its standard input), e.g. mpv.
     fill_gaps
         Write silence for lost audio, so the output keeps the channel's timing.
+    wyoming
+        Send the channel to a Wyoming service at tcp://HOST:PORT instead (16 kHz mono
+        16-bit): a wake-word detector (each detection printed with the channel time it
+        fired at), or with --transcribe a speech recogniser. Reconnects by itself when
+        the service restarts.
+    wake
+        With --wyoming: the wake word(s) to ask for (default: all the service has).
+    transcribe
+        With --wyoming: send each utterance (ended by 0.7 s of quiet, or after --duration
+        seconds) to a speech recogniser and print its transcript.
+    language
+        With --transcribe: the language asked of the recogniser.
+    json_output
+        With --wyoming: print each answer as one JSON object per line.
     """
     from . import liveclient
+
+    if wyoming is not None:
+        return await _listen_wyoming(
+            channel,
+            wyoming,
+            wake,
+            transcribe,
+            language,
+            json_output,
+            duration,
+            max_latency,
+            preroll,
+            options,
+            others=(format, rate, channels, output, speaker, player),
+        )
+    if wake or transcribe or language or json_output:
+        raise UsageError("--wake, --transcribe, --language and --json go with --wyoming")
     from .player import open_player, player_command
 
     targets = sum([output is not None, speaker, player is not None])
@@ -1269,6 +1376,72 @@ async def listen(
         channel,
         listen_options,
         open_sink,
+        retry_delays=retry.delays(),
+    )
+    if not options.quiet and stats.start is not None:
+        end = stats.end
+        why = end.message if end is not None else "stopped"
+        log.info("%s: %s (%s)", channel, stats.summary(), why)
+    return 0
+
+
+async def _listen_wyoming(
+    channel: str,
+    uri: str,
+    wake: list[str] | None,
+    transcribe: bool,
+    language: str | None,
+    json_output: bool,
+    duration: float | None,
+    max_latency: int,
+    preroll: int,
+    options: ClientOptions,
+    *,
+    others: tuple[object, ...],
+) -> int:
+    """``listen --wyoming``: the channel to a Wyoming service, its answers to stdout."""
+    from . import liveclient
+    from .wyoming import Answer, ServiceTarget, format_answer, listen_to_service, parse_service_uri
+
+    if any(o not in (None, False) for o in others):
+        raise UsageError(
+            "--wyoming sends the audio to the service: drop --format, --rate, "
+            "--channels, -o, --speaker and --player"
+        )
+    if transcribe and wake:
+        raise UsageError("--wake is for a wake-word service, --transcribe for a recogniser")
+    if language and not transcribe:
+        raise UsageError("--language goes with --transcribe")
+    if duration is not None and not duration > 0:
+        raise UsageError("--duration must be positive")
+    if not 1 <= max_latency <= 60_000 or not 0 <= preroll <= 10_000:
+        raise UsageError("--max-latency must be 1..60000 ms and --preroll 0..10000 ms")
+    host, port = parse_service_uri(uri)
+    target = ServiceTarget(
+        host,
+        port,
+        mode="transcribe" if transcribe else "detect",
+        wake=tuple(wake or ()),
+        max_utterance=duration if transcribe else None,
+        language=language,
+    )
+    listen_options = liveclient.ListenOptions(
+        max_latency_ms=max_latency,
+        preroll_ms=preroll,
+        duration=None if transcribe else duration,  # --transcribe: the longest utterance
+    )
+
+    def emit(answer: Answer) -> None:
+        line = json.dumps(answer.as_dict(), ensure_ascii=False) if json_output else None
+        print(line or format_answer(answer), flush=True)
+
+    retry = options.retry()
+    stats = await listen_to_service(
+        options.connector(version=2),
+        channel,
+        listen_options,
+        target,
+        emit,
         retry_delays=retry.delays(),
     )
     if not options.quiet and stats.start is not None:

@@ -21,8 +21,9 @@ and ``decode_failed``; 6 ``PlayerError``; 7 ``OutputError``; 8 ``DeviceError``;
     ├── ProtocolError                  the conversation broke the wire protocol
     │   ├── LocalProtocolError         we misused the protocol object (our bug)
     │   └── RemoteProtocolError        the peer sent bytes that break the protocol
-    │       └── MessageError           one well-framed message was invalid; the
-    │                                  connection itself is still usable
+    │       ├── MessageError           one well-framed message was invalid; the
+    │       │                          connection itself is still usable
+    │       └── WyomingProtocolError   a Wyoming peer sent bytes that are not Wyoming events
     ├── TransportError                 the byte stream under the protocol failed
     │   ├── ConnectError               could not connect to the server
     │   ├── ConnectionLost             the peer went away mid-conversation
@@ -41,6 +42,7 @@ and ``decode_failed``; 6 ``PlayerError``; 7 ``OutputError``; 8 ``DeviceError``;
     │   ├── TooSlow                    a listener fell behind for too long and was cut
     │   ├── ShuttingDown               the server is stopping
     │   └── InternalError              the server failed; not the client's fault
+    ├── WyomingServiceError            a Wyoming service cannot do what was asked, or said error
     ├── IntegrityError                 received bytes do not match the server's checksum
     ├── PlayerError                    the media player could not be used
     │   └── PlayerNotFound             the player program is not installed
@@ -85,6 +87,10 @@ class RemoteProtocolError(ProtocolError):
 
 class MessageError(RemoteProtocolError):
     """One well-framed message was invalid; the connection can continue."""
+
+
+class WyomingProtocolError(RemoteProtocolError):
+    """A Wyoming peer sent bytes that break the Wyoming event format (not musiclib's protocol)."""
 
 
 class TransportError(MusiclibError):
@@ -203,6 +209,12 @@ class InternalError(ServerError):
 
     code = "internal"
     exit_code = 3
+
+
+class WyomingServiceError(MusiclibError):
+    """A Wyoming service offers nothing of what was asked, or answered with ``error``."""
+
+    exit_code = 4
 
 
 class IntegrityError(MusiclibError):

@@ -9,6 +9,17 @@ samples: the frame count the protocol checks, and the WAV header patched to
 the real length). A ``.part`` left by an interrupted original download is
 resumed from its length; decoded output is always written from the start.
 
+A resume may reach another server than the bytes already kept came from (replicas
+behind a load balancer, each with its own copy of the file: other inode, other
+modification time, so another ``version``). What is kept is only ever completed
+by the same file: each attempt's ``stream_start`` is compared with the first
+attempt's (:class:`_Origin`: the size, and the sha256 whenever both announced
+one), and a copy that differs is never spliced on. A save then starts over
+from zero at once; a pipe, whose bytes are gone already, fails (IntegrityError)
+before writing a byte of the other file. Copies that no header tells apart
+(same size, no sha256 announced) are told apart by the whole-file checksum at
+the end, as before: a save starts over once, a pipe fails.
+
 The server is not trusted with the local file system. A saved file's name is
 the last component of the server's path for the track, sanitised
 (:func:`safe_name`: no separator, no leading dot, no control character, at
@@ -61,6 +72,7 @@ import trio
 from .client import RETRYABLE, Client, StreamReader
 from .errors import (
     Changed,
+    ConnectError,
     IntegrityError,
     OutputError,
     UsageError,
@@ -447,6 +459,97 @@ async def _retrying(retry: Retry, attempt: Callable[[], Awaitable[None]], what: 
             await trio.sleep(delays[n])
 
 
+@contextlib.asynccontextmanager
+async def first_reply(
+    connect: Connector, retry: Retry, what: str, ask: Callable[[Client], Awaitable[_T]]
+) -> AsyncIterator[tuple[Client, _T]]:
+    """Connect and ask a first question (``get``'s ``info``), retrying RETRYABLE failures
+    as a transfer does; yields the open client and the answer.
+
+    Behind a load balancer a new connection can land on a replica in the very
+    moment it stops (accepted by its kernel, never answered): that is a
+    dropped connection like any other, and ``get`` must not fail on it when
+    the same failure one request later would have been retried. A refused
+    connect is not retried: then nothing listens there at all (no server, or a
+    wrong address), and the user should hear it at once.
+    """
+    delays = retry.delays()
+    for n in range(len(delays) + 1):
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                client = await stack.enter_async_context(connect())
+                answer = await ask(client)
+            except RETRYABLE as exc:
+                if n == len(delays) or isinstance(exc, ConnectError):
+                    raise  # nothing listens there: say so now, not after 15 s of retries
+                log.warning(
+                    "%s: %s; retrying in %.1f s (%d of %d)",
+                    what,
+                    exc,
+                    delays[n],
+                    n + 1,
+                    len(delays),
+                )
+            else:
+                yield client, answer
+                return
+        await trio.sleep(delays[n])  # after the failed connection is closed
+
+
+@dataclass
+class _Origin:
+    """The file the bytes kept so far are a prefix of, as the first attempt announced it.
+
+    Resuming is only byte-exact if the next attempt sends the same file. Its
+    ``version`` cannot say so: another replica's copy has another
+    modification time, and an identical copy is the normal case. Size and
+    sha256 can: a different size is a different file, and so is a different
+    sha256 when both attempts announced one (a server announces it when its
+    index knows it). Anything the headers cannot tell apart is caught by the
+    checksum of the whole at the end.
+    """
+
+    size: int | None = None
+    sha256: str | None = None
+    version: str | None = None
+
+    def forget(self) -> None:
+        """The kept bytes are gone (a new download from zero): the next start sets the origin."""
+        self.size = self.sha256 = self.version = None
+
+    def check(self, start: StreamStart, kept: int) -> None:
+        """Accept ``start`` as the continuation of ``kept`` bytes, or raise IntegrityError.
+
+        Learns the origin from the first start of a run, and its sha256 from the
+        first start that announces one.
+        """
+        if start.mode != "original":
+            return
+        if kept and self.size is not None:
+            if start.size != self.size:
+                raise IntegrityError(
+                    f"{start.path}: this server's copy is {start.size} bytes, the "
+                    f"{kept} bytes kept came from one of {self.size}: not resuming on it"
+                )
+            if start.sha256 and self.sha256 and start.sha256 != self.sha256:
+                raise IntegrityError(
+                    f"{start.path}: this server's copy has another sha256 "
+                    f"({start.sha256[:12]}..., the {kept} bytes kept came from "
+                    f"{self.sha256[:12]}...): not resuming on it"
+                )
+            if start.version != self.version:
+                log.info(
+                    "%s: resuming on another copy (version %s, was %s)%s",
+                    start.path,
+                    start.version,
+                    self.version,
+                    "" if start.sha256 and self.sha256 else "; the final checksum decides",
+                )
+        if self.size is None:
+            self.size, self.version = start.size, start.version
+        self.sha256 = self.sha256 or start.sha256
+
+
 # ---- saving ---------------------------------------------------------------
 
 
@@ -465,16 +568,19 @@ async def save(
 
     Original bytes resume an existing ``.part``, and a dropped connection is
     resumed from what arrived (``retry``). A resumed download whose checksum
-    fails is restarted from zero once, since the ``.part`` may have come from
-    an older version of the track (not while a player is listening: it has
-    heard the old bytes already). Decoded output is always written whole.
+    fails, or whose server announces another file than the first attempt's
+    (:class:`_Origin`), is restarted from zero once, since the ``.part`` may
+    have come from an older version of the track or another replica's other
+    copy (not while a player is listening: it has heard the old bytes already).
+    Decoded output is always written whole.
     An existing ``dest`` is an OutputError unless ``replace``.
     """
     outcome = Outcome(path=track, size=0, reporter=reporter or _Silent())
     progress = _Progress(0, want_reader=player is not None)
+    origin = _Origin()
 
     async def attempt() -> None:
-        await _save_attempt(connect, track, dest, decoding, progress, outcome, replace)
+        await _save_attempt(connect, track, dest, decoding, progress, outcome, replace, origin)
 
     with single_errors():
         async with trio.open_nursery() as nursery:
@@ -483,12 +589,11 @@ async def save(
             try:
                 try:
                     await _retrying(retry if decoding is None else NO_RETRY, attempt, track)
-                except IntegrityError:
+                except IntegrityError as exc:
                     if outcome.attempt_offset == 0 or player is not None:
                         raise
-                    log.warning(
-                        "%s: the resumed download failed its checksum; starting over", track
-                    )
+                    log.warning("%s; starting over from the first byte", exc)
+                    origin.forget()
                     await _retrying(retry, attempt, track)
             finally:
                 progress.finish()
@@ -505,12 +610,15 @@ async def _save_attempt(
     progress: _Progress,
     outcome: Outcome,
     replace: bool,
+    origin: _Origin,
 ) -> None:
     part = part_path(dest)
     f = await _in_thread(part, _open_part, part, decoding is not None)
     try:
         with _closing(f, part):
-            await _save_into(f, part, connect, track, dest, decoding, progress, outcome, replace)
+            await _save_into(
+                f, part, connect, track, dest, decoding, progress, outcome, replace, origin
+            )
     except BaseException as exc:
         # Keep a .part only if a later run can resume it: original bytes of an
         # unchanged file (also after Ctrl-C). Decoded output, an empty file, and
@@ -532,16 +640,24 @@ async def _save_into(
     progress: _Progress,
     outcome: Outcome,
     replace: bool,
+    origin: _Origin,
 ) -> None:
     if progress.want_reader and progress.reader is None:
         progress.reader = await _in_thread(part, _reopen, f, part)
     offset = 0 if decoding is not None else await trio.to_thread.run_sync(_size, f)
     outcome.attempt_offset = offset
+    if offset == 0:
+        origin.forget()
     async with connect() as client:
         request = decoding.open(client, track) if decoding else client.stream(track, offset)
         async with request as stream:
             start = stream.start
             assert start is not None
+            try:
+                origin.check(start, offset)
+            except IntegrityError:
+                await trio.to_thread.run_sync(_unlink, part)  # another file's prefix
+                raise
             outcome.path, outcome.size = start.path, start.size
             if not outcome.received:
                 outcome.resumed_from = start.offset
@@ -732,6 +848,7 @@ async def _pipe_attempts(
     delivered every byte of the stream.
     """
     put = queue.put
+    origin = _Origin()
 
     async def attempt() -> None:
         async with connect() as client:
@@ -742,6 +859,7 @@ async def _pipe_attempts(
             async with request as stream:
                 start = stream.start
                 assert start is not None
+                origin.check(start, outcome.received)  # before a byte of another file goes out
                 outcome.path, outcome.size = start.path, start.size
                 if not outcome.received:
                     outcome.reporter.begin(start.size if decoding is None else None)

@@ -247,6 +247,10 @@ class Index:
     written (a read-only home, a full disk), the index lives in a temporary
     folder for this run only, with a warning: serving matters more than
     remembering.
+
+    ``read_only``: another process (the primary of ``serve --workers``) keeps
+    this index; it is opened as it is, never rebuilt, and every connection
+    refuses to write (``PRAGMA query_only``).
     """
 
     #: connections kept open in the pool for the next reader
@@ -258,24 +262,18 @@ class Index:
     #: page cache of a reader connection, in KiB (SQLite's default is 2000)
     CACHE_KIB = 256
 
-    def __init__(self, root: Path, path: Path | None = None) -> None:
+    def __init__(self, root: Path, path: Path | None = None, *, read_only: bool = False) -> None:
         self._root = str(os.path.realpath(root))
         self._tmpdir: str | None = None
+        #: every connection refuses writes (``PRAGMA query_only``): another process
+        #: (the primary worker) keeps this index, this one only reads it
+        self.read_only = read_only
         target = Path(path) if path is not None else default_index_path(root)
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            self._writer = self._open_trusted(target)
-        except (OSError, sqlite3.Error) as exc:
-            if path is not None:  # the user named it: they want to hear why not
-                raise OSError(f"cannot use the index file {target}: {exc}") from exc
-            self._tmpdir = tempfile.mkdtemp(prefix="musiclib-index-")
-            log.warning(
-                "cannot keep the index in %s (%s); using a temporary one for this run",
-                target,
-                exc,
-            )
-            target = Path(self._tmpdir) / "index.sqlite3"
-            self._writer = self._open_trusted(target)
+        if read_only:
+            self._writer = self._open_read_only(target)
+        else:
+            self._writer = self._open_writable(target, named=path is not None)
+            target = self._writer_path
         self.path = target
         self._write_lock = threading.Lock()
         self._pool_lock = threading.Lock()
@@ -285,12 +283,57 @@ class Index:
         self._closed = False
         self.count = self._count(self._writer)
 
+    def _open_writable(self, target: Path, *, named: bool) -> sqlite3.Connection:
+        """The writer connection at ``target``, or at a temporary place if that fails
+        and the user did not name it; :attr:`_writer_path` says where."""
+        self._writer_path = target
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            return self._open_trusted(target)
+        except (OSError, sqlite3.Error) as exc:
+            if named:  # the user named it: they want to hear why not
+                raise OSError(f"cannot use the index file {target}: {exc}") from exc
+            self._tmpdir = tempfile.mkdtemp(prefix="musiclib-index-")
+            log.warning(
+                "cannot keep the index in %s (%s); using a temporary one for this run",
+                target,
+                exc,
+            )
+            self._writer_path = Path(self._tmpdir) / "index.sqlite3"
+            return self._open_trusted(self._writer_path)
+
+    def _open_read_only(self, target: Path) -> sqlite3.Connection:
+        """A connection to the index another process keeps at ``target``; never rebuilt
+        here (that process owns it): an index not to be trusted is an ``OSError``."""
+        try:
+            conn = self._connect(target, query_only=True)
+        except sqlite3.Error as exc:
+            raise OSError(f"cannot open the index file {target}: {exc}") from exc
+        try:
+            app, version = conn.execute(
+                "SELECT * FROM pragma_application_id, pragma_user_version"
+            ).fetchone()
+            row = conn.execute("SELECT value FROM meta WHERE key = 'root'").fetchone()
+        except sqlite3.Error as exc:
+            conn.close()
+            raise OSError(f"cannot read the index file {target}: {exc}") from exc
+        ours = app == APPLICATION_ID and version == SCHEMA_VERSION
+        if not ours or row is None or row[0] != self._root:
+            conn.close()
+            raise OSError(f"the index file {target} is not this library's (yet)")
+        return conn
+
     # ------------------------------------------------------------------ opening
 
     @staticmethod
-    def _connect(path: Path, cache_kib: int | None = None) -> sqlite3.Connection:
+    def _connect(
+        path: Path, cache_kib: int | None = None, *, query_only: bool = False
+    ) -> sqlite3.Connection:
         conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA synchronous=NORMAL")
+        if query_only:
+            conn.execute("PRAGMA query_only=ON")
+        else:
+            conn.execute("PRAGMA synchronous=NORMAL")
         if cache_kib is not None:
             conn.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
         return conn
@@ -410,7 +453,7 @@ class Index:
                 return self._idle.pop()
             self._open += 1
         try:
-            return self._connect(self.path, self.CACHE_KIB)
+            return self._connect(self.path, self.CACHE_KIB, query_only=self.read_only)
         except BaseException:
             with self._pool_lock:
                 self._open -= 1

@@ -940,7 +940,9 @@ class Library:
     measure threads against processes (BENCHMARKS.md, scenario 6).
     ``follow_symlinks`` says which symbolic links are followed (:data:`FollowSymlinks`),
     when scanning and when opening; ``ffmpeg`` probes the formats mutagen cannot
-    read (``None``: ``$MUSICLIB_FFMPEG``, else imageio-ffmpeg's).
+    read (``None``: ``$MUSICLIB_FFMPEG``, else imageio-ffmpeg's). ``read_only``:
+    another process keeps the index (see :class:`~musiclib.index.Index`); this one
+    only reads it and must not scan.
     """
 
     #: a scan reads tags in a pool only when at least this many files changed
@@ -961,6 +963,7 @@ class Library:
         pool: Literal["process", "thread"] = "process",
         follow_symlinks: FollowSymlinks = "inside",
         ffmpeg: str | None = None,
+        read_only: bool = False,
     ) -> None:
         if follow_symlinks not in ("inside", "all", "none"):
             raise ValueError(
@@ -973,7 +976,7 @@ class Library:
         if not resolved.is_dir():
             raise NotADirectoryError(f"library root is not a directory: {root}")
         self._root = resolved
-        self.index = Index(resolved, index)
+        self.index = Index(resolved, index, read_only=read_only)
         self.workers = default_workers() if workers is None else workers
         self.pool = pool
         self.follow_symlinks: FollowSymlinks = follow_symlinks

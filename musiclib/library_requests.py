@@ -200,7 +200,7 @@ async def serve_list(session: Session, services: Services, request: ListRequest)
 
 async def _serve_list(session: Session, services: Services, request: ListRequest) -> None:
     library, in_thread = services.library, services.maintainer.in_thread
-    scanning = library.scanning  # before the snapshot: a scan may end meanwhile
+    scanning = services.maintainer.state().scanning  # before the snapshot: a scan may end
     listing = await in_thread(library.listing, request, LIST_BATCH)
     sent = 0
     while batch := await in_thread(listing.fetch, LIST_BATCH):
@@ -261,13 +261,23 @@ async def _compute_sha256(services: Services, track: TrackInfo, fd: int, st: os.
     """Hash this version of ``track`` (shared with any request already hashing it)
     and store the digest in the index.
 
+    A secondary worker (``serve --workers``) does not write the index: it keeps
+    the digest in its memory (the maintainer's
+    :class:`~musiclib.checksums.ChecksumCache`, which
+    answers the next stream of this version at once) and leaves storing to
+    the primary, whose background hasher stores every file's after its scans.
+    One writer means no lock held across processes and no write that waits
+    on another process's scan; the cost is that a file streamed from a
+    secondary before the primary hashed it is hashed twice (once per process).
+
     ``Changed`` if the file moves meanwhile, ``Unreadable`` if a read fails.
     """
     try:
         digest = await services.maintainer.checksums.sha256(fd, st)
     except OSError as exc:  # EIO and the like, in the hashing thread
         raise _unreadable(track.path, exc) from exc
-    await services.maintainer.in_thread(services.library.store_sha256, track, st, digest)
+    if services.maintainer.writes_index:
+        await services.maintainer.in_thread(services.library.store_sha256, track, st, digest)
     return digest
 
 

@@ -248,8 +248,14 @@ async def listen(
     open_sink: SinkOpener,
     *,
     retry_delays: Sequence[float] = (),
+    on_start: Callable[[ListenStart, bool], None] | None = None,
 ) -> ListenStats:
     """Receive ``channel`` into the sink ``open_sink`` makes for the stream's format.
+
+    ``on_start(start, continues)`` is told of every listen start (the first and each
+    after a reconnection, ``continues`` when it resumes the same run) before any of
+    its audio reaches the sink: a sink that stamps audio with the channel's clock
+    (``listen --wyoming``) learns the positions there.
 
     The first Ctrl-C (SIGINT) or SIGTERM asks the server to stop, so the
     audio already on its way is still written and a WAV file is finished
@@ -265,6 +271,7 @@ async def listen(
     (another ``epoch``) simply continues from its new start.
     """
     run = _Listening(channel, options, open_sink)
+    run.on_start = on_start
     delays = list(retry_delays)
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with contextlib.AsyncExitStack() as sinks, trio.open_nursery() as nursery:
@@ -286,6 +293,54 @@ async def listen(
     return run.stats
 
 
+class ListenCursor:
+    """Where a listen stands across reconnections: the channel's run and the next position.
+
+    Sans-IO, shared by ``listen`` and by a relay (:mod:`musiclib.live.relay`),
+    the two clients that resume a channel: after a dropped connection they ask
+    for a preroll covering the time away (:meth:`resume_preroll_ms`), skip the
+    positions they already have and treat those the channel no longer has as
+    lost (:meth:`place`). Positions only compare within one run of the channel
+    (its ``epoch``): :meth:`begin` says whether the new listen continues it.
+    """
+
+    def __init__(self) -> None:
+        #: the run of the channel being followed (``listen_start.epoch``)
+        self.epoch: int | None = None
+        #: the next position due (``None``: take the first one that comes)
+        self.expected: int | None = None
+        #: trio time of the last event received
+        self.last_arrival = 0.0
+        #: a listen has started before
+        self.begun = False
+
+    def resume_preroll_ms(self) -> int:
+        """The preroll a listen started again now asks for: the time away, and a margin."""
+        away = trio.current_time() - self.last_arrival
+        return min(PREROLL_LIMIT_MS, math.ceil(away * 1000) + 250)
+
+    def begin(self, start: ListenStart) -> bool:
+        """A listen started; ``True`` when it continues the run followed so far, ``False``
+        on the first listen or when the channel was started anew (positions from its
+        start on are then due)."""
+        same = self.begun and start.epoch == self.epoch
+        self.begun = True
+        if not same:
+            self.expected = None
+        self.epoch = start.epoch
+        if self.expected is None:
+            self.expected = start.position
+        self.last_arrival = trio.current_time()
+        return same
+
+    def place(self, position: int, frames: int) -> tuple[int, int]:
+        """An event of ``frames`` at ``position`` arrived: ``(skip, hole)``, the frames at
+        its start already had before, and the frames missing before it."""
+        assert self.expected is not None, "begin() comes first"
+        self.last_arrival = trio.current_time()
+        return max(0, self.expected - position), max(0, position - self.expected)
+
+
 class _Listening:
     """One ``listen`` command's state across reconnections: the sink, where it stands."""
 
@@ -298,10 +353,9 @@ class _Listening:
         self.fmt: AudioFormat | None = None
         self.total: int | None = None  # positions to cover in all (--duration)
         self.covered = 0  # positions covered so far: audio, gaps and holes
-        self.expected: int | None = None  # the next position to write
-        self.epoch: int | None = None
-        self.last_arrival = 0.0  # trio time of the last event
+        self.cursor = ListenCursor()  # the next position to write, in which run
         self.audio: ListenReader | None = None
+        self.on_start: Callable[[ListenStart, bool], None] | None = None
 
     async def on_signals(self, signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
         async for _ in signals:
@@ -328,8 +382,7 @@ class _Listening:
         else:
             assert self.fmt is not None
             fmt_request = (self.fmt.sample_format, self.fmt.sample_rate, self.fmt.channels)
-            away = trio.current_time() - self.last_arrival
-            preroll = min(PREROLL_LIMIT_MS, math.ceil(away * 1000) + 250)
+            preroll = self.cursor.resume_preroll_ms()
         left = None if self.total is None else self.total - self.covered
         async with client.listen(
             self.channel,
@@ -352,33 +405,32 @@ class _Listening:
     ) -> None:
         start = audio.start
         assert start is not None
+        cursor = self.cursor
         if first:
             self.stats.start = start
             self.fmt = AudioFormat(start.sample_format, start.sample_rate, start.channels)
             self.sink = await sinks.enter_async_context(self.open_sink(self.fmt, self.total))
-        elif start.epoch != self.epoch:
+        continues = cursor.begin(start)
+        if self.on_start is not None:
+            self.on_start(start, continues)
+        if continues:
+            log.info("listening to %s again", self.channel)
+        elif not first:
             log.warning(
                 "%s was started anew meanwhile; continuing from its new start", self.channel
             )
-            self.expected = None
-        else:
-            log.info("listening to %s again", self.channel)
-        self.epoch = start.epoch
-        if self.expected is None:
-            self.expected = start.position
         fmt, sink = self.fmt, self.sink
         assert fmt is not None and sink is not None
         bpf = fmt.bytes_per_frame
-        self.last_arrival = trio.current_time()
         async for event in audio:
-            self.last_arrival = trio.current_time()
             frames = len(event.payload) // bpf if isinstance(event, Audio) else event.frames
             position = event.position
-            skip = max(0, self.expected - position)  # already written before a reconnection
+            # skip: already written before a reconnection; hole: gone while we were away
+            skip, hole = cursor.place(position, frames)
             if skip >= frames:
                 continue
-            hole = max(0, position - self.expected)  # gone while we were away
-            if hole and not await self._lose(hole, self.expected, "while reconnecting"):
+            assert cursor.expected is not None
+            if hole and not await self._lose(hole, cursor.expected, "while reconnecting"):
                 break
             frames -= skip
             if self.total is not None:
@@ -391,7 +443,7 @@ class _Listening:
                 self.covered += frames
             else:
                 ok = await self._lose(frames, position + skip, "this listener fell behind")
-            self.expected = position + skip + frames
+            cursor.expected = position + skip + frames
             if not ok:
                 self.stats.sink_gone = True
                 await audio.stop()

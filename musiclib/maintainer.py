@@ -31,6 +31,15 @@ What the scans cost is bounded whoever asks for them:
   such period, so a file copied slowly ends up indexed whole without anyone
   asking for a rescan.
 
+With several worker processes (:mod:`musiclib.workers`) one maintainer
+runs, in the primary worker, and it alone writes the index. The others make
+a *follower* (``follow=``): it runs no scan, watcher or hasher and writes
+nothing, and its :meth:`Maintainer.state` is what the primary last published
+on a :class:`StateBoard`, a few bytes of shared memory the primary rewrites
+when a scan starts or ends and every :data:`PUBLISH_INTERVAL` seconds
+(SQLite would do, but a query per ``welcome`` costs a thread hop; a read of
+shared memory costs nothing and is as fresh).
+
 Its log lines are the server's (the ``musiclib.server`` logger), as they were
 when this lived in :mod:`musiclib.server`.
 """
@@ -41,10 +50,15 @@ import contextlib
 import functools
 import logging
 import math
+import mmap
 import os
 import sqlite3
+import struct
 import threading
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol, TypeVar
 
 import trio
@@ -102,8 +116,100 @@ async def run_stoppable(fn: Callable[[threading.Event], _T]) -> _T:
         raise
 
 
+@dataclass(frozen=True)
+class CatalogState:
+    """What the catalog's upkeep says about the index now (``status``, ``welcome``)."""
+
+    #: tracks in the index
+    tracks: int
+    #: whether a scan runs
+    scanning: bool
+    #: scans finished since the server started
+    scans: int
+    #: seconds since the last scan ended and how long it took (``None``: none ended yet)
+    last_scan: tuple[float, float] | None
+
+
+#: seconds between two publications of the primary's state on its board (the longest
+#: a follower's track count or channel count lags during a scan or a publish)
+PUBLISH_INTERVAL = 0.05
+
+
+class StateBoard:
+    """The primary worker's :class:`CatalogState` (and its number of live channels),
+    in a small file every worker maps into memory.
+
+    One writer (the primary), any number of readers. A write is bracketed by
+    a sequence number made odd before and even after (a seqlock), so a reader
+    that catches a write half done reads again; nothing ever waits. A writer
+    killed in the middle of a write leaves the number odd: readers then take
+    what they read after :data:`READ_TRIES` tries (the next primary's first
+    write makes it whole again) rather than spin forever. Times are
+    ``time.monotonic()``, one clock for every process on the machine.
+    """
+
+    #: reads of a board whose sequence number stays odd before taking what is there
+    READ_TRIES = 100
+
+    _SEQ = struct.Struct("<Q")
+    #: tracks, scanning, scans, end of the last scan (NaN: none), its length, channels
+    _FIELDS = struct.Struct("<qqqddq")
+    SIZE = _SEQ.size + _FIELDS.size
+
+    def __init__(self, path: Path) -> None:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            self._map = mmap.mmap(fd, self.SIZE)
+        finally:
+            os.close(fd)
+
+    @classmethod
+    def create(cls, path: Path) -> StateBoard:
+        """A new board at ``path`` (readable by this user only): no scan, no track yet."""
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, bytes(cls._SEQ.size) + cls._FIELDS.pack(0, 1, 0, math.nan, 0.0, 0))
+        finally:
+            os.close(fd)
+        return cls(path)
+
+    def publish(self, state: CatalogState, channels: int) -> None:
+        """Write ``state`` (the primary only)."""
+        (seq,) = self._SEQ.unpack_from(self._map, 0)
+        writing = seq + 1 if seq % 2 == 0 else seq + 2  # odd (a dead writer may have left one)
+        ended, took = math.nan, 0.0
+        if state.last_scan is not None:
+            ended, took = time.monotonic() - state.last_scan[0], state.last_scan[1]
+        fields = (state.tracks, int(state.scanning), state.scans, ended, took, channels)
+        self._SEQ.pack_into(self._map, 0, writing)
+        self._FIELDS.pack_into(self._map, self._SEQ.size, *fields)
+        self._SEQ.pack_into(self._map, 0, writing + 1)
+
+    def read(self) -> tuple[CatalogState, int]:
+        """The last state published, and the number of live channels then."""
+        for _ in range(self.READ_TRIES):
+            (before,) = self._SEQ.unpack_from(self._map, 0)
+            tracks, scanning, scans, ended, took, channels = self._FIELDS.unpack_from(
+                self._map, self._SEQ.size
+            )
+            (after,) = self._SEQ.unpack_from(self._map, 0)
+            if before == after and not before % 2:
+                break
+        last = None if math.isnan(ended) else (max(time.monotonic() - ended, 0.0), took)
+        return CatalogState(tracks, bool(scanning), scans, last), channels
+
+    def close(self) -> None:
+        self._map.close()
+
+
 class Maintainer:
-    """Keeps one library's index current and its files hashed; runs once per library."""
+    """Keeps one library's index current and its files hashed; runs once per library.
+
+    ``follow``: this process only reads an index another process maintains;
+    it is asked for the state (:meth:`state`), and :meth:`run` does nothing.
+    ``on_change`` is called when a scan starts or ends, before anyone waiting
+    for it is woken (the primary publishes its state then).
+    """
 
     #: a scan that took ``d`` seconds is followed by at least ``REST_FACTOR * d`` seconds
     #: without one...
@@ -111,9 +217,18 @@ class Maintainer:
     #: ...but never more than this many seconds
     MAX_REST = 5.0
 
-    def __init__(self, library: Library, config: MaintainerConfig) -> None:
+    def __init__(
+        self,
+        library: Library,
+        config: MaintainerConfig,
+        *,
+        follow: Callable[[], CatalogState] | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
         self.library = library
         self.config = config
+        self._follow = follow
+        self._on_change = on_change
         #: sha256 per file version, computed once and shared
         self.checksums = ChecksumCache()
         #: bounds the threads (and so the index connections) busy with index queries
@@ -130,7 +245,11 @@ class Maintainer:
         self._hash_kick, self._hash_kicked = trio.open_memory_channel[None](1)
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Scan now and keep scanning, watching and hashing until cancelled."""
+        """Scan now and keep scanning, watching and hashing until cancelled
+        (a follower: nothing to do, it returns at once)."""
+        if self._follow is not None:
+            task_status.started()
+            return
         self.library.scanning = True  # the first scan starts in a moment
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.rescan_periodically)
@@ -139,6 +258,23 @@ class Maintainer:
             if self.config.watch:
                 nursery.start_soon(self.watch_for_changes)
             task_status.started()
+
+    @property
+    def writes_index(self) -> bool:
+        """Whether this process may write the index (not a follower)."""
+        return self._follow is None
+
+    def state(self) -> CatalogState:
+        """The index's track count, whether a scan runs, the scans done and the last one."""
+        if self._follow is not None:
+            return self._follow()
+        return CatalogState(
+            self.library.count, self.library.scanning, self.scans_done, self.last_scan()
+        )
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
 
     def last_scan(self) -> tuple[float, float] | None:
         """Seconds since the last scan ended and how long it took; ``None`` before one ends."""
@@ -179,6 +315,7 @@ class Maintainer:
             # an up-to-date index
             self.library.scanning = True
             self.scans_started += 1
+            self._changed()
             with contextlib.suppress(trio.WouldBlock):  # what asked for it is served now
                 self._scan_kicked.receive_nowait()
             started = trio.current_time()
@@ -191,6 +328,7 @@ class Maintainer:
             self._last_end = trio.current_time()
             self._last_took = self._last_end - started
             self.scans_done += 1
+            self._changed()
             self._scan_finished.set()
             self._scan_finished = trio.Event()
             await self._wait_for_next_scan()

@@ -579,7 +579,8 @@ class ServerStatus(Message):
     ``uptime``: seconds since it started; ``connections``: served now, this
     one included; ``last_scan``: seconds since the last scan ended (absent:
     none has ended yet), ``last_scan_took`` its length; ``scans``: scans ended
-    since start; ``channels``: live channels now.
+    since start; ``channels``: live channels now; ``worker`` and ``pid``: which
+    worker process answered, when the server runs several (``serve --workers``).
     """
 
     TYPE: ClassVar[str] = "server_status"
@@ -595,12 +596,16 @@ class ServerStatus(Message):
     last_scan: float | None = None
     last_scan_took: float | None = None
     channels: int = 0
+    worker: int | None = None
+    pid: int | None = None
 
     def problem(self) -> str | None:
         if not self.versions:
             return "versions must not be empty"
         if self.tracks < 0 or self.connections < 0 or self.scans < 0 or self.channels < 0:
             return "counts must not be negative"
+        if (self.worker is not None and self.worker < 0) or (self.pid is not None and self.pid < 1):
+            return "worker must not be negative, pid must be positive"
         for name in ("uptime", "last_scan", "last_scan_took"):
             value = getattr(self, name)
             if value is not None and not 0 <= value < 1e12:  # NaN, infinities, negatives

@@ -24,6 +24,15 @@ the hello) and takes none of the served slots; and when every slot is taken,
 the connection that has waited longest for its hello gives up its slot to
 the newcomer (slowloris from many addresses).
 
+With ``serve --workers N`` (:mod:`musiclib.workers`) this module runs in each
+worker process, told its :class:`WorkerRole`: the sockets come bound from the
+supervisor; the primary worker runs the maintainer and the live channels, and
+also serves a private Unix socket for the other workers; a secondary follows
+the primary's index and, for a request that needs the live channels or a
+rescan, hands the whole connection to the primary (:meth:`_ConnectionHandler.
+forward`): it says hello there with the version already agreed, sends the
+request, and splices bytes both ways until either side closes.
+
 The socket is reached only through a :class:`~musiclib.transport.Transport`,
 so the only transport errors seen here are musiclib's own (``ConnectionLost``,
 ``Timeout``); they end the connection with one log line saying why.
@@ -37,6 +46,7 @@ import hmac
 import ipaddress
 import logging
 import math
+import os
 import signal
 import socket
 import ssl
@@ -51,6 +61,7 @@ import trio
 from . import __version__
 from .decode import DecodeSlots
 from .errors import (
+    Busy,
     ConnectionLost,
     ListenError,
     MessageError,
@@ -70,7 +81,7 @@ from .library_requests import (
 from .live.channels import Channel, Channels, ChannelSpec, channel_format, source_reader, tracks_for
 from .live.hub import Hub
 from .live.requests import PeerLeft, serve_channels, serve_listen, serve_publish
-from .maintainer import Maintainer
+from .maintainer import PUBLISH_INTERVAL, CatalogState, Maintainer, StateBoard
 from .protocol import (
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
@@ -98,6 +109,7 @@ from .protocol import (
     Welcome,
 )
 from .transport import Transport
+from .wyoming import WyomingConfig, serve_wyoming
 
 log = logging.getLogger("musiclib.server")
 
@@ -176,10 +188,47 @@ class ServerConfig:
     #: which symbolic links the library follows: ``inside`` the root (default), ``all``
     #: (MPD's ``follow_outside_symlinks``) or ``none``
     follow_symlinks: FollowSymlinks = "inside"
+    #: the Wyoming microphone endpoint (``serve --wyoming``; ``None``: off), run by the
+    #: process that runs the live channels
+    wyoming: WyomingConfig | None = None
 
 
 class _PeerGone(PeerLeft):
     """Internal: the peer vanished or stalled; the connection just ends."""
+
+
+@dataclass
+class WorkerRole:
+    """This process's part in ``serve --workers`` (:mod:`musiclib.workers`); absent
+    when ``serve`` is one process."""
+
+    #: the worker's number, 0 for the primary (log lines and ``status`` say it)
+    number: int
+    #: this worker's listening sockets, bound by the supervisor
+    sockets: list[socket.socket]
+    #: the private Unix socket: the primary accepts on it (``internal``), the others
+    #: connect to it by its path
+    internal_path: str
+    internal: socket.socket | None
+    #: the primary's state, shared with every worker
+    board: StateBoard
+    #: when the supervisor started (``time.monotonic()``, one clock for all processes)
+    started: float
+
+    @property
+    def primary(self) -> bool:
+        """The primary scans, writes the index and runs the live channels."""
+        return self.internal is not None
+
+
+#: the requests a secondary worker hands to the primary, with the rest of the connection
+FORWARDED: frozenset[type[Event]] = frozenset(
+    {ChannelsRequest, ListenRequest, PublishRequest, RescanRequest}
+)
+#: what a client hears when its request could not be handed to the primary worker
+_PRIMARY_AWAY = "the worker that runs the live channels and scans is restarting; try again"
+#: bytes read at a time by each direction of a forwarded connection
+SPLICE_CHUNK = 64 * 1024
 
 
 @dataclass
@@ -213,6 +262,8 @@ class Server:
     services: Services = field(init=False)
     #: when the server was made (``time.monotonic()``): its uptime counts from here
     started: float = field(default_factory=time.monotonic)
+    #: this process's part among several workers (``None``: the only process)
+    worker: WorkerRole | None = None
 
     def __post_init__(self) -> None:
         self.decode_slots = DecodeSlots(
@@ -220,7 +271,15 @@ class Server:
             self.config.decode_wait,
             per_address=decode_share(self.config),
         )
-        self.maintainer = Maintainer(self.library, self.config)
+        worker = self.worker
+        if worker is None:
+            self.maintainer = Maintainer(self.library, self.config)
+        elif worker.primary:
+            self.maintainer = Maintainer(self.library, self.config, on_change=self.publish_state)
+            self.started = worker.started
+        else:
+            self.maintainer = Maintainer(self.library, self.config, follow=self._followed)
+            self.started = worker.started
         self.channels = Channels(ffmpeg=self.config.ffmpeg, history_seconds=self.config.history)
         self.services = Services(
             self.library, self.maintainer, self.decode_slots, self.channels, self.config
@@ -233,25 +292,62 @@ class Server:
         for scope in self._idle_scopes:
             scope.cancel()
 
+    @property
+    def follower(self) -> bool:
+        """A secondary worker: it reads the primary's index and forwards live requests."""
+        return self.worker is not None and not self.worker.primary
+
+    def _followed(self) -> CatalogState:
+        assert self.worker is not None
+        return self.worker.board.read()[0]
+
+    def _live_channels(self) -> int:
+        if self.worker is not None and not self.worker.primary:
+            return self.worker.board.read()[1]
+        return len(self.channels.infos(time.time_ns()))
+
+    def publish_state(self) -> None:
+        """The primary: put the catalog's state and the channel count on the board."""
+        if self.worker is not None and self.worker.primary:
+            self.worker.board.publish(self.maintainer.state(), self._live_channels())
+
+    async def publish_periodically(self) -> None:
+        """The primary: keep the board fresh (track counts grow during a scan, channels
+        come and go) between the exact publications at each scan's start and end."""
+        while True:
+            self.publish_state()
+            await trio.sleep(PUBLISH_INTERVAL)
+
     def status(self) -> ServerStatus:
-        """How the server is now: the ``status`` request's reply."""
-        last = self.maintainer.last_scan()
+        """How the server is now: the ``status`` request's reply.
+
+        Every worker answers for the whole server (the primary's index, scans
+        and channels) but for ``connections``, which are its own, and says
+        which worker it is.
+        """
+        state = self.maintainer.state()
+        last = state.last_scan
         return ServerStatus(
             server=f"musiclib/{__version__}",
             versions=tuple(sorted(SUPPORTED_VERSIONS)),
-            tracks=self.library.count,
+            tracks=state.tracks,
             uptime=max(time.monotonic() - self.started, 0.0),
             connections=self.connections,
-            scanning=self.library.scanning,
-            scans=self.maintainer.scans_done,
+            scanning=state.scanning,
+            scans=state.scans,
             last_scan=None if last is None else max(last[0], 0.0),
             last_scan_took=None if last is None else max(last[1], 0.0),
-            channels=len(self.channels.infos(time.time_ns())),
+            channels=self._live_channels(),
+            worker=None if self.worker is None else self.worker.number,
+            pid=None if self.worker is None else os.getpid(),
         )
 
     def channel_sources(self) -> list[tuple[Channel, Callable[[Hub], Awaitable[None]]]]:
-        """Register the configured channels; each with the coroutine reading its source."""
-        sources = []
+        """Register the configured channels; each with the coroutine reading its source
+        (none in a secondary worker: the primary runs them)."""
+        sources: list[tuple[Channel, Callable[[Hub], Awaitable[None]]]] = []
+        if self.follower:
+            return sources
         for spec in self.config.channels:
             fmt = channel_format(spec)
             channel = self.channels.add(spec.name, spec.description, fmt)
@@ -267,16 +363,24 @@ class Server:
         return sources
 
     async def handle(
-        self, stream: trio.abc.Stream, peer: str = "peer", address: str | None = None
+        self,
+        stream: trio.abc.Stream,
+        peer: str = "peer",
+        address: str | None = None,
+        *,
+        trusted: bool = False,
     ) -> None:
         """Serve one connection until the peer leaves, misbehaves, or the server stops.
 
         ``address`` is what the per-address limits count the peer by
         (:func:`address_key`; ``None``: not counted, as for a memory stream).
+        ``trusted``: a connection from another worker on the private socket,
+        which needs no token (the client's was checked where it arrived).
         Never raises (except ``Cancelled``): one connection's trouble is logged
         and ends that connection only.
         """
         handler = _ConnectionHandler(self, stream, peer, address)
+        handler.trusted = trusted
         try:
             refusal = self._admit(handler)
             if refusal is not None:
@@ -385,6 +489,10 @@ class _ConnectionHandler:
         #: when the connection was accepted: the handshake timeout runs from here
         self.accepted = trio.current_time()
         self.conn = Connection(Role.SERVER, max_message_size=server.config.max_message_size)
+        #: came from another worker over the private socket: no token asked
+        self.trusted = False
+        #: handed to the primary worker (:meth:`forward`): this loop has nothing left to do
+        self.forwarded = False
 
     async def refuse_busy(self, reason: str) -> None:
         """Refused: read the hello (so the close is clean), say busy; a second at most for each."""
@@ -407,7 +515,8 @@ class _ConnectionHandler:
             )
         if not isinstance(hello, Hello):
             raise _PeerGone("closed before the handshake")
-        if self.config.token is not None and not _token_matches(hello.token, self.config.token):
+        token = None if self.trusted else self.config.token
+        if token is not None and not _token_matches(hello.token, token):
             log.warning("%s: refused: %s token", self.peer, "wrong" if hello.token else "no")
             await self.try_send(
                 Error("unauthorized", "this server needs a valid token (--token)", fatal=True)
@@ -425,12 +534,13 @@ class _ConnectionHandler:
                 )
             )
             return
+        state = self.server.maintainer.state()
         await self._send(
             Welcome(
                 version=min(hello.version, PROTOCOL_VERSION),
                 server=f"musiclib/{__version__}",
-                tracks=self.library.count,
-                scanning=self.library.scanning,
+                tracks=state.tracks,
+                scanning=state.scanning,
                 versions=tuple(sorted(SUPPORTED_VERSIONS)),
                 max_message_size=self.config.max_message_size,
             )
@@ -454,6 +564,8 @@ class _ConnectionHandler:
                 await self._dispatch(event)
             except ServerError as exc:
                 await self._send(Error(exc.code, exc.message, candidates=exc.candidates))
+            if self.forwarded:
+                return
 
     async def _dispatch(self, event: Event) -> None:
         if isinstance(event, StopRequest) or (
@@ -463,10 +575,80 @@ class _ConnectionHandler:
             # a stop that crossed the end of its listen, or what a publisher sent after
             # the server ended its publish (up to its publish_end): nothing to do
             return
+        if self.server.follower and type(event) in FORWARDED:
+            assert isinstance(event, Message)
+            await self.forward(event)
+            return
         serve_request = _REQUESTS.get(type(event))
         if serve_request is None:  # the state machine lets nothing else through in this state
             raise RemoteProtocolError(f"unexpected {type(event).__name__}")
         await serve_request(self, self.server.services, event)
+
+    async def forward(self, request: Message) -> None:
+        """Hand this connection to the primary worker, from ``request`` on, and relay it.
+
+        The primary alone runs the live channels and the scans, so a secondary
+        connects to its private socket, says hello with the version agreed
+        with the client (no token: the socket is trusted, the client's token
+        was checked here), sends ``request`` and whatever the client sent
+        after it, then copies bytes both ways: the client is served by the
+        primary from now on, as if it had connected there (positions, epochs
+        and preroll are the primary's, the same on every worker). One chunk
+        in flight each way, so a slow client slows the primary's writes to
+        it, which the primary's own rules then handle. Closing either side
+        closes both. Before the request is sent, a primary that cannot be
+        reached is ``busy`` (a restart); after it, a failure just ends the
+        connection.
+        """
+        worker = self.server.worker
+        assert worker is not None
+        stream: trio.SocketStream | None = None
+        with trio.move_on_after(self.config.handshake_timeout):
+            try:
+                stream = await trio.open_unix_socket(worker.internal_path)
+            except OSError as exc:
+                log.warning("%s: cannot reach the primary worker: %s", self.peer, exc)
+        if stream is None:
+            raise Busy(_PRIMARY_AWAY)
+        upstream = Transport(stream, peer="the primary worker")
+        try:
+            link = Connection(Role.CLIENT)
+            try:
+                hello = Hello(version=self.conn.version, client=f"worker {worker.number}")
+                await upstream.send(link.send(hello), self.config.send_timeout)
+                welcome = await _upstream_event(upstream, link, self.config.handshake_timeout)
+                if not isinstance(welcome, Welcome):
+                    raise Busy(_PRIMARY_AWAY)
+                trailing, eof = self.conn.trailing_data
+                await upstream.send(link.send(request) + trailing, self.config.send_timeout)
+            except (ConnectionLost, Timeout) as exc:
+                log.warning("%s: the primary worker did not answer: %s", self.peer, exc)
+                raise Busy(_PRIMARY_AWAY) from exc
+            self.forwarded = True
+            log.debug("%s: %s handed to the primary worker", self.peer, request.TYPE)
+            early, _ = link.trailing_data
+            if early:
+                await self._send_bytes(early)
+            if not eof:
+                await self._splice(upstream)
+        finally:
+            await upstream.aclose()
+
+    async def _splice(self, upstream: Transport) -> None:
+        """Copy bytes both ways between the client and the primary until one side ends."""
+        timeout = self.config.send_timeout
+
+        async def pump(source: Transport, sink: Transport, done: trio.CancelScope) -> None:
+            try:
+                while data := await source.receive(SPLICE_CHUNK, math.inf):
+                    await sink.send(data, timeout)
+            except (ConnectionLost, Timeout) as exc:
+                log.info("%s: %s", self.peer, exc)
+            done.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, self.transport, upstream, nursery.cancel_scope)
+            nursery.start_soon(pump, upstream, self.transport, nursery.cancel_scope)
 
     # ---- I/O boundary ---------------------------------------------------
     # (the Session interface of musiclib.live.requests: send, send_bytes, next_event)
@@ -621,6 +803,15 @@ _REQUESTS: dict[type[Event], Callable[[Session, Services, Any], Awaitable[None]]
 }
 
 
+async def _upstream_event(upstream: Transport, link: Connection, timeout: float) -> Event:
+    """The primary's next event on a link, within ``timeout`` s in all."""
+    deadline = trio.current_time() + timeout
+    while isinstance(event := link.next_event(), NeedData):
+        left = max(0.0, deadline - trio.current_time())
+        link.receive_data(await upstream.receive(64 * 1024, left))
+    return event
+
+
 def _token_matches(given: str | None, expected: str) -> bool:
     """Constant-time comparison, so response timing reveals nothing about the token."""
     return hmac.compare_digest((given or "").encode(), expected.encode())
@@ -680,14 +871,16 @@ def decode_share(config: ServerConfig) -> int | None:
     return share or None
 
 
-def open_library(config: ServerConfig) -> Library:
-    """The library ``config`` names, its index open (close it, or use ``with``)."""
+def open_library(config: ServerConfig, *, read_only: bool = False) -> Library:
+    """The library ``config`` names, its index open (close it, or use ``with``);
+    ``read_only``: another process keeps the index (a secondary worker)."""
     return Library(
         config.root,
         config.index,
         workers=config.scan_workers,
         follow_symlinks=config.follow_symlinks,
         ffmpeg=config.ffmpeg,
+        read_only=read_only,
     )
 
 
@@ -703,22 +896,34 @@ async def serve(
     ``await nursery.start(serve, config)`` learns the port chosen for
     ``port=0``. Shutdown stops accepting at once, closes idle connections,
     gives running replies ``grace_period`` seconds, then cancels the rest.
+    A worker of ``serve --workers`` (``server.worker``) binds nothing: it
+    accepts on the sockets its supervisor bound.
     """
     if server is None:
         with open_library(config) as library:
             await serve(config, server=Server(library, config), task_status=task_status)
         return
     _raise_open_file_limit()
-    try:
-        trio_listeners = await trio.open_tcp_listeners(config.port, host=config.host)
-    except OSError as exc:
-        where = f"{config.host}:{config.port}"
-        raise ListenError(f"cannot listen on {where}: {_listen_reason(exc)}") from None
-    # trio bound them (addresses, IPv6-only flags, one port for all); we accept from
-    # the plain sockets, in batches (see _accept_batches).
-    sockets = [socket.socket(fileno=lst.socket.detach()) for lst in trio_listeners]
+    worker = server.worker
+    if worker is not None:
+        sockets = list(worker.sockets)
+    else:
+        try:
+            trio_listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+        except OSError as exc:
+            where = f"{config.host}:{config.port}"
+            raise ListenError(f"cannot listen on {where}: {listen_reason(exc)}") from None
+        # trio bound them (addresses, IPv6-only flags, one port for all); we accept from
+        # the plain sockets, in batches (see _accept_batches).
+        sockets = [socket.socket(fileno=lst.socket.detach()) for lst in trio_listeners]
     addresses = [_address(sock) for sock in sockets]
-    if config.token is None and not all(ipaddress.ip_address(h).is_loopback for h, _ in addresses):
+    internal = [] if worker is None or worker.internal is None else [worker.internal]
+    links = 0
+    if (
+        (worker is None or worker.primary)
+        and config.token is None
+        and not all(ipaddress.ip_address(h).is_loopback for h, _ in addresses)
+    ):
         log.warning(
             "listening beyond this machine without a token: anyone who can reach "
             "%s may read the library (use --token)",
@@ -729,34 +934,70 @@ async def serve(
         host, name = _peer_of(stream)
         await server.handle(stream, name, address_key(host) if host is not None else None)
 
+    async def link_handler(stream: trio.abc.Stream) -> None:
+        # another worker, handing over a client's connection (see _ConnectionHandler.forward)
+        nonlocal links
+        links += 1
+        await server.handle(stream, f"worker link {links}", None, trusted=True)
+
     try:
         async with trio.open_nursery() as background:
             await background.start(server.maintainer.run)
             await background.start(server.channels.run, server.channel_sources())
+            wyoming = config.wyoming
+            if wyoming is not None and (worker is None or worker.primary):
+                first = config.channels[0].name if config.channels else None
+                await background.start(
+                    lambda task_status: serve_wyoming(
+                        server.channels,
+                        wyoming,
+                        default_channel=first,
+                        lag_limit=config.lag_limit,
+                        task_status=task_status,
+                    )
+                )
+            if worker is not None and worker.primary:
+                background.start_soon(server.publish_periodically)
             async with trio.open_nursery() as connections:
-                accept_scope = trio.CancelScope()
+                # one scope per listening socket (a scope is entered once); cancelled together
+                accept_scopes: list[trio.CancelScope] = []
 
-                async def accept(sock: socket.socket) -> None:
-                    with accept_scope:
-                        await _accept_batches(sock, handler, connections, config.ssl_context)
+                def accept(
+                    sock: socket.socket,
+                    serve_one: Callable[[trio.abc.Stream], Awaitable[None]] = handler,
+                    tls: ssl.SSLContext | None = config.ssl_context,
+                ) -> None:
+                    scope = trio.CancelScope()
+                    accept_scopes.append(scope)
+
+                    async def run() -> None:
+                        with scope:
+                            await _accept_batches(sock, serve_one, connections, tls)
+
+                    connections.start_soon(run)
 
                 for sock in sockets:
-                    connections.start_soon(accept, sock)
+                    accept(sock)
+                for sock in internal:
+                    accept(sock, link_handler, None)
+                # a worker's listening is announced by its supervisor, once for all
+                what = "listening" if worker is None else "accepting"
                 for host, port in addresses:
-                    log.info("listening on %s:%d", f"[{host}]" if ":" in host else host, port)
+                    log.info("%s on %s:%d", what, f"[{host}]" if ":" in host else host, port)
                 task_status.started(addresses)
                 await server.stopping.wait()
                 log.info(
                     "shutting down: no new connections, %g s for running streams",
                     config.grace_period,
                 )
-                accept_scope.cancel()
-                for sock in sockets:
+                for scope in accept_scopes:
+                    scope.cancel()
+                for sock in sockets + internal:
                     sock.close()
                 connections.cancel_scope.deadline = trio.current_time() + config.grace_period
             background.cancel_scope.cancel()
     finally:
-        for sock in sockets:
+        for sock in sockets + internal:
             sock.close()
     log.info("stopped")
 
@@ -810,7 +1051,7 @@ async def _accept_batches(
         await trio.lowlevel.checkpoint()
 
 
-def _listen_reason(exc: OSError) -> str:
+def listen_reason(exc: OSError) -> str:
     """Why listening failed, with a hint at the option that fixes it."""
     if exc.errno == errno.EADDRINUSE:
         return "address already in use (another server? choose another port with --port)"
@@ -827,18 +1068,31 @@ def _address(sock: socket.socket) -> tuple[str, int]:
 
 
 async def run_until_signalled(
-    config: ServerConfig, on_ready: Callable[[list[tuple[str, int]]], None] | None = None
+    config: ServerConfig,
+    on_ready: Callable[[list[tuple[str, int]]], None] | None = None,
+    *,
+    worker: WorkerRole | None = None,
+    stop_when: Callable[[], Awaitable[None]] | None = None,
 ) -> None:
     """Serve until SIGINT or SIGTERM, then shut down gracefully (what ``musiclib serve`` runs).
 
     A second signal during the grace period cancels everything at once.
+    ``worker``: run as that worker of ``serve --workers``; ``stop_when``: shut
+    down gracefully also when this returns (a worker whose supervisor is gone).
     """
     with (
-        open_library(config) as library,
+        open_library(config, read_only=worker is not None and not worker.primary) as library,
         trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals,
     ):
-        server = Server(library, config)
+        server = Server(library, config, worker=worker)
         async with trio.open_nursery() as nursery:
+            if stop_when is not None:
+
+                async def stop_then() -> None:
+                    await stop_when()
+                    server.stop()
+
+                nursery.start_soon(stop_then)
 
             async def watch() -> None:
                 async for signum in signals:

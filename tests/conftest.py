@@ -172,6 +172,10 @@ def running_server(
     """
     argv = [*wrapper, sys.executable, "-m", "musiclib", "serve", "--root", str(root)]
     argv += ["--port", "0", "--log-level", log_level, *extra_args]
+    if not any(arg.startswith("--workers") for arg in extra_args):
+        # one process, as the tests were written for (its limits, its log lines);
+        # `serve`'s default is one worker per core (tests/test_workers.py covers that)
+        argv += ["--workers", "1"]
     process = subprocess.Popen(
         argv,
         cwd=REPO,

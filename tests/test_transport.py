@@ -413,6 +413,9 @@ OTHER_BOUNDARIES = {
     "player.py": 3,  # the player's standard input pipe
     "live/convert.py": 1,  # a converter ffmpeg's standard input pipe
     "fetch.py": 1,  # a memory channel between two of its own tasks
+    "live/relay.py": 1,  # fail_after's TooSlowError: a deadline on asking the origin's format
+    "workers.py": 2,  # a worker's standard input and output pipes
+    "wyoming.py": 4,  # two memory channels between its tasks, two fail_after deadlines
 }
 
 

@@ -15,12 +15,18 @@ started for the first such listener and stopped when the last one leaves.
     track:QUERY             the tracks QUERY names, in album order, played once
     loop:QUERY              the same, again and again
     ffmpeg:ARGS             any ffmpeg input, e.g. ``-re -i /srv/feed.ogg``
+    relay:HOST:PORT[/NAME]  another server's channel NAME (default: this one's name),
+                            as that server numbers it (:mod:`musiclib.live.relay`)
 
 Any of them may end with ``?rate=16000&channels=1&format=s16le`` to set the
 channel's own format (defaults: a microphone 16 kHz mono, the speech
-pipelines' format; every other source 48 kHz stereo; always ``s16le``). The
-format is fixed when the server starts, so a channel exists (``waiting``)
-before its first audio, and tracks of any format play on it.
+pipelines' format; a relay its origin channel's own format, asked of the
+origin when ``serve`` starts; every other source 48 kHz stereo; always
+``s16le``). The format is fixed when the server starts, so a channel exists
+(``waiting``) before its first audio, and tracks of any format play on it. A
+relay also takes ``latency=MS`` (its max latency as the origin's listener),
+``token-file=PATH`` (the origin's token, when it is not this server's own),
+``tls=1`` and ``cafile=PEM`` (TLS to the origin).
 """
 
 from __future__ import annotations
@@ -29,7 +35,6 @@ import contextlib
 import logging
 import math
 import shlex
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,7 +54,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("musiclib.live")
 
 #: the kinds of source ``--channel`` accepts
-SOURCE_KINDS = ("mic", "track", "loop", "ffmpeg")
+SOURCE_KINDS = ("mic", "track", "loop", "ffmpeg", "relay")
+#: the ``?key=value`` options every kind takes, and those only a relay takes
+FORMAT_OPTIONS = ("rate", "channels", "format")
+RELAY_OPTIONS = ("latency", "token-file", "tls", "cafile")
 #: a microphone's default format: speech pipelines' (wake word, recognisers)
 MIC_DEFAULT = AudioFormat("s16le", 16000, 1)
 #: the default of every other source: what players and speakers take as they are
@@ -57,7 +65,17 @@ MUSIC_DEFAULT = AudioFormat("s16le", 48000, 2)
 
 
 def channel_format(spec: ChannelSpec) -> AudioFormat:
-    """The channel's own format: the spec's overrides on top of its kind's default."""
+    """The channel's own format: the spec's overrides on top of its kind's default.
+
+    A relay has no default: its format is its origin's, which ``serve`` asks
+    for when it starts (:func:`musiclib.live.relay.prepare_relays`) unless the
+    spec gives it; ``UsageError`` when neither happened.
+    """
+    if spec.kind == "relay" and (spec.sample_rate is None or spec.channels is None):
+        raise UsageError(
+            f"--channel {spec.name}={spec.description}: the origin's format is not known: "
+            "give it with ?rate=R&channels=C (and &format=F unless s16le)"
+        )
     base = MIC_DEFAULT if spec.kind == "mic" else MUSIC_DEFAULT
     return AudioFormat(
         spec.sample_format or base.sample_format,
@@ -76,11 +94,35 @@ class ChannelSpec:
     sample_format: str | None = None
     sample_rate: int | None = None
     channels: int | None = None
+    #: a relay's options (``?latency=``, ``?token-file=``, ``?tls=``, ``?cafile=``)
+    relay: RelayOptions | None = None
 
     @property
     def description(self) -> str:
         """The source as ``channels`` shows it."""
         return f"{self.kind}:{self.arg}" if self.arg else self.kind
+
+
+@dataclass(frozen=True, slots=True)
+class RelayOptions:
+    """Where a relay's origin is and how to reach it (``relay:HOST:PORT[/NAME]?...``)."""
+
+    host: str
+    port: int
+    #: the origin's channel
+    channel: str
+    #: the relay's max latency as a listener of the origin (``?latency=MS``)
+    max_latency_ms: int
+    token_file: str | None = None
+    tls: bool = False
+    cafile: str | None = None
+    #: the token presented to the origin, set when ``serve`` starts (never printed)
+    token: str | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def address(self) -> str:
+        """``HOST:PORT``, with an IPv6 host in brackets."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
 def parse_channel(text: str) -> ChannelSpec:
@@ -93,10 +135,19 @@ def parse_channel(text: str) -> ChannelSpec:
     if not channel_name_ok(name):
         raise UsageError(f"--channel {text!r}: {CHANNEL_NAME_RULE}")
     options: dict[str, str] = {}
+    relay = source.strip().startswith("relay:")
     base, q, tail = source.rpartition("?")
     if q:
         pairs = [p.partition("=") for p in tail.split("&")]
-        if pairs and all(k in ("rate", "channels", "format") and s and v for k, s, v in pairs):
+        allowed = FORMAT_OPTIONS + RELAY_OPTIONS if relay else FORMAT_OPTIONS
+        if relay:  # nothing else may hold a '?': an unknown option is a mistake to name
+            bad = [k for k, s, v in pairs if k not in allowed or not s or not v]
+            if bad:
+                known = ", ".join(allowed)
+                raise UsageError(
+                    f"--channel {text!r}: bad option {bad[0]!r} (KEY=VALUE, KEY one of {known})"
+                )
+        if pairs and all(k in allowed and s and v for k, s, v in pairs):
             options = {k: v for k, _, v in pairs}
             source = base
     kind, _, arg = source.partition(":")
@@ -108,14 +159,19 @@ def parse_channel(text: str) -> ChannelSpec:
     arg = arg.strip()
     if kind != "ffmpeg" and len(arg) >= 2 and arg[0] == arg[-1] and arg[0] in "\"'":
         arg = arg[1:-1]  # quoted where no shell removed the quotes (a config file, the env)
-    if kind in ("track", "loop", "ffmpeg") and not arg:
+    if kind in ("track", "loop", "ffmpeg", "relay") and not arg:
         raise UsageError(f"--channel {text!r}: {kind}: needs an argument")
     try:
         rate = int(options["rate"]) if "rate" in options else None
         channels = int(options["channels"]) if "channels" in options else None
     except ValueError:
         raise UsageError(f"--channel {text!r}: rate and channels are whole numbers") from None
-    spec = ChannelSpec(name, kind, arg, options.get("format"), rate, channels)
+    relay_options = None
+    if kind == "relay":
+        relay_options = _relay_options(text, name, arg, options)
+        host = relay_options.address
+        arg = f"{host}/{relay_options.channel}"
+    spec = ChannelSpec(name, kind, arg, options.get("format"), rate, channels, relay_options)
     probe = AudioFormat(spec.sample_format or "s16le", rate or 16000, channels or 1)
     problem = probe.problem()
     if problem:
@@ -126,6 +182,42 @@ def parse_channel(text: str) -> ChannelSpec:
         except ValueError as exc:
             raise UsageError(f"--channel {text!r}: cannot split its arguments: {exc}") from None
     return spec
+
+
+def _relay_options(text: str, name: str, arg: str, options: dict[str, str]) -> RelayOptions:
+    """``HOST:PORT[/CHANNEL]`` and a relay's options, checked; ``UsageError`` otherwise."""
+    from ..client import parse_address
+    from .relay import DEFAULT_LATENCY_MS
+
+    where, slash, origin_channel = arg.partition("/")
+    origin_channel = origin_channel.strip() if slash else name
+    if not channel_name_ok(origin_channel):
+        raise UsageError(f"--channel {text!r}: the origin's channel: {CHANNEL_NAME_RULE}")
+    if not where.strip() or ":" not in where:
+        raise UsageError(f"--channel {text!r}: relay: expected HOST:PORT[/CHANNEL]")
+    try:
+        host, port = parse_address(where.strip())
+    except UsageError as exc:
+        raise UsageError(f"--channel {text!r}: relay: {exc}") from None
+    try:
+        latency = int(options.get("latency", DEFAULT_LATENCY_MS))
+    except ValueError:
+        latency = 0
+    if not 1 <= latency <= 60_000:
+        raise UsageError(f"--channel {text!r}: latency is 1..60000 milliseconds")
+    tls = options.get("tls", "0")
+    if tls not in ("0", "1"):
+        raise UsageError(f"--channel {text!r}: tls is 1 (TLS) or 0 (plain TCP)")
+    cafile = options.get("cafile")
+    return RelayOptions(
+        host,
+        port,
+        origin_channel,
+        latency,
+        token_file=options.get("token-file"),
+        tls=tls == "1" or cafile is not None,
+        cafile=cafile,
+    )
 
 
 def tracks_for(library: Library, name: str) -> list[TrackInfo]:
@@ -163,10 +255,14 @@ class Channel:
     on_shutdown: Callable[[], None] | None = None
     #: the scope the server-side source runs in: cancelled at shutdown
     source_scope: trio.CancelScope = field(default_factory=trio.CancelScope)
-    #: when this run of the channel began (ns since the epoch): its identity for a
-    #: listener that reconnects, since positions start again with every run
-    epoch: int = field(default_factory=time.time_ns)
     _converters: dict[AudioFormat, _Converter] = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> int:
+        """When this run of the channel began (ns since the Unix epoch), or the run a
+        relay mirrors: its identity for a listener that reconnects, since positions
+        start again with every run."""
+        return self.hub.epoch
 
     @property
     def format(self) -> AudioFormat:
@@ -175,10 +271,10 @@ class Channel:
 
     @property
     def state(self) -> str:
-        """``live``, ``waiting`` (no audio yet) or ``ended``."""
+        """``live``, ``waiting`` (no audio yet, or a relay without its origin) or ``ended``."""
         if self.hub.closed:
             return "ended"
-        return "live" if self.hub.chunks else "waiting"
+        return "live" if self.hub.chunks and not self.hub.paused else "waiting"
 
     def info(self, now_ns: int) -> ChannelInfo:
         """The channel as ``channel_list`` describes it."""
@@ -402,7 +498,11 @@ def source_reader(
     chunk = default_chunk_frames(fmt)
 
     async def read(hub: Hub) -> None:
-        if spec.kind == "mic":
+        if spec.relay is not None:
+            from .relay import run_relay
+
+            await run_relay(hub, spec.relay, name=spec.name)
+        elif spec.kind == "mic":
             await sources.run_mic(hub, spec.arg or None, chunk_frames=chunk)
         elif spec.kind == "ffmpeg":
             await sources.run_ffmpeg(hub, shlex.split(spec.arg), ffmpeg=ffmpeg, chunk_frames=chunk)

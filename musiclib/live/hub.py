@@ -26,6 +26,9 @@ neither a duplicate nor a hole.
 
 Positions count frames since the channel started; every chunk carries the
 position of its first frame, so a listener can always check continuity.
+``epoch`` names that numbering (a listener that reconnects compares it). A
+relay adopts another server's numbering with :meth:`Hub.start_at` before its
+first chunk, so that every relay of one origin numbers the audio alike.
 Nothing here does I/O; the only clock read is trio's, for the lag limit.
 """
 
@@ -98,6 +101,12 @@ class Hub:
         self.chunks = 0
         #: wall clock of the last published chunk (0: none yet)
         self.last_time_ns = 0
+        #: the identity of this numbering of positions (ns since the Unix epoch): a
+        #: listener that reconnects and finds another epoch knows positions began anew
+        self.epoch = time.time_ns()
+        #: the source says no audio comes for now (a relay that lost its origin):
+        #: the channel shows ``waiting`` though it has published before
+        self.paused = False
 
     @property
     def closed(self) -> bool:
@@ -108,6 +117,19 @@ class Hub:
     def listeners(self) -> int:
         """Subscriptions receiving audio now."""
         return len(self._subs)
+
+    def start_at(self, position: int, epoch: int) -> bool:
+        """Number positions from ``position`` within ``epoch`` (another hub's numbering,
+        the one a relay mirrors); ``False``, changing nothing, once the numbering is in
+        use: a chunk was published, or a listener has been told where it starts and
+        still listens (a hole of ``position`` frames would reach it)."""
+        if self.chunks or self._subs or self._history or self.end is not None:
+            return False
+        if position < 0:
+            raise ValueError(f"a position is never negative, not {position}")
+        self.position = position
+        self.epoch = epoch
+        return True
 
     def frames_of(self, data: bytes) -> int:
         """Whole frames in ``data``; ``ValueError`` when it is not a whole number of them."""
