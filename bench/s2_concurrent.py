@@ -62,6 +62,9 @@ class Load:
     accept_stretch: float | None = None
     #: p99 time to first byte of each round, when several were pooled
     round_p99_ms: list[float] = field(default_factory=list)
+    #: CPU seconds this (the client's) process used meanwhile: the client shares the
+    #: machine's cores with the server, and near one core it is the bottleneck itself
+    client_cpu_s: float = 0.0
 
     @classmethod
     def pooled(cls, rounds: list[Load]) -> Load:
@@ -74,6 +77,7 @@ class Load:
             out.nbytes += r.nbytes
             out.failures += r.failures
             out.seconds += r.seconds
+            out.client_cpu_s += r.client_cpu_s
             if r.ttfb_ms:
                 out.round_p99_ms.append(percentile(r.ttfb_ms, 99))
         return out
@@ -81,6 +85,11 @@ class Load:
     @property
     def throughput(self) -> float:
         return mib_per_s(self.nbytes, self.seconds) if self.seconds else 0.0
+
+    @property
+    def client_cpu_pct(self) -> float:
+        """The client's CPU use over the load, in percent of one core."""
+        return 100 * self.client_cpu_s / self.seconds if self.seconds else 0.0
 
     def p(self, pct: float) -> float | None:
         return percentile(self.ttfb_ms, pct) if self.ttfb_ms else None
@@ -91,11 +100,12 @@ class Load:
 
     def phase_summary(self) -> str:
         """p50/p99 of each step, to show where the time to first byte goes."""
-        return "; ".join(
+        steps = "; ".join(
             f"{name} p50 {percentile(v, 50):.0f} ms, p99 {percentile(v, 99):.0f} ms"
             for name, v in [*self.phases_ms.items(), ("first byte", self.ttfb_ms)]
             if v
         )
+        return f"{steps}; client CPU {self.client_cpu_pct:.0f}% of a core"
 
 
 async def _musiclib_one(address: str, track: str, load: Load) -> None:
@@ -149,11 +159,12 @@ async def _guarded(one: Download, args: tuple[object, ...], load: Load) -> None:
 async def run_load(n: int, one: Download, *args: object) -> Load:
     """Start ``n`` downloads at once; wait for all of them."""
     load = Load()
-    began = trio.current_time()
+    began, cpu = trio.current_time(), time.process_time()
     async with trio.open_nursery() as nursery:
         for _ in range(n):
             nursery.start_soon(_guarded, one, args, load)
     load.seconds = trio.current_time() - began
+    load.client_cpu_s = time.process_time() - cpu
     return load
 
 

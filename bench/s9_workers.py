@@ -81,6 +81,15 @@ def run(sizes: Sizes) -> Scenario:
             )
         )
         sc.add(Row("TTFB p50", two.p(50), "ms", b.p(50) if known else None, label))
+        sc.add(
+            Row(
+                "bench client CPU (one core = 100%)",
+                two.client_cpu_pct,
+                "%",
+                b.client_cpu_pct if known else None,
+                label,
+            )
+        )
         sc.add(Row("TTFB p99", two.p(99), "ms", b.p(99) if known else None, label, TTFB_P99))
         sc.add(
             Row(
@@ -114,6 +123,8 @@ def run(sizes: Sizes) -> Scenario:
             "max_accept_queue": load.max_accept_queue,
             "accept_queue_longest_s": load.accept_stretch,
             "phases_ms_p99": {k: percentile(v, 99) for k, v in load.phases_ms.items()},
+            "phases_ms_p50": {k: percentile(v, 50) for k, v in load.phases_ms.items()},
+            "client_cpu_pct": load.client_cpu_pct,
         }
         for name, load in loads.items()
         if load is not None

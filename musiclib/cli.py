@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .decode import AudioFormat
     from .fetch import Connector, Decoding, Retry
-    from .protocol import ServerStatus, TrackInfo
+    from .protocol import ListEnd, ServerStatus, TrackInfo
 
 #: where cyclopts' bash script reads the word being completed
 _BASH_CUR = 'cur="${COMP_WORDS[COMP_CWORD]}"\n'
@@ -637,11 +637,14 @@ async def ls(
     paths
         Print only the paths, one per line (for scripts; control characters escaped).
     json_output
-        Print a JSON array of track objects (every field, exact) instead of a table.
+        Print a JSON array of track objects (every field, exact) instead of a table, as
+        the tracks arrive, in the server's order (path, title, artist, album or duration:
+        by code point, 10 before 2); with --reverse, or --sort size or format, sorted
+        here as the table is.
     """
     from .client import MAX_LIST_TRACKS
     from .protocol import LIST_SORTS
-    from .ui import json_array, order, select, track_dict
+    from .ui import JsonArrayWriter, json_array, order, select, track_dict
 
     if (limit is not None and limit < 0) or offset < 0:
         raise UsageError("--limit and --offset must not be negative")
@@ -655,6 +658,25 @@ async def ls(
     by_server = (limit is not None or offset > 0) and sort in LIST_SORTS and not reverse
     hint = ""
     async with options.connector()() as client:
+        assert client.welcome is not None
+        # --json in one of the server's orders is written as it arrives, whatever the
+        # library's size, from a server that pages and filters (it states its versions:
+        # newer than paging); anything else is held whole, as the table needs it
+        if json_output and sort in LIST_SORTS and not reverse and client.welcome.versions:
+            writer = JsonArrayWriter(sys.stdout)
+            async with client.list_pages(
+                words, artist=artist, album=album, format=format, sort=sort, offset=offset,
+                limit=limit,
+            ) as pages:  # fmt: skip
+                async for page in pages:
+                    writer.write(track_dict(t) for t in page)
+            writer.close()
+            assert pages.end is not None
+            end = pages.end
+            matched = end.count if end.total is None else end.total
+            if not matched and filtered:
+                hint = await _did_you_mean(client, words or artist or album or "")
+            return _ls_report(end, offset, end.count, matched, hint, words, artist, album, format)
         if by_server:
             asked = MAX_LIST_TRACKS if limit is None else min(limit, MAX_LIST_TRACKS)
             tracks, end = await client.list(
@@ -691,7 +713,23 @@ async def ls(
             print(printable(t.path))
     elif tracks or not filtered:
         print(_track_table(tracks, long))
-    if not total and filtered:
+    return _ls_report(end, offset, len(tracks), total, hint, words, artist, album, format)
+
+
+def _ls_report(
+    end: ListEnd,
+    offset: int,
+    count: int,
+    total: int,
+    hint: str,
+    words: str | None,
+    artist: str | None,
+    album: str | None,
+    format: str | None,
+) -> int:
+    """What ``ls`` says on standard error once ``count`` tracks of ``total`` from
+    ``offset`` on are out, and its exit status (1: a query or filter matched nothing)."""
+    if not total and (words or artist or album or format):
         what = " ".join(
             f"{name} {value!r}"
             for name, value in (("", words), ("--artist", artist), ("--album", album))
@@ -701,11 +739,11 @@ async def ls(
 
         log.warning("no track matches %s%s", shown(what or f"--format {format}"), hint)
         return 1
-    last = offset + len(tracks)
-    if tracks and (offset or last < total):
+    last = offset + count
+    if count and (offset or last < total):
         more = f" (--offset {last} for the next ones)" if last < total else ""
         log.warning("tracks %d-%d of %d%s", offset + 1, last, total, more)
-    elif not tracks and total:
+    elif not count and total:
         log.warning("%d tracks match, none shown from --offset %d", total, offset)
     if end.scanning:
         log.warning("the server is still indexing its library; the list may be incomplete")

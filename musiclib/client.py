@@ -10,6 +10,7 @@ cancel scope across ``yield``, which trio forbids). Bytes move through a
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -216,21 +217,41 @@ class Client:
             event = await self._reply_event()
             if isinstance(event, TrackPage):
                 tracks.extend(event.tracks)
-                if len(tracks) > MAX_LIST_TRACKS or self.received - began > MAX_LIST_BYTES:
-                    raise RemoteProtocolError(
-                        f"the list reply exceeds {MAX_LIST_TRACKS} tracks "
-                        f"or {MAX_LIST_BYTES // (1024 * 1024)} MiB"
-                    )
+                _check_list_page(len(tracks), self.received - began)
             elif isinstance(event, ListEnd):
-                if event.count != len(tracks):
-                    raise RemoteProtocolError(
-                        f"list_end says {event.count} tracks, {len(tracks)} were sent"
-                    )
-                if event.total is not None and limit is not None and len(tracks) > limit:
-                    raise RemoteProtocolError(f"{len(tracks)} tracks sent for a limit of {limit}")
+                _check_list_end(event, len(tracks), limit)
                 return tracks, event
             else:
                 raise RemoteProtocolError(f"unexpected {type(event).__name__} in a list reply")
+
+    def list_pages(
+        self,
+        query: str | None = None,
+        *,
+        artist: str | None = None,
+        album: str | None = None,
+        format: str | None = None,
+        sort: str = "path",
+        offset: int = 0,
+        limit: int | None = None,
+    ) -> ListReader:
+        """The same tracks as :meth:`list`, page by page as they arrive, however many:
+        ``async with client.list_pages(...) as pages: async for page in pages``, then
+        ``pages.end``. Only one page is held at a time (see :class:`ListReader`).
+        """
+        request = ListRequest(
+            query=query or None,
+            artist=artist or None,
+            album=album or None,
+            format=format or None,
+            sort=sort,
+            offset=offset,
+            limit=limit,
+        )
+        problem = request.problem()
+        if problem:
+            raise ValueError(problem)
+        return ListReader(self, request)
 
     async def rescan(self, *, wait: bool = False) -> RescanStatus:
         """Ask the server to re-read its library; with ``wait``, until the scan is done."""
@@ -473,6 +494,118 @@ class _Reply(Generic[_Request, _Start]):
     ) -> None:
         if self._client._conn.state is not State.IDLE:  # reply unfinished: cannot skip it
             await self._client.aclose()
+
+
+def _check_list_page(tracks: int, size: int) -> None:
+    """A list reply that has brought ``tracks`` tracks in ``size`` bytes so far may go on."""
+    if tracks > MAX_LIST_TRACKS or size > MAX_LIST_BYTES:
+        raise RemoteProtocolError(
+            f"the list reply exceeds {MAX_LIST_TRACKS} tracks "
+            f"or {MAX_LIST_BYTES // (1024 * 1024)} MiB"
+        )
+
+
+def _check_list_end(end: ListEnd, tracks: int, limit: int | None) -> None:
+    """``end`` may end a reply of ``tracks`` tracks to a request of ``limit``."""
+    if end.count != tracks:
+        raise RemoteProtocolError(f"list_end says {end.count} tracks, {tracks} were sent")
+    if end.total is not None and limit is not None and tracks > limit:
+        raise RemoteProtocolError(f"{tracks} tracks sent for a limit of {limit}")
+
+
+class ListReader:
+    """A listing handed out page by page as it arrives, held one page at a time.
+
+    The caps on one reply (:data:`MAX_LIST_TRACKS` tracks, :data:`MAX_LIST_BYTES`
+    bytes, at most the ``limit`` asked for) stay what they are: they bound what a
+    server can make a client receive for one request, and they stop an endless
+    reply. What they must not do is bound the *library*: so a listing longer
+    than one reply may hold is asked for in several, each of at most
+    :data:`MAX_LIST_TRACKS` tracks and continuing at the offset where the last
+    one ended, until a reply comes back short, the ``total`` the server stated
+    is reached, or the caller's ``limit`` is. What passes through is then as
+    long as the library (or as the total a lying server states); what is held
+    is one ``tracks`` message (under 64 KiB from the reference server, at most
+    the protocol's frame limit from any). A server that states no ``total``
+    (older than paging) ignored ``offset`` and ``limit`` and sent everything in
+    one reply: the listing ends there.
+
+    Paging by offset shares the protocol's rule (PROTOCOL.md, ``list``): with no
+    change to the library in between every track comes once; a scan committing
+    meanwhile may make a track come twice or not at all, and :attr:`end` then
+    says ``scanning``. Leaving the ``async with`` block before the listing ends
+    closes the connection (the rest of a reply cannot be skipped).
+    """
+
+    def __init__(self, client: Client, request: ListRequest) -> None:
+        self._client = client
+        self._request = request
+        #: the listing's end once it has ended: ``count`` every track listed, ``total``
+        #: as the last reply stated it, ``scanning`` if any reply said so
+        self.end: ListEnd | None = None
+        self._listed = 0  # tracks handed out, over every reply
+        self._asked = 0  # the limit of the reply in progress
+        self._got = 0  # tracks in the reply in progress
+        self._began = 0  # client.received when the reply in progress was asked for
+        self._scanning = False
+
+    async def __aenter__(self) -> ListReader:
+        await self._ask()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._client._conn.state is not State.IDLE:  # reply unfinished: cannot skip it
+            await self._client.aclose()
+
+    async def _ask(self) -> None:
+        """Send the request for the next reply: from where the last one ended."""
+        limit = self._request.limit
+        left = MAX_LIST_TRACKS if limit is None else limit - self._listed
+        self._asked = min(left, MAX_LIST_TRACKS)
+        self._got = 0
+        self._began = self._client.received
+        request = dataclasses.replace(
+            self._request, offset=self._request.offset + self._listed, limit=self._asked
+        )
+        await self._client._send(request)
+
+    def __aiter__(self) -> AsyncIterator[tuple[TrackInfo, ...]]:
+        return self
+
+    async def __anext__(self) -> tuple[TrackInfo, ...]:
+        while self.end is None:
+            event = await self._client._reply_event()
+            if isinstance(event, TrackPage):
+                self._got += len(event.tracks)
+                _check_list_page(self._got, self._client.received - self._began)
+                self._listed += len(event.tracks)
+                if event.tracks:
+                    return event.tracks
+            elif isinstance(event, ListEnd):
+                await self._ended(event)
+            else:
+                raise RemoteProtocolError(f"unexpected {type(event).__name__} in a list reply")
+        raise StopAsyncIteration
+
+    async def _ended(self, reply: ListEnd) -> None:
+        """One reply ended: ask for the next one, or end the listing."""
+        _check_list_end(reply, self._got, self._asked)
+        self._scanning = self._scanning or reply.scanning
+        limit = self._request.limit
+        if (
+            reply.total is None  # an older server: it sent everything it would
+            or self._got < self._asked  # short: nothing more matches
+            or self._request.offset + self._listed >= reply.total
+            or (limit is not None and self._listed >= limit)
+        ):
+            self.end = ListEnd(count=self._listed, total=reply.total, scanning=self._scanning)
+            return
+        await self._ask()
 
 
 class StreamReader(_Reply[StreamRequest, StreamStart]):

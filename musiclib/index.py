@@ -56,7 +56,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -138,6 +138,7 @@ _GENERATION = (
     "SELECT coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'generation'), 0)"
 )
 _SELECT_TRACK = "SELECT " + ", ".join(TRACK_FIELDS) + " FROM tracks"
+_SELECT_TRACK_VERSION = "SELECT " + ", ".join(TRACK_FIELDS) + ", mtime_ns FROM tracks"
 _INSERT = (
     f"INSERT OR REPLACE INTO tracks ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 )
@@ -282,6 +283,14 @@ class Index:
         self._open = 0  # reader connections open (lent or idle)
         self._closed = False
         self.count = self._count(self._writer)
+        #: the index's generation (see ``_BUMP_GENERATION``), kept by the writer: set
+        #: only once a commit is visible, so a lookup begun after reading a value sees
+        #: at least that generation (what a cache of lookups may be keyed by)
+        self.generation = int(self._writer.execute(_GENERATION).fetchone()[0])
+        #: called with the new generation after each commit that bumped it, in the
+        #: writing thread under the write lock (one caller at a time): the primary
+        #: worker publishes it to the others there (:mod:`musiclib.maintainer`)
+        self.on_commit: Callable[[int], None] | None = None
 
     def _open_writable(self, target: Path, *, named: bool) -> sqlite3.Connection:
         """The writer connection at ``target``, or at a temporary place if that fails
@@ -480,9 +489,15 @@ class Index:
 
     def get(self, path: str) -> TrackInfo | None:
         """The track stored under exactly ``path``."""
+        found = self.lookup(path)
+        return found[0] if found is not None else None
+
+    def lookup(self, path: str) -> tuple[TrackInfo, int] | None:
+        """The track stored under exactly ``path`` and the mtime (ns) of the version
+        it describes: with its ``size``, what its ``sha256`` is the digest of."""
         with self._reader() as conn:
-            row = conn.execute(_SELECT_TRACK + " WHERE path = ?", (path,)).fetchone()
-        return track_of(row) if row is not None else None
+            row = conn.execute(_SELECT_TRACK_VERSION + " WHERE path = ?", (path,)).fetchone()
+        return (track_of(row), int(row[_N_TRACK])) if row is not None else None
 
     def paths_where(self, clause: str, params: Sequence[Any], limit: int) -> tuple[int, list[str]]:
         """How many tracks match ``clause``, and the first ``limit`` of their paths."""
@@ -534,19 +549,33 @@ class Index:
 
     def put(self, rows: Iterable[Row]) -> None:
         """Insert or replace whole rows (see :func:`row_of`) in one transaction."""
-        with self._write_lock, self._writer:
-            self._writer.execute("BEGIN")
-            self._writer.executemany(_INSERT, rows)
-            self._writer.execute(_BUMP_GENERATION)
-            self.count = self._count(self._writer)
+        with self._write_lock:
+            with self._writer:
+                self._writer.execute("BEGIN")
+                self._writer.executemany(_INSERT, rows)
+                generation = self._bump()
+            self._committed(generation)
 
     def delete(self, paths: Iterable[str]) -> None:
         """Forget ``paths`` in one transaction."""
-        with self._write_lock, self._writer:
-            self._writer.execute("BEGIN")
-            self._writer.executemany("DELETE FROM tracks WHERE path = ?", ((p,) for p in paths))
-            self._writer.execute(_BUMP_GENERATION)
-            self.count = self._count(self._writer)
+        with self._write_lock:
+            with self._writer:
+                self._writer.execute("BEGIN")
+                self._writer.executemany("DELETE FROM tracks WHERE path = ?", ((p,) for p in paths))
+                generation = self._bump()
+            self._committed(generation)
+
+    def _bump(self) -> int:
+        """Count the open write transaction as a new generation (and recount); its number."""
+        self._writer.execute(_BUMP_GENERATION)
+        self.count = self._count(self._writer)
+        return int(self._writer.execute(_GENERATION).fetchone()[0])
+
+    def _committed(self, generation: int) -> None:
+        """After a commit (write lock held): say its generation, now that it is visible."""
+        self.generation = generation
+        if self.on_commit is not None:
+            self.on_commit(generation)
 
     def set_sha256(self, path: str, size: int, mtime_ns: int, digest: str) -> bool:
         """Store ``digest`` for this version of ``path``; False if the index moved on."""

@@ -92,6 +92,8 @@ class RequestConfig(Protocol):
 
     #: payload bytes per data frame
     chunk_size: int
+    #: payload bytes per data frame of a file sent with zero-copy ``sendfile``
+    sendfile_frame_size: int
     #: seconds one send may take (a publisher's silence ends its publish after as long)
     send_timeout: float
     #: seconds a listener may keep losing audio before it is cut
@@ -247,7 +249,7 @@ async def _known_sha256(services: Services, track: TrackInfo, st: os.stat_result
     """The sha256 of this version of ``track`` if computed before (memory, then index)."""
     known = services.maintainer.checksums.known(st)
     if known is None:
-        known = await services.maintainer.in_thread(services.library.stored_sha256, track, st)
+        known = await services.maintainer.stored_sha256(track, st)
     return known
 
 
@@ -288,15 +290,21 @@ async def _stream_original(session: Session, services: Services, request: Stream
     thread while the event loop sends (see :mod:`musiclib.checksums`). The
     file is sent with zero-copy ``sendfile`` on plain TCP, by reads
     otherwise (TLS, memory streams in tests).
+
+    The name and the stored sha256 usually come from the maintainer's memory
+    (:class:`~musiclib.maintainer.TrackCache`), so the stream starts without
+    waiting for a worker thread: with hundreds of streams starting at once, each
+    thread hop waited for a loop busy sending (BENCHMARKS.md, scenario 9).
     """
-    track = await _resolve(services, request.track)
+    track, _ = await services.maintainer.locate(request.track)
     f = services.library.open_track(track)
     with f:
         st = os.fstat(f.fileno())
         offset = min(request.offset, st.st_size)
         known = await _known_sha256(services, track, st)
         log.info("%s: stream %s from byte %d", session.peer, track.path, offset)
-        await session.send(
+        # sent with the first frame's header (see _send_file's ``head``)
+        start = session.conn.send(
             StreamStart(
                 path=track.path,
                 size=st.st_size,
@@ -322,7 +330,14 @@ async def _stream_original(session: Session, services: Services, request: Stream
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(checksum)
                 await _send_file(
-                    session, services, f.fileno(), offset, st.st_size - offset, track.path, failed
+                    session,
+                    services,
+                    f.fileno(),
+                    offset,
+                    st.st_size - offset,
+                    track.path,
+                    failed,
+                    head=start,
                 )
         if failed:  # the checksum failed after the last frame went out
             raise failed[0]
@@ -340,8 +355,17 @@ async def _send_file(
     length: int,
     name: str,
     failed: Sequence[ServerError] = (),
+    *,
+    head: bytes = b"",
 ) -> None:
-    """Send ``length`` bytes of ``fd`` from ``offset`` as data frames.
+    """Send ``head`` (the ``stream_start`` already encoded), then ``length`` bytes of
+    ``fd`` from ``offset`` as data frames.
+
+    ``head`` goes out in the same send as the first frame's header: every send
+    is a turn of the event loop, and with hundreds of streams running a turn
+    takes tens of milliseconds, so a new stream's first byte leaves one turn
+    sooner than if ``stream_start`` had a send of its own (BENCHMARKS.md,
+    scenario 9).
 
     The frame header goes out before the file's bytes, so a file that
     shrinks (or cannot be read) now cannot end the frame early: the rest is
@@ -352,8 +376,11 @@ async def _send_file(
     checksum's) ends the stream at the next frame boundary; nothing ever
     stops in the middle of a frame, so the error can always be sent.
     """
-    frame = services.config.chunk_size
     zero_copy = session.can_sendfile
+    frame = services.config.sendfile_frame_size if zero_copy else services.config.chunk_size
+    if head and (failed or not zero_copy or not length):  # nothing to join it with
+        await session.send_bytes(head)
+        head = b""
     while length:
         if failed:
             raise failed[0]
@@ -367,7 +394,8 @@ async def _send_file(
                 raise Changed(f"{name} shrank while it was being sent")
             await session.send_data(chunk)
         else:
-            await session.send_bytes(session.conn.send_data_header(n))
+            await session.send_bytes(head + session.conn.send_data_header(n))
+            head = b""
             sent = await session.send_file(fd, offset, n)
             if sent < n:  # the file ended, or a read failed: say which after the frame
                 await session.send_bytes(bytes(n - sent))
@@ -398,9 +426,17 @@ async def _stream_decoded(session: Session, services: Services, request: StreamR
     The first chunk is read before ``stream_start`` goes out, so a file
     that cannot be decoded at all gets a plain error instead of a started
     stream; a failure later ends the stream with an error, never silently.
+
+    The name is resolved through the maintainer's memory
+    (:class:`~musiclib.maintainer.TrackCache`), like an original stream's. A
+    hundred streams of one track starting at once used to make a hundred
+    worker-thread lookups, queued behind the index's few threads while their
+    ffmpegs held the CPUs: the longest wait of the last streams to start
+    (BENCHMARKS.md, "Issue 15, item 4"). Now they share one, and a name seen
+    before costs none until the index changes.
     """
     config = services.config
-    track = await _resolve(services, request.track)
+    track, _ = await services.maintainer.locate(request.track)
     source, st = services.library.track_path(track)
     fmt = output_format(
         request.sample_format,

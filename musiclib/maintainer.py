@@ -6,7 +6,9 @@ serve it. This module is that service, apart from the server's connection
 handling: :class:`Maintainer` owns the scans (one task, so they never
 overlap), the inotify watcher that asks for them, the background sha256 of
 new files, the :class:`~musiclib.checksums.ChecksumCache` the streams share,
-and the limiter on the worker threads that run index queries. Requests use it
+the :class:`TrackCache` of names resolved (and stored sha256s read) while the
+index stays the same, and the limiter on the worker threads that run index
+queries. Requests use it
 through :meth:`Maintainer.in_thread`, :meth:`Maintainer.request_rescan` and
 :meth:`Maintainer.wait_for_first_scan`; the server starts it with
 ``await nursery.start(maintainer.run)``.
@@ -38,7 +40,9 @@ nothing, and its :meth:`Maintainer.state` is what the primary last published
 on a :class:`StateBoard`, a few bytes of shared memory the primary rewrites
 when a scan starts or ends and every :data:`PUBLISH_INTERVAL` seconds
 (SQLite would do, but a query per ``welcome`` costs a thread hop; a read of
-shared memory costs nothing and is as fresh).
+shared memory costs nothing and is as fresh). The board also carries a count
+the primary's index bumps right after each commit, by which a follower's
+:class:`TrackCache` knows its names are stale.
 
 Its log lines are the server's (the ``musiclib.server`` logger), as they were
 when this lived in :mod:`musiclib.server`.
@@ -56,7 +60,7 @@ import sqlite3
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
@@ -66,6 +70,7 @@ import trio
 from .checksums import ChecksumCache
 from .errors import Changed, NotFound
 from .library import Library, open_confined
+from .protocol import TrackInfo
 from .watch import open_watcher
 
 log = logging.getLogger("musiclib.server")
@@ -154,7 +159,10 @@ class StateBoard:
     _SEQ = struct.Struct("<Q")
     #: tracks, scanning, scans, end of the last scan (NaN: none), its length, channels
     _FIELDS = struct.Struct("<qqqddq")
-    SIZE = _SEQ.size + _FIELDS.size
+    #: the index's generation: a sequence number and a count of its own, after the state
+    _GENERATION_AT = _SEQ.size + _FIELDS.size
+    _GENERATION = struct.Struct("<QQ")
+    SIZE = _GENERATION_AT + _GENERATION.size
 
     def __init__(self, path: Path) -> None:
         fd = os.open(path, os.O_RDWR)
@@ -168,7 +176,8 @@ class StateBoard:
         """A new board at ``path`` (readable by this user only): no scan, no track yet."""
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, bytes(cls._SEQ.size) + cls._FIELDS.pack(0, 1, 0, math.nan, 0.0, 0))
+            initial = cls._FIELDS.pack(0, 1, 0, math.nan, 0.0, 0) + cls._GENERATION.pack(0, 0)
+            os.write(fd, bytes(cls._SEQ.size) + initial)
         finally:
             os.close(fd)
         return cls(path)
@@ -198,8 +207,122 @@ class StateBoard:
         last = None if math.isnan(ended) else (max(time.monotonic() - ended, 0.0), took)
         return CatalogState(tracks, bool(scanning), scans, last), channels
 
+    def bump_generation(self) -> None:
+        """Say that the index changed: a commit added, replaced or deleted tracks, or
+        a new primary opened it (the primary only, one thread at a time: the index's
+        writer under its write lock, or the primary at start before any scan).
+
+        A count of the board's own, not the index's generation: it never goes back,
+        even when a restarted primary had to rebuild the index, so a follower's
+        cache can never take a new index for the one it cached.
+        """
+        (seq,) = self._SEQ.unpack_from(self._map, self._GENERATION_AT)
+        _, value = self._GENERATION.unpack_from(self._map, self._GENERATION_AT)
+        writing = seq + 1 if seq % 2 == 0 else seq + 2
+        self._SEQ.pack_into(self._map, self._GENERATION_AT, writing)
+        self._GENERATION.pack_into(self._map, self._GENERATION_AT, writing, value + 1)
+        self._SEQ.pack_into(self._map, self._GENERATION_AT, writing + 1)
+
+    def generation(self) -> int:
+        """The index's generation as last said (:meth:`bump_generation`); it changes
+        right after each commit, before the writer takes its next batch."""
+        at = self._GENERATION_AT
+        for _ in range(self.READ_TRIES):
+            (before,) = self._SEQ.unpack_from(self._map, at)
+            (value,) = self._SEQ.unpack_from(self._map, at + self._SEQ.size)
+            (after,) = self._SEQ.unpack_from(self._map, at)
+            if before == after and not before % 2:
+                break
+        return int(value)
+
     def close(self) -> None:
         self._map.close()
+
+
+#: what :meth:`Library.locate <musiclib.library.Library.locate>` gives: a track and the
+#: mtime (ns) of the file version its row describes
+Located = tuple[TrackInfo, int]
+
+
+@dataclass
+class _Lookup:
+    """One lookup of a name in a worker thread, which others asking meanwhile share."""
+
+    done: trio.Event
+    found: Located | None = None
+
+
+class TrackCache:
+    """Track names resolved before, answered on the event loop while the index is
+    the one they were resolved in.
+
+    Why: a stream request used to wait for two worker-thread lookups (the name,
+    then the stored sha256). Under load each one waits for the interpreter's lock
+    behind a loop busy with hundreds of streams, and only resumes at the loop's
+    next pass: with 500 downloads starting at once that step took most of the time
+    to first byte (BENCHMARKS.md, scenario 9). What a name resolves to depends on
+    the index alone, so a lookup made in generation ``g`` answers the same name
+    until the generation moves, and then the whole cache is dropped: no rescan,
+    rename or replacement is ever answered from before it. The generation is read
+    on the loop *before* a lookup starts, and the index publishes a generation only
+    once its commit is visible, so a lookup is never filed under a newer generation
+    than the index it saw (it may be filed under an older one, which only drops it
+    sooner).
+
+    Requests for a name already being looked up (in the same generation) wait for
+    that lookup instead of starting their own: 500 requests for one new name cost
+    one thread hop, not 500. Failures (not found, ambiguous) are not kept: whoever
+    waited for a lookup that failed looks it up again itself.
+    """
+
+    #: names remembered at most; past it the oldest tenth is forgotten
+    MAX_ENTRIES = 4096
+
+    def __init__(
+        self,
+        generation: Callable[[], int],
+        lookup: Callable[[str], Awaitable[Located]],
+    ) -> None:
+        self._generation = generation
+        self._lookup = lookup
+        self._at: int | None = None  # the generation the entries were resolved in
+        self._known: dict[str, Located] = {}
+        self._pending: dict[tuple[int, str], _Lookup] = {}
+
+    def _current(self) -> int:
+        generation = self._generation()
+        if generation != self._at:
+            self._known.clear()
+            self._at = generation
+        return generation
+
+    async def locate(self, name: str) -> Located:
+        """What ``name`` resolves to in the index as it is now."""
+        generation = self._current()
+        found = self._known.get(name)
+        if found is not None:
+            return found
+        shared = self._pending.get((generation, name))
+        if shared is not None:
+            await shared.done.wait()
+            if shared.found is not None:
+                return shared.found
+            return await self._lookup(name)  # it failed (or was cancelled): ask again
+        mine = self._pending[generation, name] = _Lookup(trio.Event())
+        try:
+            mine.found = await self._lookup(name)
+        finally:
+            del self._pending[generation, name]
+            mine.done.set()
+        if self._current() == generation:  # nothing committed since it started
+            if len(self._known) >= self.MAX_ENTRIES:
+                for old in list(self._known)[: self.MAX_ENTRIES // 10]:
+                    del self._known[old]
+            self._known[name] = mine.found
+        return mine.found
+
+    def __len__(self) -> int:
+        return len(self._known)
 
 
 class Maintainer:
@@ -208,7 +331,9 @@ class Maintainer:
     ``follow``: this process only reads an index another process maintains;
     it is asked for the state (:meth:`state`), and :meth:`run` does nothing.
     ``on_change`` is called when a scan starts or ends, before anyone waiting
-    for it is woken (the primary publishes its state then).
+    for it is woken (the primary publishes its state then). ``generation``
+    says the index's generation (default: the index's own, which this process
+    keeps when it writes; a follower reads the primary's from the board).
     """
 
     #: a scan that took ``d`` seconds is followed by at least ``REST_FACTOR * d`` seconds
@@ -224,6 +349,7 @@ class Maintainer:
         *,
         follow: Callable[[], CatalogState] | None = None,
         on_change: Callable[[], None] | None = None,
+        generation: Callable[[], int] | None = None,
     ) -> None:
         self.library = library
         self.config = config
@@ -233,6 +359,14 @@ class Maintainer:
         self.checksums = ChecksumCache()
         #: bounds the threads (and so the index connections) busy with index queries
         self.index_threads = trio.CapacityLimiter(8)
+        #: names resolved before, while the index stays as it was (see TrackCache)
+        self.tracks = TrackCache(
+            generation or (lambda: library.index.generation),
+            functools.partial(self.in_thread, library.locate),
+        )
+        #: the index's sha256 per file version (path, size, mtime) once read: a
+        #: version's digest never changes, so this needs no generation
+        self._stored: dict[tuple[str, int, int], str] = {}
         #: scans started and completed, and a wake-up for those waiting for one
         self.scans_started = 0
         self.scans_done = 0
@@ -285,6 +419,32 @@ class Maintainer:
     async def in_thread(self, fn: Callable[..., _T], *args: object) -> _T:
         """Run an index query in a worker thread (they are short; never abandoned)."""
         return await trio.to_thread.run_sync(fn, *args, limiter=self.index_threads)
+
+    async def locate(self, name: str) -> Located:
+        """What ``name`` resolves to, and its row's version (:meth:`Library.locate
+        <musiclib.library.Library.locate>`), from memory while the index has not changed."""
+        found = await self.tracks.locate(name)
+        track, mtime_ns = found
+        if track.sha256 is not None:
+            self._remember_stored((track.path, track.size, mtime_ns), track.sha256)
+        return found
+
+    async def stored_sha256(self, track: TrackInfo, st: os.stat_result) -> str | None:
+        """The index's sha256 of the version of ``track`` that ``st`` describes, if it
+        has one: from memory if read (or located) before, else from the index."""
+        key = (track.path, st.st_size, st.st_mtime_ns)
+        known = self._stored.get(key)
+        if known is None:
+            known = await self.in_thread(self.library.stored_sha256, track, st)
+            if known is not None:
+                self._remember_stored(key, known)
+        return known
+
+    def _remember_stored(self, key: tuple[str, int, int], digest: str) -> None:
+        if key not in self._stored and len(self._stored) >= TrackCache.MAX_ENTRIES:
+            for old in list(self._stored)[: TrackCache.MAX_ENTRIES // 10]:
+                del self._stored[old]
+        self._stored[key] = digest
 
     async def wait_for_first_scan(self) -> None:
         """Return once a scan has finished (at once if one has)."""

@@ -125,8 +125,13 @@ class ServerConfig:
     root: Path
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT
-    #: payload bytes per data frame
+    #: payload bytes per data frame (read and sent: decoded streams, TLS, memory streams)
     chunk_size: int = 256 * 1024
+    #: payload bytes per data frame of a file sent with zero-copy ``sendfile`` (plain
+    #: TCP): no buffer holds it, so the protocol's largest frame costs no memory and a
+    #: quarter of the per-frame work (a header send, a sendfile, two deadlines) of 256
+    #: KiB frames; it moved 500 downloads' throughput 1.2-2x (BENCHMARKS.md, scenario 9)
+    sendfile_frame_size: int = 1 << 20
     #: seconds from accepting a connection to its complete hello (TLS handshake included),
     #: in all: a peer that dribbles its hello a byte at a time gets no more
     handshake_timeout: float = 10.0
@@ -191,6 +196,11 @@ class ServerConfig:
     #: the Wyoming microphone endpoint (``serve --wyoming``; ``None``: off), run by the
     #: process that runs the live channels
     wyoming: WyomingConfig | None = None
+
+
+#: the client name in the hello of deploy/haproxy.cfg's health check: its connections
+#: are logged at debug level (a replica would otherwise log two lines every 2 s)
+HEALTH_CHECK_CLIENT = "haproxy-check"
 
 
 class _PeerGone(PeerLeft):
@@ -277,8 +287,18 @@ class Server:
         elif worker.primary:
             self.maintainer = Maintainer(self.library, self.config, on_change=self.publish_state)
             self.started = worker.started
+            # the followers' caches of resolved names (TrackCache) are dropped at each
+            # commit, told right after it; and now: a new primary may have rebuilt the index
+            board = worker.board
+            self.library.index.on_commit = lambda _generation: board.bump_generation()
+            board.bump_generation()
         else:
-            self.maintainer = Maintainer(self.library, self.config, follow=self._followed)
+            self.maintainer = Maintainer(
+                self.library,
+                self.config,
+                follow=self._followed,
+                generation=worker.board.generation,
+            )
             self.started = worker.started
         self.channels = Channels(ffmpeg=self.config.ffmpeg, history_seconds=self.config.history)
         self.services = Services(
@@ -388,7 +408,7 @@ class Server:
             else:
                 await handler.run()
         except PeerLeft as exc:  # _PeerGone included
-            log.info("%s: %s", peer, exc)
+            log.log(handler.goodbye_level(exc), "%s: %s", peer, exc)
         except RemoteProtocolError as exc:
             log.warning("%s: protocol error: %s", peer, exc)
             await handler.try_send(Error("bad_request", str(exc), fatal=True))
@@ -493,6 +513,23 @@ class _ConnectionHandler:
         self.trusted = False
         #: handed to the primary worker (:meth:`forward`): this loop has nothing left to do
         self.forwarded = False
+        #: said hello as deploy/haproxy.cfg's health check does (HEALTH_CHECK_CLIENT)
+        self.health_check = False
+        #: whether the welcome went out, and the requests read since
+        self.welcomed = False
+        self.requests = 0
+
+    def goodbye_level(self, exc: PeerLeft) -> int:
+        """The log level of the line saying why the peer left: ``DEBUG`` for a health
+        check, and for a peer that dropped the connection right after its welcome
+        without asking anything (what a load balancer's check does, whatever it
+        calls itself: HAProxy's ``tcp-check`` resets the connection once its
+        expected reply came), so that checks every 2 s do not fill the log;
+        ``INFO`` otherwise."""
+        dropped = isinstance(exc.__cause__, ConnectionLost)
+        if self.health_check or (self.welcomed and not self.requests and dropped):
+            return logging.DEBUG
+        return logging.INFO
 
     async def refuse_busy(self, reason: str) -> None:
         """Refused: read the hello (so the close is clean), say busy; a second at most for each."""
@@ -515,9 +552,12 @@ class _ConnectionHandler:
             )
         if not isinstance(hello, Hello):
             raise _PeerGone("closed before the handshake")
+        self.health_check = hello.client == HEALTH_CHECK_CLIENT
         token = None if self.trusted else self.config.token
         if token is not None and not _token_matches(hello.token, token):
-            log.warning("%s: refused: %s token", self.peer, "wrong" if hello.token else "no")
+            # a health check's hello carries no token: its "unauthorized" is its pass
+            level = logging.DEBUG if self.health_check else logging.WARNING
+            log.log(level, "%s: refused: %s token", self.peer, "wrong" if hello.token else "no")
             await self.try_send(
                 Error("unauthorized", "this server needs a valid token (--token)", fatal=True)
             )
@@ -545,6 +585,7 @@ class _ConnectionHandler:
                 max_message_size=self.config.max_message_size,
             )
         )
+        self.welcomed = True
         while not self.server.stopping.is_set():
             with trio.CancelScope() as idle:
                 self.server._idle_scopes.add(idle)
@@ -560,6 +601,7 @@ class _ConnectionHandler:
                 return  # the server is stopping
             if isinstance(event, Closed):
                 return
+            self.requests += 1
             try:
                 await self._dispatch(event)
             except ServerError as exc:
@@ -1051,12 +1093,13 @@ async def _accept_batches(
         await trio.lowlevel.checkpoint()
 
 
-def listen_reason(exc: OSError) -> str:
-    """Why listening failed, with a hint at the option that fixes it."""
+def listen_reason(exc: OSError, option: str = "--port") -> str:
+    """Why listening failed, with a hint at the option that fixes it (``--port``, or
+    the option that named the address, e.g. ``--wyoming``)."""
     if exc.errno == errno.EADDRINUSE:
-        return "address already in use (another server? choose another port with --port)"
+        return f"address already in use (another server? choose another port with {option})"
     if exc.errno == errno.EACCES:
-        return "permission denied (ports below 1024 need privileges; choose one with --port)"
+        return f"permission denied (ports below 1024 need privileges; choose one with {option})"
     if exc.errno == errno.EADDRNOTAVAIL or isinstance(exc, socket.gaierror):
         return f"{str(exc.strerror or exc).lower()} (not an address of this machine? see --host)"
     return str(exc.strerror or exc)

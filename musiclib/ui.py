@@ -476,11 +476,41 @@ def track_dict(track: TrackInfo) -> dict[str, Any]:
     return {name: getattr(track, name) for name in _TRACK_FIELDS}
 
 
+#: one compact JSON text, non-ASCII kept; one encoder made once (``json.dumps`` with an
+#: argument makes a new one per call)
+_to_json: Final = json.JSONEncoder(ensure_ascii=False).encode
+
+
 def json_array(items: Iterable[dict[str, Any]]) -> str:
     """A JSON array with one object per line: readable, and made by the C encoder
     (``indent`` makes ``json`` fall back to its pure-Python encoder, 3x slower)."""
-    lines = ",\n".join("  " + json.dumps(item, ensure_ascii=False) for item in items)
+    lines = ",\n".join("  " + _to_json(item) for item in items)
     return f"[\n{lines}\n]" if lines else "[]"
+
+
+class JsonArrayWriter:
+    """:func:`json_array`'s text (and ``print``'s newline), written to ``out`` piece by
+    piece as the items come: ``ls --json`` of a library of any size holds one page.
+
+    The bytes are those of ``print(json_array(all_items))``: ``[``, one object per
+    line, ``]``; ``[]`` when there were none. A listing cut short by an error
+    leaves an array with no ``]``, which no JSON reader takes for a whole one.
+    """
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+        self._before = "[\n  "  # what comes before the next item
+
+    def write(self, items: Iterable[dict[str, Any]]) -> None:
+        """Write ``items`` (in one ``write`` call)."""
+        text = ",\n  ".join(_to_json(item) for item in items)
+        if text:
+            self._out.write(self._before + text)
+            self._before = ",\n  "
+
+    def close(self) -> None:
+        """End the array (the stream itself is left open)."""
+        self._out.write("[]\n" if self._before.startswith("[") else "\n]\n")
 
 
 def format_info(track: TrackInfo) -> str:

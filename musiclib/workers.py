@@ -90,7 +90,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .errors import ListenError, MusiclibError
+from .errors import ListenError, MusiclibError, single_errors
 from .index import default_index_path
 from .maintainer import StateBoard
 from .server import ServerConfig, WorkerRole, listen_reason, run_until_signalled
@@ -165,6 +165,13 @@ async def supervise(
     the bound addresses once every worker accepts connections.
     """
     addresses, groups = await _bind_group(config, workers)
+    try:
+        await _probe_wyoming(config)
+    except ListenError:
+        for group in groups:
+            for sock in group:
+                sock.close()
+        raise
     private = Path(tempfile.mkdtemp(prefix="musiclib-workers-"))  # mode 0700
     internal = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     board: StateBoard | None = None
@@ -235,6 +242,28 @@ async def _bind_group(
         raise ListenError(f"cannot listen on {where}: {listen_reason(exc)}") from None
     addresses = [(str(addr[0]), int(addr[1])) for _, addr in bound]
     return addresses, [list(group) for group in groups]
+
+
+async def _probe_wyoming(config: ServerConfig) -> None:
+    """Fail now, as one line and exit status 2, if ``--wyoming``'s address is taken.
+
+    The primary binds it (it runs the live channels); were it found taken
+    there, the primary would fail before it was ever ready, which stops the
+    server, but only after a worker started and died. Probed as the address
+    itself is bound (no ``SO_REUSEPORT``), then closed: the same short window
+    as the main address's probe.
+    """
+    wyoming = config.wyoming
+    if wyoming is None:
+        return
+    try:
+        probes = await trio.open_tcp_listeners(wyoming.port, host=wyoming.host)
+    except OSError as exc:
+        where = f"{wyoming.host}:{wyoming.port}"
+        reason = listen_reason(exc, option="--wyoming")
+        raise ListenError(f"--wyoming: cannot listen on {where}: {reason}") from None
+    for lst in probes:
+        await lst.aclose()
 
 
 class _Supervisor:
@@ -511,7 +540,8 @@ def worker_main() -> None:
             worker=role,
             stop_when=_supervisor_gone,
         )
-        trio.run(run)
+        with single_errors():  # the one error out of the server's nurseries, not a group
+            trio.run(run)
     except (MusiclibError, OSError) as exc:
         log.error("cannot serve: %s", exc)
         sys.exit(1)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import io
 import json
 import logging
 import os
@@ -24,15 +25,17 @@ from pathlib import Path
 import pytest
 import trio
 
+from musiclib import client as client_module
+from musiclib import library_requests
 from musiclib.cli import app, format_duration, format_table, main
-from musiclib.client import parse_address
-from musiclib.errors import Ambiguous, NotFound, PlayerNotFound, UsageError
+from musiclib.client import open_client, parse_address
+from musiclib.errors import Ambiguous, NotFound, PlayerNotFound, RemoteProtocolError, UsageError
 from musiclib.index import Index, ListQuery, row_of
 from musiclib.library import Library
 from musiclib.player import STDIN_ARGS, player_command
 from musiclib.protocol import TrackInfo
 from musiclib.server import Server, ServerConfig, serve
-from musiclib.ui import format_size, json_array, select, track_dict
+from musiclib.ui import JsonArrayWriter, format_size, json_array, select, track_dict
 
 REPO = Path(__file__).resolve().parent.parent
 LIBRARY = REPO / "library"
@@ -420,6 +423,90 @@ async def test_ls_json_in_process(address, capsys):
     assert [t["path"] for t in listed] == [p.relative_to(LIBRARY).as_posix() for p in files]
     for t in listed:
         assert t["size"] == (LIBRARY / t["path"]).stat().st_size
+
+
+async def held_json(address: str, **query: object) -> str:
+    """What ``ls --json`` printed before it streamed: the whole reply of one ``list``
+    (in the server's order), as ``print(json_array(...))`` wrote it; once the server's
+    background hashing has stored every sha256, so that a later listing says the same."""
+    async with open_client(address) as client:
+        with trio.fail_after(30):
+            while any(t.sha256 is None for t in (await client.list())[0]):  # noqa: ASYNC110 (the server's hashing, polled)
+                await trio.sleep(0.05)
+        tracks, _ = await client.list(**query)  # type: ignore[arg-type]
+    return json_array(track_dict(t) for t in tracks) + "\n"
+
+
+@pytest.mark.parametrize("batch, per_reply", [(128, 100_000), (2, 100_000), (2, 3), (1, 1)])
+@pytest.mark.parametrize(
+    "args, query",
+    [
+        ((), {}),  # every track
+        (("Brume",), {"query": "Brume"}),  # one
+        (("--sort", "title"), {"sort": "title"}),
+        (("--limit", "5", "--offset", "2"), {"offset": 2, "limit": 5}),
+        (("--artist", "modules", "--sort", "duration"), {"artist": "modules", "sort": "duration"}),
+        (
+            (
+                "--offset",
+                "20",
+            ),
+            {"offset": 20},
+        ),  # past the end: none shown
+    ],
+)
+async def test_ls_json_streams_what_the_whole_list_held(
+    address, capsys, monkeypatch, batch, per_reply, args, query
+):
+    """``ls --json`` writes each page as it arrives: the same bytes as the held list,
+    when the server sends many small batches (``batch``) and when the listing takes
+    several replies (``per_reply``: the client's cap on one reply, made small)."""
+    expected = await held_json(address, **query)
+    monkeypatch.setattr(library_requests, "LIST_BATCH", batch)
+    monkeypatch.setattr(client_module, "MAX_LIST_TRACKS", per_reply)
+    assert await run_app("ls", "--json", *args, "--server", address) == 0
+    out = capsys.readouterr().out
+    assert out == expected
+    assert json.loads(out) == json.loads(expected)
+
+
+async def test_ls_json_of_nothing_is_an_empty_array(address, capsys, caplog):
+    assert await run_app("ls", "--json", "no-such-word-anywhere", "--server", address) == 1
+    assert capsys.readouterr().out == "[]\n" and "no track matches" in caplog.text
+
+
+async def test_list_pages_continue_past_the_cap_on_one_reply(address, monkeypatch):
+    """A listing longer than one reply may hold (the cap made 3 here) comes whole, in
+    order, in replies of at most 3, each checked as :meth:`Client.list` checks one."""
+    files = shipped_files()
+    async with open_client(address) as client:
+        whole, end = await client.list()
+        monkeypatch.setattr(client_module, "MAX_LIST_TRACKS", 3)
+        async with client.list_pages() as pages:
+            sizes = [len(page) async for page in pages]
+        assert pages.end is not None
+        assert (pages.end.count, pages.end.total) == (len(files), end.total)
+        async with client.list_pages(offset=1, limit=7) as pages:
+            paged = [t async for page in pages for t in page]
+        with pytest.raises(RemoteProtocolError, match="exceeds 3 tracks"):  # one reply: capped
+            await client.list()
+    assert sum(sizes) == len(files) and max(sizes) <= 3
+    assert paged == whole[1:8]
+
+
+def test_json_array_writer_writes_what_print_json_array_prints():
+    """Written piece by piece, in pages of any size, the bytes are the same."""
+    items = [track_dict(TrackInfo(path=f"{i}é.mp3", title="t\n\x1b", format="mp3", size=i))
+             for i in range(5)]  # fmt: skip
+    for pages in ([], [[]], [items], [items[:1], [], items[1:]], [[i] for i in items]):
+        out = io.StringIO()
+        writer = JsonArrayWriter(out)
+        for page in pages:
+            writer.write(page)
+        writer.close()
+        flat = [item for page in pages for item in page]
+        assert out.getvalue() == json_array(flat) + "\n"
+        assert json.loads(out.getvalue()) == flat
 
 
 async def test_ls_query_in_process(address, capsys):

@@ -159,17 +159,24 @@ def answering(found: TrackInfo, stream_path: str | None = None, **start_fields: 
     return script
 
 
+#: the welcome of a server older than paging (no ``versions``): ``ls`` holds its list whole
+OLD_WELCOME = Welcome(version=1, server="fake/1")
+#: the welcome of a server that pages: ``ls --json`` writes its list as it comes
+PAGING_WELCOME = Welcome(version=1, server="fake/2", versions=(1, 2))
+
+
 @asynccontextmanager
-async def fake_server(script: Script) -> AsyncIterator[str]:
-    """A server on 127.0.0.1 that welcomes every client and hands each request to
-    ``script``; its address. A client going away ends its connection quietly."""
+async def fake_server(script: Script, welcome: Welcome = OLD_WELCOME) -> AsyncIterator[str]:
+    """A server on 127.0.0.1 that welcomes every client (with ``welcome``) and hands
+    each request to ``script``; its address. A client going away ends its connection
+    quietly."""
 
     async def handle(stream: trio.SocketStream) -> None:
         peer = Peer(stream)
         try:
             hello = await peer.receive()
             assert isinstance(hello, Hello), hello
-            await peer.send(Welcome(version=1, server="fake/1"))
+            await peer.send(welcome)
             while True:
                 request = await peer.receive()
                 if isinstance(request, Closed):
@@ -401,6 +408,66 @@ async def test_a_list_reply_holds_a_bounded_number_of_tracks(tmp_path):
     assert status == 3, err[-500:]
     assert f"exceeds {MAX_LIST_TRACKS} tracks" in one_line(err)
     assert out == b""
+
+
+async def test_a_streamed_list_reply_is_bounded_too(tmp_path):
+    """``ls --json`` from a server that pages writes each page as it comes, so what
+    passes through is not held; one reply is still cut past MAX_LIST_TRACKS, the
+    output then an array with no end (no JSON reader takes it for a whole one)."""
+    per_page = 2000
+    pages = MAX_LIST_TRACKS // per_page + 1
+    async with fake_server(endless_list(pages, per_page), PAGING_WELCOME) as address:
+        status, out, err = await run_cli("ls", "--json", "--server", address, cwd=tmp_path)
+    assert status == 3, err[-500:]
+    assert f"exceeds {MAX_LIST_TRACKS} tracks" in one_line(err)
+    assert out.startswith(b'[\n  {"path": "t0.flac"') and not out.rstrip().endswith(b"]")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(out)
+
+
+def paging_list(total: int, per_reply_cap: int, asked: list[ListRequest]) -> Script:
+    """Answers each ``list`` (kept in ``asked``) with the tracks from its ``offset``, at
+    most its ``limit`` and ``per_reply_cap``, of a library of ``total`` (and says so)."""
+
+    async def script(peer: Peer, request: Message) -> None:
+        assert isinstance(request, ListRequest) and request.limit is not None
+        asked.append(request)
+        end = min(total, request.offset + request.limit, request.offset + per_reply_cap)
+        tracks = tuple(
+            TrackInfo(path=f"t{i:04d}.flac", title="t", format="flac", size=1)
+            for i in range(request.offset, end)
+        )
+        await peer.send(TrackPage(tracks=tracks), ListEnd(count=len(tracks), total=total))
+
+    return script
+
+
+@pytest.mark.parametrize(
+    "total, cap, listed, offsets",
+    [
+        (35, 10, 35, [0, 10, 20, 30]),  # whole, in replies of the client's cap
+        (30, 10, 30, [0, 10, 20]),  # the stated total reached: no empty last reply
+        (35, 7, 7, [0]),  # a short reply ends the listing (nothing more matches)
+        (0, 10, 0, [0]),
+    ],
+)
+async def test_a_streamed_listing_asks_again_only_after_a_full_reply(
+    monkeypatch, total, cap, listed, offsets
+):
+    """The listing asks again from where a reply ended only while the replies are
+    full and the stated total is not reached: a server cannot make it ask forever
+    with short replies, and one that pages is listed whole, in order."""
+    monkeypatch.setattr(client_module, "MAX_LIST_TRACKS", 10)
+    asked: list[ListRequest] = []
+    async with (
+        fake_server(paging_list(total, cap, asked), PAGING_WELCOME) as address,
+        open_client(address, timeout=10) as client,
+        client.list_pages() as pages,
+    ):
+        paths = [t.path async for page in pages for t in page]
+    assert paths == [f"t{i:04d}.flac" for i in range(listed)]
+    assert pages.end is not None and (pages.end.count, pages.end.total) == (listed, total)
+    assert [(r.offset, r.limit) for r in asked] == [(o, 10) for o in offsets]
 
 
 async def test_a_list_reply_holds_a_bounded_number_of_bytes(monkeypatch):

@@ -25,6 +25,7 @@ from mutagen.wave import WAVE
 
 from musiclib import library as lib_mod
 from musiclib.errors import Ambiguous, NotFound
+from musiclib.index import TRACK_FIELDS
 from musiclib.library import (
     SUPPORTED_EXTENSIONS,
     Library,
@@ -634,6 +635,31 @@ def test_a_broken_worker_pool_falls_back_to_reading_in_the_scanning_thread(
     assert all(t.error is None and t.codec == "flac" for t in lib.tracks())
 
 
+@pytest.mark.parametrize("pool", ["thread", "process"])
+def test_tags_are_read_in_order_while_the_walk_still_finds_files(
+    media: Path, tmp_path: Path, pool: Any
+) -> None:
+    """The pool starts once enough files wait, reads whole batches while the list
+    still grows, and the rows come back in the list's order (the last batch short)."""
+    root = tmp_path / "lib"
+    names = [f"{i:02}.flac" for i in range(11)]
+    for name in names:
+        put(media / "tagged.flac", root / name)
+    todo: list[lib_mod.WorkItem] = []
+    knobs = {"batch": 3, "parallel_min": 4, "in_flight": 1}
+    with lib_mod._TagReaders(str(root), todo, workers=2, pool=pool, ffmpeg=None, **knobs) as r:
+        for i, name in enumerate(names):
+            found = (root / name).stat()
+            todo.append((name, found.st_size, found.st_mtime_ns, found.st_ino))
+            r.feed()
+            started = r._executor is not None
+            assert started == (i >= 3)  # from the fourth file on: the walk goes on meanwhile
+        assert r._submitted == 6  # whole batches, at most in_flight x workers of them
+        rows = [row for batch in r.rows(threading.Event()) for row in batch]
+    assert [row[0] for row in rows] == names
+    assert all(row[TRACK_FIELDS.index("codec")] == "flac" for row in rows)
+
+
 def test_the_index_columns_follow_the_track_fields(tmp_path: Path) -> None:
     """A field added to TrackInfo must get a column (and a new schema version)."""
     import sqlite3
@@ -648,3 +674,160 @@ def test_the_index_columns_follow_the_track_fields(tmp_path: Path) -> None:
     assert COLUMNS[: len(dataclasses.fields(TrackInfo))] == tuple(
         f.name for f in dataclasses.fields(TrackInfo)
     )
+
+
+# --------------------------------------------------------------------------- the name cache
+
+
+def _counting_locate(lib: Library) -> list[str]:
+    """Make ``lib.locate`` count its calls (before a Maintainer takes it); the names asked."""
+    asked: list[str] = []
+    real = lib.locate
+
+    def locate(name: str) -> tuple[TrackInfo, int]:
+        asked.append(name)
+        return real(name)
+
+    lib.locate = locate  # type: ignore[method-assign]
+    return asked
+
+
+async def test_a_resolved_name_is_remembered_until_a_rescan_changes_the_index(
+    tmp_path: Path,
+) -> None:
+    """A stream's name and stored sha256 come from memory (no worker thread) while the
+    index is unchanged; after a rescan that renamed, replaced or deleted files, never
+    from before it: the renamed name is not found, the replaced file is the new one."""
+    from musiclib.maintainer import Maintainer
+    from musiclib.server import ServerConfig
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / "a.flac").write_bytes(os.urandom(3000))
+    (root / "b.flac").write_bytes(os.urandom(2000))
+    lib = Library(root, index=tmp_path / "index.sqlite", workers=0)
+    lib.rescan()
+    asked = _counting_locate(lib)
+    maintainer = Maintainer(lib, ServerConfig(root=root))
+
+    first = await maintainer.locate("a.flac")
+    assert await maintainer.locate("a.flac") == first
+    assert await maintainer.locate("./a.flac") == first  # another spelling: its own entry
+    assert asked == ["a.flac", "./a.flac"]
+    replaced = await maintainer.locate("b.flac")
+    assert replaced[0].size == 2000
+
+    # a rescan that changes nothing leaves the index's generation (and the cache) alone
+    lib.rescan()
+    await maintainer.locate("a.flac")
+    assert asked == ["a.flac", "./a.flac", "b.flac"]
+
+    os.rename(root / "a.flac", root / "c.flac")
+    (root / "b.flac").write_bytes(os.urandom(5000))
+    lib.rescan()
+    with pytest.raises(NotFound):
+        await maintainer.locate("a.flac")
+    assert (await maintainer.locate("c.flac"))[0].path == "c.flac"
+    assert (await maintainer.locate("b.flac"))[0].size == 5000
+
+    (root / "c.flac").unlink()
+    lib.rescan()
+    with pytest.raises(NotFound):
+        await maintainer.locate("c.flac")
+    lib.close()
+
+
+async def test_the_stored_sha256_of_a_version_is_read_once(tmp_path: Path) -> None:
+    """A stored digest is kept per file version (path, size, mtime): the next stream of
+    that version needs no query; another version of the file is asked of the index."""
+    from musiclib.maintainer import Maintainer
+    from musiclib.server import ServerConfig
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / "a.flac").write_bytes(b"one")
+    lib = Library(root, index=tmp_path / "index.sqlite", workers=0)
+    lib.rescan()
+    maintainer = Maintainer(lib, ServerConfig(root=root))
+    st = (root / "a.flac").stat()
+    track = lib.resolve("a.flac")
+    lib.store_sha256(track, st, "d" * 64)
+    queries: list[str] = []
+    real = lib.stored_sha256
+
+    def stored(track: TrackInfo, st: os.stat_result) -> str | None:
+        queries.append(track.path)
+        return real(track, st)
+
+    lib.stored_sha256 = stored  # type: ignore[method-assign]
+    assert await maintainer.stored_sha256(track, st) == "d" * 64
+    assert await maintainer.stored_sha256(track, st) == "d" * 64
+    assert queries == ["a.flac"]
+    (root / "a.flac").write_bytes(b"two, longer")
+    assert await maintainer.stored_sha256(track, (root / "a.flac").stat()) is None
+    assert queries == ["a.flac", "a.flac"]
+    lib.close()
+
+
+async def test_requests_for_one_name_share_one_lookup(
+    autojump_clock: object,
+) -> None:
+    """500 streams of one new name cost one worker-thread lookup, not 500; a lookup
+    during which the index changed is answered but not remembered; a failed one is
+    tried again by each request that waited for it."""
+    import trio
+    import trio.testing
+
+    from musiclib.maintainer import TrackCache
+
+    generation = [1]
+    asked: list[str] = []
+    release = trio.Event()
+
+    async def lookup(name: str) -> tuple[TrackInfo, int]:
+        asked.append(name)
+        await release.wait()
+        if name == "missing":
+            raise NotFound(f"no track matches {name!r}")
+        return TrackInfo(path=name, title=name, format="flac", size=generation[0]), 0
+
+    cache = TrackCache(lambda: generation[0], lookup)
+    got: list[tuple[TrackInfo, int]] = []
+
+    async def ask(name: str) -> None:
+        got.append(await cache.locate(name))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(500):
+            nursery.start_soon(ask, "x")
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert asked == ["x"] and len(got) == 500 and len({id(g) for g in got}) == 1
+
+    # the index moves on while a lookup runs: its answer is given, not kept
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ask, "y")
+        await trio.testing.wait_all_tasks_blocked()
+        generation[0] = 2
+        release.set()
+    assert asked == ["x", "y"] and len(cache) == 0  # generation 2 dropped "x" as well
+    await cache.locate("y")
+    assert asked == ["x", "y", "y"] and len(cache) == 1
+
+    # a failure: those who waited for it ask again themselves
+    failures: list[Exception] = []
+
+    async def ask_missing() -> None:
+        try:
+            await cache.locate("missing")
+        except NotFound as exc:
+            failures.append(exc)
+
+    release = trio.Event()
+    async with trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(ask_missing)
+        await trio.testing.wait_all_tasks_blocked()
+        release.set()
+    assert len(failures) == 3 and asked.count("missing") == 3

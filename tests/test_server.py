@@ -8,7 +8,10 @@ timeouts run on pytest-trio's ``autojump_clock``.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import socket
+import struct
 import subprocess
 import time
 from collections.abc import AsyncIterator
@@ -38,7 +41,10 @@ from musiclib.protocol import (
     KIND_MESSAGE,
     Connection,
     Error,
+    Event,
     Hello,
+    ListRequest,
+    NeedData,
     Role,
     Welcome,
     encode_message,
@@ -488,3 +494,91 @@ async def test_realtime_pacing_sends_a_burst_then_playback_speed(
     # and no slower than needed: the whole 10 s arrive after about 10 s minus the burst
     last_at, _ = arrivals[-1]
     assert 9.0 - 1e-6 <= last_at <= 9.0 + 0.5
+
+
+# ---------------------------------------------------------------- load balancers' health checks
+
+
+async def _visit(
+    server: Server, hello: Hello, request: ListRequest | None = None
+) -> tuple[Event, list[logging.LogRecord]]:
+    """Over real loopback TCP: say ``hello``, read the answer, ask ``request`` (if any)
+    and read its first reply, then reset the connection as HAProxy's ``tcp-check`` does
+    (SO_LINGER 0). The answer, and what the server logged about this peer."""
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    seen: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.getMessage().startswith("visitor:"):
+                seen.append(record)
+
+    keep = Keep(logging.DEBUG)
+    logger = logging.getLogger("musiclib.server")
+    logger.addHandler(keep)
+    old_level = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        async with trio.open_nursery() as nursery:
+
+            async def serve_one() -> None:
+                stream = await listeners[0].accept()
+                await server.handle(stream, "visitor", "127.0.0.1")
+
+            nursery.start_soon(serve_one)
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            conn = Connection(Role.CLIENT)
+
+            async def answer() -> Event:
+                while isinstance(event := conn.next_event(), NeedData):
+                    conn.receive_data(await client.receive_some(65536))
+                return event
+
+            await client.send_all(conn.send(hello))
+            first = await answer()
+            if request is not None and isinstance(first, Welcome):
+                await client.send_all(conn.send(request))
+                await answer()
+            client.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            client.socket.close()  # a reset, not a clean close
+    finally:
+        logger.removeHandler(keep)
+        logger.setLevel(old_level)
+        for listener in listeners:
+            await listener.aclose()
+    return first, seen
+
+
+async def test_a_health_check_is_logged_at_debug_level_and_a_client_at_info(
+    server: Server,
+) -> None:
+    """deploy/haproxy.cfg's check (hello as ``haproxy-check``, reset after the welcome)
+    made every replica log a line every 2 s; such a goodbye is a debug line now, and so
+    is any peer's that drops the connection right after its welcome without asking
+    anything. A peer that asked something and then dropped the connection is still
+    worth an info line."""
+    welcome, check = await _visit(server, Hello(version=1, client="haproxy-check"))
+    assert isinstance(welcome, Welcome)
+    assert check and {r.levelno for r in check} == {logging.DEBUG}, check
+    _, anonymous = await _visit(server, Hello(version=1, client="probe"))
+    assert anonymous and {r.levelno for r in anonymous} == {logging.DEBUG}, anonymous
+    _, client = await _visit(server, Hello(version=1, client="a player"), ListRequest())
+    assert [r.levelno for r in client] == [logging.INFO], client
+    assert "reset" in client[0].getMessage() or "lost" in client[0].getMessage()
+
+
+async def test_a_health_check_refused_for_its_missing_token_is_a_debug_line(
+    server: Server,
+) -> None:
+    """With ``--token``, the check's hello (no token) gets ``unauthorized``, which the
+    check accepts as a pass: logged at debug level. Any other client refused for its
+    token is still a warning."""
+    server.config.token = "s3cret"
+    refused, check = await _visit(server, Hello(version=1, client="haproxy-check"))
+    assert isinstance(refused, Error) and refused.code == "unauthorized"
+    assert [r.levelno for r in check] == [logging.DEBUG], check
+    refused, other = await _visit(server, Hello(version=1, client="a player"))
+    assert isinstance(refused, Error) and refused.code == "unauthorized"
+    assert [r.levelno for r in other] == [logging.WARNING], other
+    assert "refused: no token" in other[0].getMessage()

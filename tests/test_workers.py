@@ -135,6 +135,57 @@ def test_the_state_board_survives_a_writer_killed_mid_write(tmp_path: Path) -> N
     follower.close()
 
 
+async def test_a_secondarys_remembered_names_are_dropped_at_the_primarys_next_commit(
+    tmp_path: Path,
+) -> None:
+    """A secondary answers a name it resolved before from memory, and not after the
+    primary committed a rescan that renamed or replaced it: the primary's index says
+    each commit on the board (as ``Server`` wires it), before its next batch."""
+    from musiclib.errors import NotFound
+    from musiclib.library import Library
+    from musiclib.server import Server, ServerConfig, WorkerRole
+
+    root = tmp_path / "lib"
+    root.mkdir()
+    (root / "a.flac").write_bytes(os.urandom(3000))
+    (root / "b.flac").write_bytes(os.urandom(2000))
+    index = tmp_path / "index.sqlite"
+    board = StateBoard.create(tmp_path / "state")
+    config = ServerConfig(root=root, index=index)
+    internal = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    writer = Library(root, index=index, workers=0)
+    primary = Server(writer, config, worker=WorkerRole(0, [], "", internal, board, 0.0))
+    writer.rescan()
+    reader = Library(root, index=index, read_only=True)
+    asked: list[str] = []
+    real = reader.locate
+
+    def locate(name: str) -> tuple[object, int]:
+        asked.append(name)
+        return real(name)
+
+    reader.locate = locate  # type: ignore[method-assign]
+    secondary = Server(
+        reader, config, worker=WorkerRole(1, [], "", None, StateBoard(tmp_path / "state"), 0.0)
+    )
+    found = await secondary.maintainer.locate("a.flac")
+    assert await secondary.maintainer.locate("a.flac") == found
+    assert (await secondary.maintainer.locate("b.flac"))[0].size == 2000
+    assert asked == ["a.flac", "b.flac"]
+
+    os.rename(root / "a.flac", root / "c.flac")
+    (root / "b.flac").write_bytes(os.urandom(5000))
+    writer.rescan()  # the primary's scan: two commits (the new rows, then the deletion)
+    with pytest.raises(NotFound):
+        await secondary.maintainer.locate("a.flac")
+    assert (await secondary.maintainer.locate("b.flac"))[0].size == 5000
+    assert (await primary.maintainer.locate("c.flac"))[0].path == "c.flac"
+    for lib in (reader, writer):
+        lib.close()
+    internal.close()
+    board.close()
+
+
 # ---------------------------------------------------------------------------- serving
 
 
@@ -317,6 +368,31 @@ def test_a_port_in_use_is_a_usage_error_with_workers(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "address already in use" in lines[0], result.stderr
+
+
+def test_a_wyoming_port_in_use_is_a_usage_error_with_workers(tmp_path: Path) -> None:
+    """``--wyoming`` on a taken port: one line naming the option, exit 2, at once (the
+    supervisor probes it before any worker starts; the primary used to die with a
+    traceback and stop the server with exit status 1)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        wyoming = ["--wyoming", f"127.0.0.1:{port}", "--index", tmp_path / "index.sqlite"]
+        result = subprocess.run(
+            [*SERVE, "--root", tmp_path, "--port", "0", "--workers", "2", *wyoming],
+            cwd=REPO,
+            env=client_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "--wyoming" in lines[0] and "address already in use" in lines[0], result.stderr
+    assert "with --wyoming" in lines[0]  # the hint names the option that fixes it
 
 
 def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path: Path) -> None:
