@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from .client import Client
     from .decode import AudioFormat
     from .fetch import Connector, Decoding, Retry
+    from .liveclient import ListenStats
     from .protocol import ListEnd, ServerStatus, TrackInfo
 
 #: where cyclopts' bash script reads the word being completed
@@ -288,16 +289,9 @@ def _token(token: str | None, token_file: Path | None) -> str | None:
         return token or None
     if token:
         raise UsageError("give the token one way: --token (MUSICLIB_TOKEN) or --token-file")
-    try:
-        text = token_file.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"--token-file {token_file}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"--token-file {token_file}: not UTF-8 text") from None
-    text = text.rstrip("\r\n")
-    if not text:
-        raise UsageError(f"--token-file {token_file}: empty")
-    return text
+    from .text import read_token_file
+
+    return read_token_file(token_file, f"--token-file {token_file}")
 
 
 def _lines(_hint: object, value: str, *, delimiter: str | None = None) -> list[str]:
@@ -1416,10 +1410,7 @@ async def listen(
         open_sink,
         retry_delays=retry.delays(),
     )
-    if not options.quiet and stats.start is not None:
-        end = stats.end
-        why = end.message if end is not None else "stopped"
-        log.info("%s: %s (%s)", channel, stats.summary(), why)
+    _say_listened(options, channel, stats)
     return 0
 
 
@@ -1482,11 +1473,16 @@ async def _listen_wyoming(
         emit,
         retry_delays=retry.delays(),
     )
+    _say_listened(options, channel, stats)
+    return 0
+
+
+def _say_listened(options: ClientOptions, channel: str, stats: ListenStats) -> None:
+    """The one summary line a listen ends with (unless ``--quiet``)."""
     if not options.quiet and stats.start is not None:
         end = stats.end
         why = end.message if end is not None else "stopped"
         log.info("%s: %s (%s)", channel, stats.summary(), why)
-    return 0
 
 
 def _stream_wav_header(fmt: AudioFormat, frames: int | None) -> bytes:

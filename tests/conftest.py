@@ -110,6 +110,20 @@ class ServerProcess:
         self._reader = threading.Thread(target=self._drain, daemon=True)
         self._reader.start()
 
+    @classmethod
+    def start(cls, argv: list[str], env: dict[str, str] | None = None) -> ServerProcess:
+        """Start ``argv`` (a ``musiclib serve``) from the repository, as the tests' client
+        environment (plus ``env``), its stderr drained into :meth:`log`."""
+        process = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=client_env(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        return cls(process)
+
     def _drain(self) -> None:
         assert self.process.stderr is not None
         for raw in iter(self.process.stderr.readline, b""):
@@ -176,15 +190,7 @@ def running_server(
         # one process, as the tests were written for (its limits, its log lines);
         # `serve`'s default is one worker per core (tests/test_workers.py covers that)
         argv += ["--workers", "1"]
-    process = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=client_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    server = ServerProcess(process)
+    server = ServerProcess.start(argv)
     try:
         match = server.wait_for_log(_LISTENING, timeout=STARTUP_TIMEOUT)
         server.port = int(match.group(1))

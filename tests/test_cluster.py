@@ -248,15 +248,7 @@ def start_replica(name: str, root: Path, index: Path, *extra: str) -> Replica:
     # Behind HAProxy every client has HAProxy's address: the per-address caps live there.
     argv += ["--index", str(index), "--max-per-address", "0", "--max-decodes-per-address", "0"]
     argv += ["--log-level", "info", *extra]
-    process = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=client_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    server = ServerProcess(process)
+    server = ServerProcess.start(argv)
     replica = Replica(name, root, server)
     match = server.wait_for_log(r"listening on 127\.0\.0\.1:(\d+)", timeout=STARTUP_TIMEOUT)
     server.port = int(match.group(1))

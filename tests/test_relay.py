@@ -15,7 +15,6 @@ import collections
 import dataclasses
 import functools
 import socket
-import subprocess
 import sys
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import ExitStack, contextmanager
@@ -24,7 +23,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import REPO, STARTUP_TIMEOUT, ServerProcess, client_env
+from conftest import STARTUP_TIMEOUT, ServerProcess
 from live_support import (
     IO_TIMEOUT,
     POLL,
@@ -206,15 +205,7 @@ def server_on(root: Path, port: int, *args: str) -> Iterator[ServerProcess]:
     """``musiclib serve`` on a fixed port (a restarted origin comes back where it was)."""
     argv = [sys.executable, "-m", "musiclib", "serve", "--root", str(root), "--port", str(port)]
     argv += ["--index", str(root.parent / f"index-{port}.db"), "--log-level", "debug", *args]
-    process = subprocess.Popen(
-        argv,
-        cwd=REPO,
-        env=client_env(),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    server = ServerProcess(process)
+    server = ServerProcess.start(argv)
     try:
         server.wait_for_log(r"listening on 127\.0\.0\.1:\d+", timeout=STARTUP_TIMEOUT)
         server.port, server.address = port, f"127.0.0.1:{port}"

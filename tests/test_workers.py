@@ -401,15 +401,8 @@ def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path: Path
     argv = [*SERVE, "--root", tmp_path, "--port", "0", "--workers", "2", "--log-level", "debug"]
     private = tmp_path / "tmp"  # where the supervisor makes its private directory
     private.mkdir()
-    process = subprocess.Popen(
-        [*argv, "--channel", NOISE_CHANNEL],
-        cwd=REPO,
-        env=client_env({"TMPDIR": str(private)}),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    srv = ServerProcess(process)
+    srv = ServerProcess.start([*argv, "--channel", NOISE_CHANNEL], {"TMPDIR": str(private)})
+    process = srv.process
     left: list[int] = []
     try:
         srv.wait_for_log(r"listening on 127\.0\.0\.1:\d+ \(2 workers\)", timeout=IO_TIMEOUT)

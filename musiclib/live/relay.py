@@ -54,6 +54,7 @@ from ..errors import (
     UsageError,
 )
 from ..protocol import Audio, GapNotice, ListenStart
+from ..text import read_token_file
 from .hub import Chunk, Hub
 
 if TYPE_CHECKING:
@@ -105,17 +106,8 @@ def connector(options: RelayOptions) -> Connector:
 
 
 def _read_token(path: str, what: str) -> str:
-    """The token in ``path`` (its line break removed); ``UsageError`` naming ``what``."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as exc:
-        raise UsageError(f"{what}: token-file {path}: {exc.strerror or exc}") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"{what}: token-file {path}: not UTF-8 text") from None
-    token = text.rstrip("\r\n")
-    if not token:
-        raise UsageError(f"{what}: token-file {path}: empty")
-    return token
+    """The token in ``path``; ``UsageError`` naming ``what`` (the ``--channel``)."""
+    return read_token_file(Path(path), f"{what}: token-file {path}")
 
 
 async def prepare_relays(specs: Sequence[ChannelSpec], *, token: str | None) -> list[ChannelSpec]:
