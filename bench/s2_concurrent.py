@@ -2,7 +2,8 @@
 
 All downloads start at once from one trio event loop in this process. For each, the time
 to first byte runs from the start of its connection to the first payload byte (musiclib:
-the first data chunk, after ``hello``/``welcome`` and ``stream_start``; the baselines: the
+the first data chunk, after ``hello`` and ``stream`` sent together, as ``get`` and ``play``
+send them, then ``welcome`` and ``stream_start``; the baselines: the
 first byte received, which for nginx is its response header sent together with the body).
 Aggregate throughput is the payload of all downloads over the wall time from the first
 start to the last end. The server's peak RSS is its VmHWM; it started fresh for this
@@ -12,7 +13,7 @@ The load runs ``rounds`` rounds (3; one after the other, same server) and the ti
 first byte of all rounds are pooled before taking percentiles: on this machine the tail
 is bimodal (in some rounds a tenth of the connections wait seconds for their ``welcome``),
 and one round alone would hide it or exaggerate it. The notes give each round's p99 and
-where the time goes (connect, ``welcome``, ``stream_start``, first byte), and a thread
+where the time goes (connect, ``stream_start``, first byte), and a thread
 samples the listener's accept queue (/proc/net/tcp) every 50 ms: connections waiting
 there are waiting for the server's event loop, not for the network.
 
@@ -48,7 +49,7 @@ class Load:
     """What one round of concurrent downloads measured."""
 
     ttfb_ms: list[float] = field(default_factory=list)
-    #: milliseconds from the start to intermediate steps (musiclib: welcome, stream_start)
+    #: milliseconds from the start to intermediate steps (musiclib: connected, stream_start)
     phases_ms: dict[str, list[float]] = field(default_factory=dict)
     nbytes: int = 0
     failures: list[str] = field(default_factory=list)
@@ -114,8 +115,10 @@ async def _musiclib_one(address: str, track: str, load: Load) -> None:
     began = trio.current_time()
     first: float | None = None
     got = 0
-    async with open_client(address, timeout=120) as client:
-        load.phase("welcome", began)
+    # the order of musiclib's own stream path (fetch: get's retries, play's later tracks):
+    # the stream request goes out with the hello, and its reply begins after the welcome
+    async with open_client(address, timeout=120, early=True) as client:
+        load.phase("connected", began)
         async with client.stream(track) as stream:
             load.phase("stream_start", began)
             async for chunk in stream:

@@ -1,19 +1,21 @@
 """The musiclib client: a thin trio shell around :mod:`musiclib.protocol`.
 
-``open_client()`` connects and shakes hands; the :class:`Client` it yields
-has one method per request. A stream is an async context manager that hands
-out an async iterator of payload chunks (never an async generator holding a
-cancel scope across ``yield``, which trio forbids). Bytes move through a
+``open_client()`` connects and shakes hands (or, for ``get`` and ``play``, sends
+its ``hello`` together with the first request: one round trip less); the
+:class:`Client` it yields has one method per request. A stream is an async
+context manager that hands out an async iterator of payload chunks (never an
+async generator holding a cancel scope across ``yield``, which trio forbids). Bytes move through a
 :class:`~musiclib.transport.Transport`, which raises only
 :mod:`musiclib.errors`; :func:`~musiclib.transport.open_stream` connects.
 """
 
 from __future__ import annotations
 
+import contextvars
 import dataclasses
 import math
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Generic, TypeVar
 
@@ -32,6 +34,7 @@ from .errors import (
     single_errors,
 )
 from .protocol import (
+    EARLY_REQUESTS,
     Audio,
     ChannelInfo,
     ChannelList,
@@ -143,6 +146,10 @@ class Client:
         self.received = 0
         #: the first bytes the server sent, to say what it is when it is not musiclib
         self._first = b""
+        #: the hello waits for the first request (hello_with_first_request)...
+        self._hello_due = False
+        #: ...and then the welcome is read before that request's reply
+        self._welcome_due = False
 
     async def handshake(self) -> Welcome:
         """Send ``hello`` and wait for ``welcome``; a refusal raises its ServerError.
@@ -150,8 +157,30 @@ class Client:
         File requests need only version 1, so that a client keeps working with
         servers older than live audio; live requests ask for version 2.
         """
+        self._hello_due = False
+        await self._send_bytes(self._hello())
+        return await self._receive_welcome()
+
+    def _hello(self) -> bytes:
         client = f"musiclib/{__version__}"
-        await self._send(Hello(version=self._version, client=client, token=self._token))
+        return self._conn.send(Hello(version=self._version, client=client, token=self._token))
+
+    def hello_with_first_request(self) -> None:
+        """Send no ``hello`` now: it goes out with the first request, which follows it
+        without waiting for the ``welcome`` (PROTOCOL.md, "Conversation": early requests).
+
+        One round trip less before the first reply. Only a request of version 1
+        (``list``, ``info``, ``stream``, ``rescan``) goes early, since the server
+        reads it in the conversation's version, which it picks; any other first
+        request shakes hands first, as without this. ``welcome`` is set once that
+        first reply begins, and a refused ``hello`` raises from there the same
+        error :meth:`handshake` would.
+        """
+        if self._conn.state is not State.AWAIT_HELLO:
+            raise LocalProtocolError("the hello has already been sent")
+        self._hello_due = True
+
+    async def _receive_welcome(self) -> Welcome:
         wait = min(self.timeout, HELLO_TIMEOUT)
         tls = isinstance(self._stream, trio.SSLStream)
         try:
@@ -417,6 +446,14 @@ class Client:
     # ---- I/O boundary ---------------------------------------------------
 
     async def _send(self, msg: Message) -> None:
+        if self._hello_due:
+            self._hello_due = False
+            if type(msg) in EARLY_REQUESTS:  # hello and request in one write
+                hello = self._hello()
+                await self._send_bytes(hello + self._conn.send(msg))
+                self._welcome_due = True
+                return
+            await self.handshake()
         idle = self._conn.state is State.IDLE or isinstance(msg, (Hello, StopRequest, PublishEnd))
         if not idle:
             raise LocalProtocolError(
@@ -451,6 +488,9 @@ class Client:
 
     async def _reply_event(self, timeout: float | None = None) -> Event:
         """The next event of a reply; errors and a closed connection become exceptions."""
+        if self._welcome_due:  # the request went out right behind the hello
+            self._welcome_due = False
+            await self._receive_welcome()
         event = await self._next_event(timeout)
         if isinstance(event, Error):
             raise server_error(event.code, event.message, event.candidates)
@@ -773,10 +813,13 @@ async def open_client(
     token: str | None = None,
     ssl_context: ssl.SSLContext | None = None,
     version: int = 1,
+    early: bool | None = None,
 ) -> AsyncIterator[Client]:
     """Connect to ``HOST:PORT`` (over TLS with ``ssl_context``), shake hands, yield a Client.
 
-    The connection is closed when the block ends.
+    With ``early`` the ``hello`` goes out with the first request instead
+    (:meth:`Client.hello_with_first_request`); ``None`` (the default): only
+    inside :func:`early_requests`. The connection is closed when the block ends.
     """
     host, port = parse_address(address)
     stream = await open_stream(
@@ -784,10 +827,30 @@ async def open_client(
     )
     client = Client(stream, timeout=timeout, token=token, version=version)
     try:
-        await client.handshake()
+        if early or (early is None and _EARLY.get()):
+            client.hello_with_first_request()
+        else:
+            await client.handshake()
         yield client
     finally:
         await client.aclose()
+
+
+#: whether open_client sends its hello with the first request (see early_requests)
+_EARLY: contextvars.ContextVar[bool] = contextvars.ContextVar("musiclib_early", default=False)
+
+
+@contextmanager
+def early_requests() -> Iterator[None]:
+    """Within this block (and the tasks it starts), :func:`open_client` sends its
+    ``hello`` with the first request: ``get`` and ``play`` use it around their
+    connections, whose first request is an ``info`` or a ``stream``, so that a
+    caller's connector (a plain ``open_client``) needs no argument for it."""
+    token = _EARLY.set(True)
+    try:
+        yield
+    finally:
+        _EARLY.reset(token)
 
 
 def tls_context(cafile: str | None = None) -> ssl.SSLContext:

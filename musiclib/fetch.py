@@ -69,7 +69,7 @@ from typing import BinaryIO, Protocol, TypeVar
 
 import trio
 
-from .client import RETRYABLE, Client, StreamReader
+from .client import RETRYABLE, Client, StreamReader, early_requests
 from .errors import (
     Changed,
     ConnectError,
@@ -423,6 +423,16 @@ def reusing(client: Client, connect: Connector) -> Connector:
     return connector
 
 
+@contextlib.asynccontextmanager
+async def _open(connect: Connector) -> AsyncIterator[Client]:
+    """A connection from ``connect``, whose ``hello`` goes out with its first request
+    (a ``stream``) instead of a round trip before it (:func:`~musiclib.client.early_requests`)."""
+    async with contextlib.AsyncExitStack() as stack:
+        with early_requests():
+            client = await stack.enter_async_context(connect())
+        yield client
+
+
 @dataclass(frozen=True)
 class Retry:
     """Reconnect after a dropped connection: how often, and how long to wait between."""
@@ -477,7 +487,8 @@ async def first_reply(
     for n in range(len(delays) + 1):
         async with contextlib.AsyncExitStack() as stack:
             try:
-                client = await stack.enter_async_context(connect())
+                with early_requests():  # the hello goes out with the first question
+                    client = await stack.enter_async_context(connect())
                 answer = await ask(client)
             except RETRYABLE as exc:
                 if n == len(delays) or isinstance(exc, ConnectError):
@@ -648,7 +659,7 @@ async def _save_into(
     outcome.attempt_offset = offset
     if offset == 0:
         origin.forget()
-    async with connect() as client:
+    async with _open(connect) as client:
         request = decoding.open(client, track) if decoding else client.stream(track, offset)
         async with request as stream:
             start = stream.start
@@ -851,7 +862,7 @@ async def _pipe_attempts(
     origin = _Origin()
 
     async def attempt() -> None:
-        async with connect() as client:
+        async with _open(connect) as client:
             if decoding is not None:
                 request = decoding.open(client, track)
             else:

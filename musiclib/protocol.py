@@ -1071,6 +1071,11 @@ _TRANSITIONS: Final[dict[tuple[State, type[Message]], State]] = {
     (State.PUBLISH_ABORTED, PublishEnd): State.IDLE,
 }
 
+#: what a client may send after its hello without waiting for the welcome: a request of
+#: version 1, whose reply every version has, and no live one (the server reads it only
+#: after the welcome, in the conversation's version, which is never below 1)
+EARLY_REQUESTS: Final = frozenset({ListRequest, InfoRequest, StreamRequest, RescanRequest})
+
 #: where each role may send payload: data frames (kind 2) and audio frames (kind 3)
 _DATA_STATES: Final = {
     Role.SERVER: frozenset({State.STREAMING}),
@@ -1116,6 +1121,8 @@ class Connection:
         self._audio_frames = 0  # frames sent in audio frames in the current listen
         self._audio_lost = 0  # frames announced in gaps in the current listen
         self._write_broken = False  # a write of ours stopped part way (send_failed)
+        #: a client's request sent after its hello, before the welcome (see EARLY_REQUESTS)
+        self._early: Message | None = None
 
     # ---- receiving ------------------------------------------------------
 
@@ -1316,6 +1323,18 @@ class Connection:
         self._write_broken = True
         self.state = State.ERROR
 
+    def _send_early(self, msg: Message) -> None:
+        """A client's request before the welcome (PROTOCOL.md, "Conversation": early
+        requests): its reply state begins once the welcome has passed."""
+        if type(msg) not in EARLY_REQUESTS:
+            raise LocalProtocolError(
+                f"{msg.TYPE!r} is not allowed in state {self.state.value} (only a request "
+                "every protocol version has may follow the hello before the welcome)"
+            )
+        if self._early is not None:
+            raise LocalProtocolError("one request may follow the hello before the welcome")
+        self._early = msg
+
     # ---- the transition table ------------------------------------------
 
     def _process(self, msg: Message, sender: Role) -> None:
@@ -1324,6 +1343,9 @@ class Connection:
             raise exc(f"a {sender.value} may not send {msg.TYPE!r}")
         if isinstance(msg, Error) and msg.fatal and self.state is not State.CLOSED:
             self.state = State.CLOSED
+            return
+        if self.state is State.AWAIT_WELCOME and sender is self.our_role is Role.CLIENT:
+            self._send_early(msg)
             return
         if self.version < msg.VERSION and self.state is not State.AWAIT_HELLO:
             raise exc(f"{msg.TYPE!r} needs protocol version {msg.VERSION}")
@@ -1338,6 +1360,9 @@ class Connection:
             if msg.version > self._hello_version:  # the server picks, at most the client's
                 raise exc(f"welcome of version {msg.version} to a hello of {self._hello_version}")
             self.version = min(msg.version, PROTOCOL_VERSION)
+            if self._early is not None:  # the server reads it now, as if sent at this moment
+                early, self._early = self._early, None
+                new = _TRANSITIONS[(State.IDLE, type(early))]
         elif isinstance(msg, ListenStart):
             self._frame_bytes = msg.bytes_per_frame
             self._audio_next = msg.position

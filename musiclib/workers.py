@@ -30,8 +30,10 @@ Why it looks the way it does:
   (WAL mode lets readers in other processes see each commit), never write it
   (``PRAGMA query_only``), and learn the scan state and the channel count
   from a :class:`~musiclib.maintainer.StateBoard` the primary keeps in
-  shared memory. A secondary starts after the primary is ready, so it never
-  opens an index the primary is still checking or rebuilding.
+  shared memory. Every worker's interpreter starts at once (importing
+  musiclib is most of a worker's start), but a secondary is handed its
+  settings only once the primary is ready, so it never opens an index the
+  primary is still checking or rebuilding.
 * **Live channels from every worker.** The primary also accepts on a private
   Unix socket, in a directory only this user can enter (created here,
   removed at exit; the supervisor holds the socket, so a secondary's
@@ -294,11 +296,10 @@ class _Supervisor:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals, signals, nursery)
             async with trio.open_nursery() as workers:
-                workers.start_soon(self._keep, 0)
-                # the primary has opened and checked the index: the others may read it
-                if await _ready_unless_stopping(self.ready[0], self.stopping):
-                    for number in range(1, len(self.groups)):
-                        workers.start_soon(self._keep, number)
+                # every interpreter starts at once (its imports are most of a start); a
+                # secondary gets its settings only once the primary is ready (_run_one)
+                for number in range(len(self.groups)):
+                    workers.start_soon(self._keep, number)
                 if all([await _ready_unless_stopping(e, self.stopping) for e in self.ready]):
                     for host, port in addresses:
                         shown = f"[{host}]" if ":" in host else host
@@ -383,6 +384,10 @@ class _Supervisor:
         self.running[number] = process  # (started after a stop's SIGTERM: it gets one once ready)
         try:
             assert process.stdin is not None and process.stdout is not None
+            # the primary has opened and checked the index: only now may the others read it
+            # (a secondary waits in _read_spec meanwhile, its imports done)
+            if not primary and not await _ready_unless_stopping(self.ready[0], self.stopping):
+                return process.pid, await _reaped(process)  # never told anything: no log line
             payload = pickle.dumps(spec)
             with contextlib.suppress(trio.BrokenResourceError):  # it died at once: seen below
                 await process.stdin.send_all(_LENGTH.pack(len(payload)) + payload)
@@ -517,7 +522,10 @@ def _announce_ready(_addresses: list[tuple[str, int]]) -> None:
 
 def worker_main() -> None:
     """A worker process: read its spec from standard input, serve until told to stop."""
-    spec = _read_spec(0)
+    try:
+        spec = _read_spec(0)
+    except EOFError:  # the supervisor died while this secondary waited for the primary
+        sys.exit(1)
     if spec.setup_logging is not None:
         spec.setup_logging()
     for handler in logging.getLogger().handlers:

@@ -907,3 +907,37 @@ def test_a_full_disk_and_a_missing_folder_are_one_line_and_exit_7(server, shippe
     assert missing.returncode == 7
     assert_one_error_line(missing.stderr)
     assert "folder does not exist" in missing.stderr
+
+
+def test_a_stream_request_sent_with_the_hello_is_answered_after_the_welcome(server, shipped_tracks):
+    """PROTOCOL.md, "Conversation": a request may follow the hello without waiting."""
+    track = shipped_tracks[0]
+    size = (LIBRARY / track).stat().st_size
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        hello = frame({"type": "hello", "version": 1, "client": "early/1"})
+        sock.sendall(hello + frame({"type": "stream", "track": track}))  # one write
+        welcome = recv_frame(sock)
+        assert welcome["type"] == "welcome" and welcome["version"] == 1
+        start = recv_frame(sock)
+        assert start["type"] == "stream_start" and start["size"] == size, start
+
+
+def test_get_sends_its_hello_with_its_first_request_and_a_refusal_reads_the_same(
+    start_server, shipped_tracks, tmp_path
+):
+    """``get`` does not wait for the welcome; a refused hello still gives the one error line
+    a command that waits for it (``ls``) gives."""
+    srv = start_server(LIBRARY, "--token", "s3cret")
+    track = shipped_tracks[0]
+    refused = [
+        run_cli(*args, server=srv.address, cwd=tmp_path)
+        for args in (["ls"], ["get", track, "--save"], ["play", track, "--player", "cat"])
+    ]
+    lines = {assert_one_error_line(r.stderr) for r in refused}
+    assert len(lines) == 1 and "token" in lines.pop(), [r.stderr for r in refused]
+    assert len({r.returncode for r in refused}) == 1 and refused[0].returncode != 0
+    ok = run_cli(
+        "get", track, "--save", server=srv.address, cwd=tmp_path, env={"MUSICLIB_TOKEN": "s3cret"}
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / name_of(track)).read_bytes() == (LIBRARY / track).read_bytes()

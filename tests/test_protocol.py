@@ -41,6 +41,7 @@ from musiclib.protocol import (
     InfoRequest,
     ListEnd,
     ListenEnd,
+    ListenRequest,
     ListRequest,
     Message,
     NeedData,
@@ -259,6 +260,83 @@ def test_request_split_across_reads_and_two_requests_in_one_read() -> None:
     assert server.next_event() == Hello(version=1)
     server.send(Welcome(version=1, server="s"))
     assert server.next_event() == ListRequest()
+
+
+def _early_client(request: Message) -> tuple[Connection, bytes]:
+    """A client that sent ``hello`` and ``request`` without waiting: it and the bytes."""
+    client = Connection(Role.CLIENT)
+    sent = client.send(Hello(version=2, client="t")) + client.send(request)
+    assert client.state is State.AWAIT_WELCOME
+    return client, sent
+
+
+@pytest.mark.parametrize("feed", FEEDERS)
+@pytest.mark.parametrize("welcomed", [1, 2])
+def test_a_client_may_send_its_first_request_before_the_welcome(
+    feed: Feeder, welcomed: int
+) -> None:
+    client, sent = _early_client(StreamRequest(track="a", offset=2))
+    server = Connection(Role.SERVER)
+    # the server reads the hello, answers it, and only then reads the early request
+    server.receive_data(sent)
+    assert server.next_event() == Hello(version=2, client="t")
+    reply = [
+        Welcome(version=welcomed, server="s"),
+        StreamStart(path="a", size=10, version="v", offset=2, length=8),
+    ]
+    welcome = _send(server, reply[0])
+    assert server.next_event() == StreamRequest(track="a", offset=2)
+    got = feed(client, welcome)
+    assert got == reply[:1] and client.state is State.STREAM_HEAD and client.version == welcomed
+    got = feed(client, _send(server, reply[1]) + _send(server, b"abcdefgh"))
+    assert got == [reply[1], Data(b"abcdefgh")] and client.state is State.STREAMING
+
+
+def test_a_refused_hello_drops_the_early_request() -> None:
+    client, _ = _early_client(InfoRequest(track="x"))
+    client.receive_data(encode_message(Error(code="busy", message="full", fatal=True)))
+    assert client.next_event() == Error(code="busy", message="full", fatal=True)
+    assert client.state is State.CLOSED
+
+
+def test_only_one_version_1_request_may_go_before_the_welcome() -> None:
+    client, _ = _early_client(ListRequest())
+    with pytest.raises(LocalProtocolError, match="one request"):
+        client.send(InfoRequest(track="x"))
+    for late in (StatusRequest(), ListenRequest(channel="c"), Hello(version=1)):
+        fresh = Connection(Role.CLIENT)
+        fresh.send(Hello(version=2))
+        with pytest.raises(LocalProtocolError, match="every protocol version"):
+            fresh.send(late)
+        assert fresh.state is State.AWAIT_WELCOME
+
+
+def test_a_server_still_refuses_a_request_before_its_welcome() -> None:
+    # the early request is the client's to send; the server answers the hello first
+    server = Connection(Role.SERVER)
+    server.receive_data(encode_message(Hello(version=1)) + encode_message(ListRequest()))
+    assert server.next_event() == Hello(version=1)
+    with pytest.raises(RemoteProtocolError, match="not allowed in state await_welcome"):
+        server.next_event()
+    with pytest.raises(LocalProtocolError):
+        Connection(Role.SERVER).send(Welcome(version=1, server="s"))
+
+
+@settings(deadline=None)
+@given(st.binary(max_size=512), st.sampled_from([1, 2]))
+def test_bytes_after_an_early_request_only_raise_remote_errors(data: bytes, version: int) -> None:
+    client = Connection(Role.CLIENT)
+    client.send(Hello(version=version))
+    client.send(StreamRequest(track="a"))
+    welcome = encode_message(Welcome(version=version, server="s"))
+    try:
+        for chunk in (welcome, data, b""):
+            client.receive_data(chunk)
+            for _ in range(len(chunk) + 2):
+                if isinstance(client.next_event(), (Closed, NeedData)):
+                    break
+    except RemoteProtocolError:
+        pass
 
 
 def test_data_frames_are_handed_out_as_they_arrive() -> None:

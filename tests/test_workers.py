@@ -425,3 +425,35 @@ def test_workers_stop_by_themselves_when_the_supervisor_is_killed(tmp_path: Path
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def _with_environ(marker: str) -> list[int]:
+    """Pids of the processes whose environment holds ``marker`` (this user's, readable)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if marker.encode() in (entry / "environ").read_bytes().split(b"\0"):
+                    found.append(int(entry.name))
+    return found
+
+
+def test_a_primary_that_cannot_start_stops_the_server_and_the_waiting_secondary(
+    tmp_path: Path,
+) -> None:
+    """Every worker's interpreter starts at once, the secondary waiting for its settings
+    until the primary is ready: a primary that fails (an index under a regular file)
+    stops the server, with one line, and leaves no secondary behind."""
+    (tmp_path / "file").write_bytes(b"")
+    marker = f"MUSICLIB_TEST_MARK={tmp_path}"
+    argv = [*SERVE, "--root", str(LIBRARY), "--port", "0", "--workers", "3"]
+    argv += ["--index", str(tmp_path / "file" / "index.sqlite3")]
+    env = client_env({"MUSICLIB_TEST_MARK": str(tmp_path)})
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=IO_TIMEOUT)
+    assert done.returncode != 0
+    assert "worker 0 could not start" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "worker 1" not in done.stderr, done.stderr
+    deadline = time.monotonic() + IO_TIMEOUT
+    while _with_environ(marker) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _with_environ(marker) == []
