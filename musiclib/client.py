@@ -227,18 +227,7 @@ class Client:
         tracks, more than :data:`MAX_LIST_BYTES` bytes, or a ``count`` that is
         not what arrived, is a :class:`RemoteProtocolError`.
         """
-        request = ListRequest(
-            query=query or None,
-            artist=artist or None,
-            album=album or None,
-            format=format or None,
-            sort=sort,
-            offset=offset,
-            limit=limit,
-        )
-        problem = request.problem()
-        if problem:
-            raise ValueError(problem)
+        request = _list_request(query, artist, album, format, sort, offset, limit)
         await self._send(request)
         tracks: list[TrackInfo] = []
         began = self.received
@@ -268,19 +257,7 @@ class Client:
         ``async with client.list_pages(...) as pages: async for page in pages``, then
         ``pages.end``. Only one page is held at a time (see :class:`ListReader`).
         """
-        request = ListRequest(
-            query=query or None,
-            artist=artist or None,
-            album=album or None,
-            format=format or None,
-            sort=sort,
-            offset=offset,
-            limit=limit,
-        )
-        problem = request.problem()
-        if problem:
-            raise ValueError(problem)
-        return ListReader(self, request)
+        return ListReader(self, _list_request(query, artist, album, format, sort, offset, limit))
 
     async def rescan(self, *, wait: bool = False) -> RescanStatus:
         """Ask the server to re-read its library; with ``wait``, until the scan is done."""
@@ -534,6 +511,32 @@ class _Reply(Generic[_Request, _Start]):
     ) -> None:
         if self._client._conn.state is not State.IDLE:  # reply unfinished: cannot skip it
             await self._client.aclose()
+
+
+def _list_request(
+    query: str | None,
+    artist: str | None,
+    album: str | None,
+    format: str | None,
+    sort: str,
+    offset: int,
+    limit: int | None,
+) -> ListRequest:
+    """The ``list`` request :meth:`Client.list` and :meth:`Client.list_pages` send;
+    ``ValueError`` saying why when the protocol would refuse it."""
+    request = ListRequest(
+        query=query or None,
+        artist=artist or None,
+        album=album or None,
+        format=format or None,
+        sort=sort,
+        offset=offset,
+        limit=limit,
+    )
+    problem = request.problem()
+    if problem:
+        raise ValueError(problem)
+    return request
 
 
 def _check_list_page(tracks: int, size: int) -> None:
