@@ -367,6 +367,9 @@ def format_status(status: ServerStatus, address: str, *, complete: bool = True) 
         ("connections", connections),
         ("live channels", channels),
     ]
+    if status.worker is not None:  # serve --workers: which process answered, whose connections
+        who = f"{status.worker}" + (f" (pid {status.pid})" if status.pid is not None else "")
+        facts.insert(facts.index(("connections", connections)), ("worker", who))
     width = max(len(name) for name, _ in facts)
     return "\n".join(f"{name.rjust(width)}  {shown(value)}" for name, value in facts)
 

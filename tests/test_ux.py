@@ -198,6 +198,19 @@ def test_format_status_complete_and_pieced_together() -> None:
     assert "versions 1, 2" in out and "1 h 2 min" in out and "42 s ago, took 0.25 s" in out
     old = format_status(status, "h:1", complete=False)
     assert "unknown (an older server)" in old and "1 h 2 min" not in old
+    assert "worker" not in out  # one process: no worker line
+
+
+def test_format_status_names_the_worker_that_answered() -> None:
+    """With ``serve --workers``, ``connections`` are one worker's: say which one."""
+    status = ServerStatus(
+        server="musiclib/0.1.0", versions=(1, 2), tracks=1, uptime=1.0, connections=4,
+        worker=1, pid=4242,
+    )  # fmt: skip
+    lines = format_status(status, "h:1").splitlines()
+    names = [line.strip().split("  ")[0] for line in lines]
+    assert names.index("worker") == names.index("connections") - 1
+    assert lines[names.index("worker")].endswith("1 (pid 4242)")
 
 
 # ---------------------------------------------------------------------------- 8. completion
