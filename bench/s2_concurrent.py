@@ -31,6 +31,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
@@ -91,6 +92,26 @@ class Load:
     def client_cpu_pct(self) -> float:
         """The client's CPU use over the load, in percent of one core."""
         return 100 * self.client_cpu_s / self.seconds if self.seconds else 0.0
+
+    def raw(self) -> dict[str, Any]:
+        """Everything measured, for ``bench/results.json``."""
+        return {
+            "seconds": self.seconds,
+            "bytes": self.nbytes,
+            "ttfb_ms_p50": self.p(50),
+            "ttfb_ms_p99": self.p(99),
+            "ttfb_ms_max": max(self.ttfb_ms) if self.ttfb_ms else None,
+            "throughput_mib_s": self.throughput,
+            "peak_rss_mib": self.peak_rss_mib,
+            "failures": len(self.failures),
+            "round_p99_ms": self.round_p99_ms,
+            "max_accept_queue": self.max_accept_queue,
+            "accept_wait_connection_s": self.accept_wait,
+            "accept_queue_longest_s": self.accept_stretch,
+            "phases_ms_p50": {k: percentile(v, 50) for k, v in self.phases_ms.items()},
+            "phases_ms_p99": {k: percentile(v, 99) for k, v in self.phases_ms.items()},
+            "client_cpu_pct": self.client_cpu_pct,
+        }
 
     def p(self, pct: float) -> float | None:
         return percentile(self.ttfb_ms, pct) if self.ttfb_ms else None
@@ -279,24 +300,7 @@ def run(sizes: Sizes) -> Scenario:
             each = ", ".join(f"{v:.0f}" for v in load.round_p99_ms)
             sc.notes.append(f"{name}: {load.phase_summary()}; p99 of each round: {each} ms")
     _rows(sc, ml, sf, ngx)
-    sc.raw = {
-        name: {
-            "seconds": load.seconds,
-            "bytes": load.nbytes,
-            "ttfb_ms_p50": load.p(50),
-            "ttfb_ms_p99": load.p(99),
-            "ttfb_ms_max": max(load.ttfb_ms) if load.ttfb_ms else None,
-            "peak_rss_mib": load.peak_rss_mib,
-            "failures": len(load.failures),
-            "round_p99_ms": load.round_p99_ms,
-            "max_accept_queue": load.max_accept_queue,
-            "accept_wait_connection_s": load.accept_wait,
-            "accept_queue_longest_s": load.accept_stretch,
-            "phases_ms_p99": {k: percentile(v, 99) for k, v in load.phases_ms.items()},
-        }
-        for name, load in loads.items()
-        if load is not None
-    }
+    sc.raw = {name: load.raw() for name, load in loads.items() if load is not None}
     return sc
 
 

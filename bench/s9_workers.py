@@ -21,7 +21,7 @@ from __future__ import annotations
 import trio
 
 from bench import data
-from bench.common import Row, Scenario, Sizes, Target, child_pids, peak_rss_mib, percentile
+from bench.common import Row, Scenario, Sizes, Target, child_pids, peak_rss_mib
 from bench.data import DataFile
 from bench.s2_concurrent import Load, _musiclib_one, _nginx, _rounds
 from bench.servers import musiclib_server, wait_indexed
@@ -109,24 +109,5 @@ def run(sizes: Sizes) -> Scenario:
                 label,
             )
         )
-    sc.raw = {
-        name: {
-            "seconds": load.seconds,
-            "bytes": load.nbytes,
-            "ttfb_ms_p50": load.p(50),
-            "ttfb_ms_p99": load.p(99),
-            "ttfb_ms_max": max(load.ttfb_ms) if load.ttfb_ms else None,
-            "throughput_mib_s": load.throughput,
-            "peak_rss_mib": load.peak_rss_mib,
-            "failures": len(load.failures),
-            "round_p99_ms": load.round_p99_ms,
-            "max_accept_queue": load.max_accept_queue,
-            "accept_queue_longest_s": load.accept_stretch,
-            "phases_ms_p99": {k: percentile(v, 99) for k, v in load.phases_ms.items()},
-            "phases_ms_p50": {k: percentile(v, 50) for k, v in load.phases_ms.items()},
-            "client_cpu_pct": load.client_cpu_pct,
-        }
-        for name, load in loads.items()
-        if load is not None
-    }
+    sc.raw = {name: load.raw() for name, load in loads.items() if load is not None}
     return sc

@@ -312,6 +312,21 @@ def cli_popen() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
 # PulseAudio and PortAudio preserve, is in tests/audio_env.py; these fixtures only call it.
 # ---------------------------------------------------------------------------------------------
 
+
+def count_locates(lib: Any) -> list[str]:
+    """Make a Library's ``locate`` record its calls (before a Maintainer takes the method):
+    the names asked, in order, for tests of the name cache."""
+    asked: list[str] = []
+    real = lib.locate
+
+    def locate(name: str) -> Any:
+        asked.append(name)
+        return real(name)
+
+    lib.locate = locate
+    return asked
+
+
 import audio_env  # noqa: E402  (a plain module next to this file)
 
 

@@ -18,11 +18,12 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+from conftest import count_locates
 
 from musiclib.client import Client
 from musiclib.decode import ffmpeg_executable
 from musiclib.errors import Ambiguous, NotFound, single_errors
-from musiclib.library import Library, TrackInfo
+from musiclib.library import Library
 from musiclib.server import Server, ServerConfig
 
 RATE = 8000
@@ -66,21 +67,8 @@ def library(tmp_path: Path) -> Library:
     return lib
 
 
-def _count_lookups(lib: Library) -> list[str]:
-    """Count ``lib.locate`` calls (before the server's maintainer takes the method)."""
-    asked: list[str] = []
-    real = lib.locate
-
-    def locate(name: str) -> tuple[TrackInfo, int]:
-        asked.append(name)
-        return real(name)
-
-    lib.locate = locate  # type: ignore[method-assign]
-    return asked
-
-
 async def test_decoded_streams_of_one_name_ask_the_index_once(library: Library) -> None:
-    asked = _count_lookups(library)
+    asked = count_locates(library)
     server = Server(library, ServerConfig(root=library.root))
     first = await _decode(server, "low.wav")
     assert len(first) == round(0.5 * RATE) * 2

@@ -18,6 +18,7 @@ from typing import Any
 
 import imageio_ffmpeg
 import pytest
+from conftest import count_locates
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mutagen.id3 import TIT2
@@ -679,19 +680,6 @@ def test_the_index_columns_follow_the_track_fields(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- the name cache
 
 
-def _counting_locate(lib: Library) -> list[str]:
-    """Make ``lib.locate`` count its calls (before a Maintainer takes it); the names asked."""
-    asked: list[str] = []
-    real = lib.locate
-
-    def locate(name: str) -> tuple[TrackInfo, int]:
-        asked.append(name)
-        return real(name)
-
-    lib.locate = locate  # type: ignore[method-assign]
-    return asked
-
-
 async def test_a_resolved_name_is_remembered_until_a_rescan_changes_the_index(
     tmp_path: Path,
 ) -> None:
@@ -707,7 +695,7 @@ async def test_a_resolved_name_is_remembered_until_a_rescan_changes_the_index(
     (root / "b.flac").write_bytes(os.urandom(2000))
     lib = Library(root, index=tmp_path / "index.sqlite", workers=0)
     lib.rescan()
-    asked = _counting_locate(lib)
+    asked = count_locates(lib)
     maintainer = Maintainer(lib, ServerConfig(root=root))
 
     first = await maintainer.locate("a.flac")
