@@ -608,6 +608,17 @@ def _probe_tags(text: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- RIFF / AIFF text
 
 
+def _reader_of(f: BinaryIO) -> Callable[[int, int], bytes]:
+    """``read_at(pos, n)``: up to ``n`` bytes of ``f`` from ``pos`` (the chunk walker's view
+    of a file)."""
+
+    def read_at(pos: int, n: int) -> bytes:
+        f.seek(pos)
+        return f.read(n)
+
+    return read_at
+
+
 def _iff_text_fields(path: str) -> dict[str, str]:
     """Tags from a WAV ``LIST/INFO`` chunk or AIFF ``NAME``/``AUTH`` chunks; ``{}`` if none.
 
@@ -616,11 +627,7 @@ def _iff_text_fields(path: str) -> dict[str, str]:
     out: dict[str, str] = {}
     try:
         with open(path, "rb", buffering=0) as f:
-
-            def read_at(pos: int, n: int) -> bytes:
-                f.seek(pos)
-                return f.read(n)
-
+            read_at = _reader_of(f)
             head = read_at(0, 12)
             if head[:4] in (b"RIFF", b"RF64", b"BW64") and head[8:12] == b"WAVE":
                 for cid, pos, size in _walk_chunks(read_at, 12, "<"):
@@ -647,11 +654,7 @@ def _aifc_codec(path: str, codec: str) -> dict[str, Any]:
     plain AIFF, uncompressed AIFF-C, or anything odd."""
     try:
         with open(path, "rb", buffering=0) as f:
-
-            def read_at(pos: int, n: int) -> bytes:
-                f.seek(pos)
-                return f.read(n)
-
+            read_at = _reader_of(f)
             head = read_at(0, 12)
             if head[:4] != b"FORM" or head[8:12] != b"AIFC":
                 return {}

@@ -39,13 +39,12 @@ import math
 import os
 import shlex
 import shutil
-import signal
 import subprocess
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import PurePath
-from typing import overload
+from typing import Any, overload
 
 import trio
 
@@ -264,17 +263,23 @@ class Player:
         return describe_exit(self.name, status)
 
 
-@asynccontextmanager
-async def open_player(argv: list[str]) -> AsyncIterator[Player]:
-    """Start ``argv`` with a pipe on its standard input; always reap it on the way out."""
+async def _start_player(argv: list[str], **options: Any) -> trio.Process:
+    """Start the player ``argv`` (``options`` go to trio's ``open_process``); a missing or
+    non-executable program is a PlayerNotFound / PlayerError naming it and the fix."""
     try:
-        process = await trio.lowlevel.open_process(argv, stdin=subprocess.PIPE)
+        return await trio.lowlevel.open_process(argv, **options)
     except FileNotFoundError:
         raise PlayerNotFound(
             f"player {argv[0]!r} not found: install it or choose another with --player"
         ) from None
     except PermissionError:
         raise PlayerError(f"player {argv[0]!r} is not executable") from None
+
+
+@asynccontextmanager
+async def open_player(argv: list[str]) -> AsyncIterator[Player]:
+    """Start ``argv`` with a pipe on its standard input; always reap it on the way out."""
+    process = await _start_player(argv, stdin=subprocess.PIPE)
     player = Player(process, argv)
     try:
         yield player
@@ -285,26 +290,15 @@ async def open_player(argv: list[str]) -> AsyncIterator[Player]:
 
 def describe_exit(name: str, status: int) -> str:
     """One line saying how the player ``name`` ended with exit ``status`` (negative: a signal)."""
-    if status < 0:
-        try:
-            how = signal.Signals(-status).name
-        except ValueError:
-            how = f"signal {-status}"
-        return f"{name} was stopped by {how}"
-    return f"{name} exited with status {status}"
+    from .text import how_it_ended
+
+    return f"{name} {how_it_ended(status)}"
 
 
 async def run_player(argv: Sequence[str]) -> int:
     """Run a player that reads URLs, its standard input left to it (the terminal: its
     keys work), until it exits; its exit status. Cancelled, it is stopped and reaped."""
-    try:
-        process = await trio.lowlevel.open_process(list(argv), env=_no_proxy_for_loopback())
-    except FileNotFoundError:
-        raise PlayerNotFound(
-            f"player {argv[0]!r} not found: install it or choose another with --player"
-        ) from None
-    except PermissionError:
-        raise PlayerError(f"player {argv[0]!r} is not executable") from None
+    process = await _start_player(list(argv), env=_no_proxy_for_loopback())
     try:
         return await process.wait()
     finally:

@@ -1,9 +1,10 @@
 """Small text helpers shared by the server and the client: matching (the server's search,
-the client's filters) and reading a secret from a file (``--token-file``, a relay's
-``?token-file=``)."""
+the client's filters), reading a secret from a file (``--token-file``, a relay's
+``?token-file=``) and saying how a child process ended (a player, a worker)."""
 
 from __future__ import annotations
 
+import signal
 import unicodedata
 from pathlib import Path
 
@@ -32,3 +33,15 @@ def read_token_file(path: Path, label: str) -> str:
     if not token:
         raise UsageError(f"{label}: empty")
     return token
+
+
+def how_it_ended(status: int, signalled: str = "was stopped by") -> str:
+    """``exited with status 1``, or for a negative ``status`` (trio's and subprocess's way of
+    saying a signal ended it) ``signalled`` and the signal's name: ``was stopped by SIGTERM``."""
+    if status < 0:
+        try:
+            name = signal.Signals(-status).name
+        except ValueError:
+            name = f"signal {-status}"
+        return f"{signalled} {name}"
+    return f"exited with status {status}"

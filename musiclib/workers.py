@@ -96,6 +96,7 @@ from .errors import ListenError, MusiclibError, single_errors
 from .index import default_index_path
 from .maintainer import StateBoard
 from .server import ServerConfig, WorkerRole, listen_reason, run_until_signalled
+from .text import how_it_ended
 
 if TYPE_CHECKING:
     import ssl
@@ -343,7 +344,7 @@ class _Supervisor:
             pid, status = await self._run_one(number)
             if self.stopping.is_set():
                 return
-            how = _how_it_ended(status)
+            how = how_it_ended(status, "was killed by")
             if not self.ready[number].is_set():
                 self.stopping.set()
                 for process in list(self.running.values()):
@@ -443,17 +444,6 @@ async def _read_line(stream: trio.abc.ReceiveStream) -> bytes:
             return b""
         data += chunk
     return data.partition(b"\n")[0]
-
-
-def _how_it_ended(status: int) -> str:
-    """``exited with status 1``, ``was killed by SIGKILL``: for one log line."""
-    if status < 0:
-        try:
-            name = signal.Signals(-status).name
-        except ValueError:
-            name = f"signal {-status}"
-        return f"was killed by {name}"
-    return f"exited with status {status}"
 
 
 # ---------------------------------------------------------------------- the worker's side
