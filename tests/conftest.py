@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +312,38 @@ def cli_popen() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
 # Sound devices without a sound card (musiclib.devices, issue 11). The machinery, and what
 # PulseAudio and PortAudio preserve, is in tests/audio_env.py; these fixtures only call it.
 # ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Child:
+    """A process, as /proc shows it."""
+
+    pid: int
+    name: str  # the kernel's comm: the executable's name, cut to 15 characters
+    state: str  # "R", "S", ... "Z" for a zombie
+    exe: str | None  # None for a zombie, or when it exited while we looked
+
+
+def children_of(ppid: int) -> list[Child]:
+    """Every process whose parent is ``ppid`` right now, zombies included."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:  # it went away meanwhile
+            continue
+        head, _, rest = stat.rpartition(")")  # the name may hold spaces and parentheses
+        fields = rest.split()
+        if int(fields[1]) != ppid:
+            continue
+        try:
+            exe: str | None = os.readlink(f"/proc/{entry}/exe")
+        except OSError:
+            exe = None
+        found.append(Child(int(entry), head.split("(", 1)[1], fields[0], exe))
+    return found
 
 
 def count_locates(lib: Any) -> list[str]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import trio
-from conftest import REPO, ServerProcess, client_env
+from conftest import REPO, ServerProcess, children_of, client_env
 
 from musiclib.client import open_client
 from musiclib.decode import ffmpeg_executable
@@ -325,21 +325,7 @@ async def wait_for_channel(
 def ffmpeg_children(pid: int) -> list[int]:
     """The pids of ``pid``'s children that run the bundled ffmpeg (zombies included)."""
     ffmpeg = os.path.realpath(FFMPEG)
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-            argv0 = Path("/proc", entry, "cmdline").read_bytes().split(b"\0")[0]
-        except OSError:  # gone meanwhile
-            continue
-        fields = stat.rpartition(")")[2].split()
-        if int(fields[1]) != pid:
-            continue
-        if fields[0] == "Z" or os.path.realpath(argv0.decode()) == ffmpeg:
-            found.append(int(entry))
-    return found
+    return [c.pid for c in children_of(pid) if c.state == "Z" or c.exe == ffmpeg]
 
 
 def alive(pid: int) -> bool:

@@ -36,7 +36,7 @@ from typing import Any
 import imageio_ffmpeg
 import pytest
 import trio
-from conftest import LIBRARY, ServerProcess, client_env, run_cli
+from conftest import LIBRARY, Child, ServerProcess, children_of, client_env, run_cli
 
 from musiclib.client import open_client
 from musiclib.decode import AudioFormat, decode_command
@@ -229,36 +229,6 @@ def longest(listing: dict[str, dict[str, Any]], *, channels: int | None = None) 
 
 
 # ---- processes, through /proc ------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Child:
-    pid: int
-    name: str  # the kernel's comm: the executable's name, cut to 15 characters
-    state: str  # "R", "S", ... "Z" for a zombie
-    exe: str | None  # None for a zombie, or when it exited while we looked
-
-
-def children_of(ppid: int) -> list[Child]:
-    """Every process whose parent is ``ppid`` right now, zombies included."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-        except OSError:  # it went away meanwhile
-            continue
-        head, _, rest = stat.rpartition(")")  # the name may hold spaces and parentheses
-        fields = rest.split()
-        if int(fields[1]) != ppid:
-            continue
-        try:
-            exe: str | None = os.readlink(f"/proc/{entry}/exe")
-        except OSError:
-            exe = None
-        found.append(Child(int(entry), head.split("(", 1)[1], fields[0], exe))
-    return found
 
 
 def ffmpeg_children(server: ServerProcess) -> list[Child]:

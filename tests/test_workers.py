@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import LIBRARY, REPO, ServerProcess, client_env, running_server
+from conftest import LIBRARY, REPO, ServerProcess, children_of, client_env, running_server
 from live_support import IO_TIMEOUT, Heard, alive, assert_same_bytes, check_cover, frames
 from test_e2e_live import NOISE, NOISE_CHANNEL, noise_reference
 
@@ -42,17 +42,7 @@ TRACK = "Les Ondes Éphémères/Café du Matin/01 - Brume.flac"
 
 def children(pid: int) -> list[int]:
     """The pids whose parent is ``pid``, zombies included."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-        except OSError:  # gone meanwhile
-            continue
-        if int(stat.rpartition(")")[2].split()[1]) == pid:
-            found.append(int(entry))
-    return found
+    return [c.pid for c in children_of(pid)]
 
 
 def descendants(pid: int) -> list[int]:
