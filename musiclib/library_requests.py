@@ -320,25 +320,31 @@ async def _stream_original(session: Session, services: Services, request: Stream
         async def checksum() -> None:
             # the index was asked for the header already: only compute what it lacked
             try:
-                digest.append(known or await _compute_sha256(services, track, f.fileno(), st))
+                digest.append(await _compute_sha256(services, track, f.fileno(), st))
             except (Changed, Unreadable) as exc:
                 # not a cancellation of the sender, which may be in the middle of a
                 # frame: it ends the stream with this error at its next frame boundary
                 failed.append(exc)
 
-        with single_errors():
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(checksum)
-                await _send_file(
-                    session,
-                    services,
-                    f.fileno(),
-                    offset,
-                    st.st_size - offset,
-                    track.path,
-                    failed,
-                    head=start,
-                )
+        send = functools.partial(
+            _send_file,
+            session,
+            services,
+            f.fileno(),
+            offset,
+            st.st_size - offset,
+            track.path,
+            failed,
+            head=start,
+        )
+        if known is not None:  # nothing to compute: no task for it
+            digest.append(known)
+            await send()
+        else:
+            with single_errors():
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(checksum)
+                    await send()
         if failed:  # the checksum failed after the last frame went out
             raise failed[0]
         now = os.fstat(f.fileno())

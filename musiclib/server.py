@@ -264,6 +264,10 @@ class Server:
     #: when a refusal was last logged, and how many were not logged since
     _refusal_logged_at: float = -math.inf
     _refusals_unlogged: int = 0
+    #: turns at ``sendfile`` (see :data:`SEND_TURNS`)
+    send_turns: trio.CapacityLimiter = field(
+        default_factory=lambda: trio.CapacityLimiter(SEND_TURNS)
+    )
     #: the catalog's upkeep: scans, watcher, background hashing, index threads
     maintainer: Maintainer = field(init=False)
     #: the live channels and their sources
@@ -518,6 +522,14 @@ class _ConnectionHandler:
         #: whether the welcome went out, and the requests read since
         self.welcomed = False
         self.requests = 0
+        #: reads and sends left that may skip the event loop's turn (see _read_nowait)
+        self._eager_reads = self._eager_sends = EAGER_STEPS
+        #: no send_file yet: the first one does not wait for a turn
+        self._first_file = True
+        #: bytes that go out in front of the next send: the ``welcome``, while a
+        #: request that came with the ``hello`` is answered (:func:`_answered_at_once`),
+        #: so that both leave in one write; sent before anything waits for the peer
+        self._held = b""
 
     def goodbye_level(self, exc: PeerLeft) -> int:
         """The log level of the line saying why the peer left: ``DEBUG`` for a health
@@ -575,7 +587,9 @@ class _ConnectionHandler:
             )
             return
         state = self.server.maintainer.state()
-        await self._send(
+        # held until the first reply's first send, or until the loop waits for the
+        # peer (see _held): a request sent with the hello gets one write, not two
+        self._held = self.conn.send(
             Welcome(
                 version=min(hello.version, PROTOCOL_VERSION),
                 server=f"musiclib/{__version__}",
@@ -601,6 +615,8 @@ class _ConnectionHandler:
                 return  # the server is stopping
             if isinstance(event, Closed):
                 return
+            if self._held and not _answered_at_once(event):
+                await self._flush()
             self.requests += 1
             try:
                 await self._dispatch(event)
@@ -644,6 +660,7 @@ class _ConnectionHandler:
         """
         worker = self.server.worker
         assert worker is not None
+        await self._flush()  # (the request was not one answered at once: nothing held)
         stream: trio.SocketStream | None = None
         with trio.move_on_after(self.config.handshake_timeout):
             try:
@@ -728,9 +745,17 @@ class _ConnectionHandler:
         await self._send_data(payload)
 
     async def send_file(self, fd: int, offset: int, count: int) -> int:
-        """Send ``count`` raw bytes of ``fd`` from ``offset`` (zero-copy on plain TCP)."""
+        """Send ``count`` raw bytes of ``fd`` from ``offset`` (zero-copy on plain TCP).
+
+        Every call but the connection's first takes turns with the other streams
+        (:data:`SEND_TURNS`): the first goes out at once, so a new client's first
+        byte does not queue behind the streams already running.
+        """
+        if self._held:
+            await self._flush()
         timeout = self.config.send_timeout
-        return await self._sending(self.transport.sendfile(fd, offset, count, timeout))
+        turns, self._first_file = (None if self._first_file else self.server.send_turns), False
+        return await self._sending(self.transport.sendfile(fd, offset, count, timeout, turns))
 
     async def peer_hung_up(self) -> bool:
         """Wait for the peer during a reply: ``True`` once it closed its end.
@@ -763,8 +788,12 @@ class _ConnectionHandler:
             if not isinstance(event, NeedData):
                 return event
             try:
-                left = max(0.0, deadline - trio.current_time())
-                data = await self.transport.receive(64 * 1024, left)
+                data = self._read_nowait()
+                if data is None:
+                    if self._held:  # the peer may be waiting for it
+                        await self._flush()
+                    left = max(0.0, deadline - trio.current_time())
+                    data = await self.transport.receive(64 * 1024, left)
             except Timeout as exc:
                 if not received:
                     what = "idle" if idle else "silent"
@@ -783,8 +812,42 @@ class _ConnectionHandler:
         await self._send_bytes(self.conn.send_data_header(len(chunk)))
         await self._send_bytes(chunk)
 
-    async def _send_bytes(self, data: bytes) -> None:
+    async def _flush(self) -> None:
+        """Send what is held (the ``welcome``) now."""
+        await self._send_bytes(b"")
+
+    async def _send_bytes(self, data: bytes | memoryview) -> None:
+        if self._held:
+            data, self._held = self._held + data, b""
+        if self._eager_sends:
+            self._eager_sends -= 1
+            try:
+                taken = self.transport.send_nowait(data)
+            except ConnectionLost as exc:  # as in _sending
+                raise _PeerGone(str(exc)) from exc
+            if taken == len(data):
+                return
+            data = memoryview(data)[taken:]
         await self._sending(self.transport.send(data, self.config.send_timeout))
+
+    def _read_nowait(self) -> bytes | None:
+        """What the peer sent that is already here, while this connection is new.
+
+        Each trio receive or send yields to the event loop once done, and with
+        hundreds of streams running a turn of the loop takes milliseconds. A
+        client that sends its ``hello`` and first request together (``get``,
+        ``play``) would wait one turn for each step: reading them, the
+        ``welcome``, the reply's first frame. So the first :data:`EAGER_STEPS`
+        reads and sends of a connection are tried at once
+        (:meth:`Transport.receive_nowait <musiclib.transport.Transport.receive_nowait>`),
+        and only what cannot be done at once waits; its first byte then leaves
+        in the turn it was accepted (BENCHMARKS.md, scenario 9). Bounded, so
+        that no peer keeps the loop to itself: after that every step yields.
+        """
+        if not self._eager_reads:
+            return None
+        self._eager_reads -= 1
+        return self.transport.receive_nowait(64 * 1024)
 
     async def _sending(self, send: Awaitable[_T]) -> _T:
         """Await a transport send; its errors end the connection (``_PeerGone``, one log line).
@@ -810,7 +873,18 @@ class _ConnectionHandler:
     async def try_send(self, msg: Message) -> None:
         """Send a last message if the connection still allows it; never raises."""
         with contextlib.suppress(Exception):  # best effort: the peer or the state may be gone
-            await self.transport.send(self.conn.send(msg), 1)
+            held, self._held = self._held, b""
+            await self.transport.send(held + self.conn.send(msg), 1)
+
+
+def _answered_at_once(event: Event) -> bool:
+    """Whether the reply to ``event`` starts without waiting on anything but this
+    process (a name lookup, the index): the held ``welcome`` may then go out with
+    its first bytes. Not a decoded stream (a decoder slot, ffmpeg's start), a
+    rescan (a scan), a live request or anything forwarded to another worker."""
+    if isinstance(event, StreamRequest):
+        return event.mode != "decoded"
+    return isinstance(event, (InfoRequest, ListRequest))
 
 
 async def _serve_channels(session: Session, services: Services, request: ChannelsRequest) -> None:
@@ -1044,6 +1118,13 @@ async def serve(
     log.info("stopped")
 
 
+#: a new connection's reads and sends that may skip the loop's turn: its hello and first
+#: request (usually one read), its welcome and the first send of its first reply
+EAGER_STEPS = 2
+#: ``sendfile`` calls one worker makes in one turn of its event loop, at most: each
+#: sends up to a frame (1 MiB), so a turn stays a few milliseconds long however many
+#: streams run, and a new connection waits that long to be read
+SEND_TURNS = 16
 #: seconds a connection must have waited for its hello before a newcomer may take its slot
 EVICTABLE_AFTER = 1.0
 #: seconds a refused connection's hello is waited for (so the ``busy`` is read, not reset)

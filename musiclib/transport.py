@@ -2,11 +2,13 @@
 
 A :class:`Transport` wraps one ``trio.abc.Stream`` (a plain ``SocketStream``,
 an ``SSLStream``, a memory stream in tests) and gives the server's and the
-client's connections the five things they do with it: :meth:`~Transport.receive`,
+client's connections what they do with it: :meth:`~Transport.receive`,
 :meth:`~Transport.send`, :meth:`~Transport.sendfile` (zero-copy on plain TCP),
-:meth:`~Transport.raw_fd` and :meth:`~Transport.aclose`. Every call that can
-wait takes a deadline, and every failure leaves as one of musiclib's own
-exceptions (:mod:`musiclib.errors`), never as trio's::
+:meth:`~Transport.raw_fd` and :meth:`~Transport.aclose`, and two that never
+wait (:meth:`~Transport.receive_nowait`, :meth:`~Transport.send_nowait`: what
+the socket has or takes at once, without a turn of the event loop). Every call
+that can wait takes a deadline, and every failure leaves as one of musiclib's
+own exceptions (:mod:`musiclib.errors`), never as trio's::
 
     inside (trio, the socket)               outside (musiclib.errors)
     trio.TooSlowError (the call's deadline) -> Timeout         "<peer> sent nothing for N s",
@@ -90,6 +92,48 @@ class Transport:
             return self.stream.socket.fileno()
         return None
 
+    def receive_nowait(self, max_bytes: int) -> bytes | None:
+        """What the peer sent that is already here, without a turn of the event loop.
+
+        ``None`` when nothing is waiting, or the stream is not a plain TCP socket
+        (TLS, memory): then :meth:`receive` is the way. ``b""`` at the peer's end of
+        file; ``ConnectionLost`` if the connection broke. Every trio receive yields
+        once it has its bytes, and with hundreds of busy streams a turn of the loop
+        takes milliseconds; a new connection whose ``hello`` and first request are
+        already in the socket reads them here instead (``_ConnectionHandler``: a
+        bounded number of times, so that a peer cannot keep the loop to itself).
+        """
+        fd = self.raw_fd()
+        if fd is None:
+            return None
+        try:
+            return os.read(fd, max_bytes)
+        except (BlockingIOError, InterruptedError):
+            return None
+        except OSError as exc:
+            raise _lost(exc) from exc
+
+    def send_nowait(self, data: bytes | bytearray | memoryview) -> int:
+        """Put as much of ``data`` as the socket takes now, without a turn of the loop.
+
+        Returns the bytes taken (0 when the socket is full, or the stream is not a
+        plain TCP socket); the caller sends the rest with :meth:`send`. The same
+        rules as :meth:`send`: one sender at a time, ``ConnectionLost`` (and the
+        transport ``broken``) if the connection broke part way.
+        """
+        if self.broken:
+            raise _refused()
+        fd = self.raw_fd()
+        if fd is None or not data:
+            return 0
+        try:
+            return os.write(fd, data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError as exc:
+            self.broken = True
+            raise _lost(exc) from exc
+
     async def receive(self, max_bytes: int, timeout: float) -> bytes:
         """Up to ``max_bytes`` bytes from the peer, ``b""`` at its end of file.
 
@@ -127,7 +171,14 @@ class Transport:
             if not done:  # cancelled too: part of ``data`` may be out, nothing may follow it
                 self.broken = True
 
-    async def sendfile(self, fd: int, offset: int, count: int, timeout: float) -> int:
+    async def sendfile(
+        self,
+        fd: int,
+        offset: int,
+        count: int,
+        timeout: float,
+        turns: trio.CapacityLimiter | None = None,
+    ) -> int:
         """``count`` bytes of the file ``fd`` from ``offset``, within ``timeout`` seconds.
 
         Zero-copy (``os.sendfile``) on a plain TCP socket, read and sent in
@@ -136,6 +187,13 @@ class Transport:
         caller decides what that means (the bytes on the wire are exactly the
         ones counted, so the transport is not ``broken``). Failures of the
         connection as for :meth:`send`.
+
+        ``turns``: each ``sendfile`` call on a plain socket is made holding one of
+        its tokens (never while waiting for the socket), so that however many
+        streams are sending, only that many do so in one turn of the event loop:
+        a turn stays short, and a connection that just arrived waits one short
+        turn for its ``welcome``, not hundreds of megabytes of other streams
+        (BENCHMARKS.md, scenario 9).
         """
         if self.broken:
             raise _refused()
@@ -143,7 +201,7 @@ class Transport:
         try:
             with trio.fail_after(timeout):
                 if isinstance(self.stream, trio.SocketStream):
-                    sent = await _sendfile(self.stream.socket, fd, offset, count)
+                    sent = await _sendfile(self.stream.socket, fd, offset, count, turns)
                 else:
                     sent = await _send_by_reads(self.stream, fd, offset, count)
             done = True
@@ -197,13 +255,24 @@ _SOCKET_ERRNOS = frozenset(
 )
 
 
-async def _sendfile(sock: trio.socket.SocketType, fd: int, offset: int, count: int) -> int:
+async def _sendfile(
+    sock: trio.socket.SocketType,
+    fd: int,
+    offset: int,
+    count: int,
+    turns: trio.CapacityLimiter | None = None,
+) -> int:
     """Up to ``count`` bytes of ``fd`` into the non-blocking ``sock``; fewer at end of
-    file or when the file cannot be read (the socket's errors are raised)."""
+    file or when the file cannot be read (the socket's errors are raised). Each
+    ``sendfile`` call holds one of ``turns``' tokens, if given."""
     sent = 0
     while sent < count:
         try:
-            n = os.sendfile(sock.fileno(), fd, offset + sent, count - sent)
+            if turns is None:
+                n = os.sendfile(sock.fileno(), fd, offset + sent, count - sent)
+            else:
+                async with turns:
+                    n = os.sendfile(sock.fileno(), fd, offset + sent, count - sent)
         except BlockingIOError:
             await trio.lowlevel.wait_writable(sock)
             continue
