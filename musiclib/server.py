@@ -747,15 +747,27 @@ class _ConnectionHandler:
     async def send_file(self, fd: int, offset: int, count: int) -> int:
         """Send ``count`` raw bytes of ``fd`` from ``offset`` (zero-copy on plain TCP).
 
-        Every call but the connection's first takes turns with the other streams
-        (:data:`SEND_TURNS`): the first goes out at once, so a new client's first
-        byte does not queue behind the streams already running.
+        The sends take turns with the other streams (:data:`SEND_TURNS`), but for
+        the connection's first :data:`FIRST_PIECE` bytes, which go out at once: a
+        new client's first byte does not queue behind the streams already
+        running, and a burst of new clients each sends a little before any
+        sends much.
         """
         if self._held:
             await self._flush()
         timeout = self.config.send_timeout
-        turns, self._first_file = (None if self._first_file else self.server.send_turns), False
-        return await self._sending(self.transport.sendfile(fd, offset, count, timeout, turns))
+        turns = self.server.send_turns
+        sent = 0
+        if self._first_file:
+            self._first_file = False
+            piece = min(count, FIRST_PIECE)
+            sent = await self._sending(self.transport.sendfile(fd, offset, piece, timeout))
+            if sent < piece:  # the file ended: the caller says why
+                return sent
+        if sent == count:
+            return sent
+        rest = self.transport.sendfile(fd, offset + sent, count - sent, timeout, turns)
+        return sent + await self._sending(rest)
 
     async def peer_hung_up(self) -> bool:
         """Wait for the peer during a reply: ``True`` once it closed its end.
@@ -1121,6 +1133,8 @@ async def serve(
 #: a new connection's reads and sends that may skip the loop's turn: its hello and first
 #: request (usually one read), its welcome and the first send of its first reply
 EAGER_STEPS = 2
+#: bytes of a connection's first ``sendfile`` that do not wait for a turn
+FIRST_PIECE = 64 * 1024
 #: ``sendfile`` calls one worker makes in one turn of its event loop, at most: each
 #: sends up to a frame (1 MiB), so a turn stays a few milliseconds long however many
 #: streams run, and a new connection waits that long to be read
