@@ -744,8 +744,9 @@ class _ConnectionHandler:
         """Send one data frame (header and payload) under the send deadline."""
         await self._send_data(payload)
 
-    async def send_file(self, fd: int, offset: int, count: int) -> int:
-        """Send ``count`` raw bytes of ``fd`` from ``offset`` (zero-copy on plain TCP).
+    async def send_file(self, fd: int, offset: int, count: int, head: bytes = b"") -> int:
+        """Send ``head``, then ``count`` raw bytes of ``fd`` from ``offset`` (zero-copy
+        on plain TCP).
 
         The sends take turns with the other streams (:data:`SEND_TURNS`), but for
         the connection's first :data:`FIRST_PIECE` bytes, which go out at once: a
@@ -753,21 +754,27 @@ class _ConnectionHandler:
         running, and a burst of new clients each sends a little before any
         sends much.
         """
-        if self._held:
-            await self._flush()
         timeout = self.config.send_timeout
-        turns = self.server.send_turns
         sent = 0
         if self._first_file:
             self._first_file = False
+            if self._held or head:
+                await self._send_bytes(head)  # with the held welcome; tried at once
+                head = b""
             piece = min(count, FIRST_PIECE)
             sent = await self._sending(self.transport.sendfile(fd, offset, piece, timeout))
-            if sent < piece:  # the file ended: the caller says why
+            if sent < piece or sent == count:  # (short: the file ended; the caller says why)
                 return sent
-        if sent == count:
-            return sent
-        rest = self.transport.sendfile(fd, offset + sent, count - sent, timeout, turns)
+        elif self._held:
+            await self._flush()
+        turns = self.server.send_turns
+        rest = self.transport.sendfile(fd, offset + sent, count - sent, timeout, turns, head)
         return sent + await self._sending(rest)
+
+    def cork(self, on: bool) -> None:
+        """Hold partial segments back while sending a file's frames (see
+        :meth:`Transport.cork <musiclib.transport.Transport.cork>`)."""
+        self.transport.cork(on)
 
     async def peer_hung_up(self) -> bool:
         """Wait for the peer during a reply: ``True`` once it closed its end.

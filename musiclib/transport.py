@@ -37,6 +37,7 @@ of its own tasks; no bytes cross a wire there.)
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import os
@@ -178,6 +179,7 @@ class Transport:
         count: int,
         timeout: float,
         turns: trio.CapacityLimiter | None = None,
+        head: bytes = b"",
     ) -> int:
         """``count`` bytes of the file ``fd`` from ``offset``, within ``timeout`` seconds.
 
@@ -186,7 +188,8 @@ class Transport:
         the file ended first (it shrank) or a read of it failed (EIO...); the
         caller decides what that means (the bytes on the wire are exactly the
         ones counted, so the transport is not ``broken``). Failures of the
-        connection as for :meth:`send`.
+        connection as for :meth:`send`. ``head`` (a frame header, say) goes out first,
+        written in the same turn as the file's first bytes.
 
         ``turns``: each ``sendfile`` call on a plain socket is made holding one of
         its tokens (never while waiting for the socket), so that however many
@@ -201,8 +204,10 @@ class Transport:
         try:
             with trio.fail_after(timeout):
                 if isinstance(self.stream, trio.SocketStream):
-                    sent = await _sendfile(self.stream.socket, fd, offset, count, turns)
+                    sent = await _sendfile(self.stream.socket, fd, offset, count, turns, head)
                 else:
+                    if head:
+                        await self.stream.send_all(head)
                     sent = await _send_by_reads(self.stream, fd, offset, count)
             done = True
         except trio.TooSlowError:
@@ -216,6 +221,16 @@ class Transport:
                 self.broken = True
         await trio.lowlevel.checkpoint()  # let the other connections have a turn
         return sent
+
+    def cork(self, on: bool) -> None:
+        """Hold partial segments back while ``on`` (Linux's ``TCP_CORK``), so that a
+        frame header is sent in one segment with the file bytes that follow it,
+        not alone; turning it off sends what is held. Nothing on TLS, memory
+        streams or systems without it; a failure (the peer left) shows at the
+        next send."""
+        if isinstance(self.stream, trio.SocketStream) and _TCP_CORK is not None:
+            with contextlib.suppress(OSError):
+                self.stream.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, int(on))
 
     async def aclose(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Close the stream: shielded from cancellation, at most ``timeout`` s, never raises."""
@@ -255,29 +270,36 @@ _SOCKET_ERRNOS = frozenset(
 )
 
 
+#: Linux's TCP_CORK (``None`` where the socket module does not name it)
+_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
+
+
 async def _sendfile(
     sock: trio.socket.SocketType,
     fd: int,
     offset: int,
     count: int,
     turns: trio.CapacityLimiter | None = None,
+    head: bytes = b"",
 ) -> int:
-    """Up to ``count`` bytes of ``fd`` into the non-blocking ``sock``; fewer at end of
-    file or when the file cannot be read (the socket's errors are raised). Each
-    ``sendfile`` call holds one of ``turns``' tokens, if given."""
+    """``head``, then up to ``count`` bytes of ``fd`` into the non-blocking ``sock``;
+    fewer at end of file or when the file cannot be read (the socket's errors are
+    raised). Each attempt holds one of ``turns``' tokens, if given."""
     sent = 0
-    while sent < count:
+    pending = memoryview(head)
+    while pending or sent < count:
         try:
-            if turns is None:
+            async with turns if turns is not None else contextlib.nullcontext():
+                while pending:  # the socket's errors only (EPIPE, ECONNRESET...)
+                    pending = pending[os.write(sock.fileno(), pending) :]
+                if sent == count:
+                    break
                 n = os.sendfile(sock.fileno(), fd, offset + sent, count - sent)
-            else:
-                async with turns:
-                    n = os.sendfile(sock.fileno(), fd, offset + sent, count - sent)
         except BlockingIOError:
             await trio.lowlevel.wait_writable(sock)
             continue
         except OSError as exc:
-            if exc.errno in _SOCKET_ERRNOS:
+            if exc.errno in _SOCKET_ERRNOS or pending:
                 raise
             break  # the file's (EIO, EINVAL...): nothing of this call went out
         if n == 0:  # end of file: the file shrank
