@@ -78,10 +78,6 @@ class Session(LiveSession, Protocol):
         send deadline (zero-copy where :attr:`can_sendfile`); fewer only if the file
         ended first or a read of it failed."""
 
-    def cork(self, on: bool) -> None:
-        """Hold partial segments back while ``on``: a frame header goes out in one
-        segment with the bytes after it (turning it off sends what is held)."""
-
     async def peer_hung_up(self) -> bool:
         """Wait for the peer during a reply: ``True`` when it closed its end or the
         connection broke; ``False`` when it sent bytes (kept for its next request)."""
@@ -391,33 +387,27 @@ async def _send_file(
     if head and (failed or not zero_copy or not length):  # nothing to join it with
         await session.send_bytes(head)
         head = b""
-    if zero_copy:
-        session.cork(True)  # each frame's header rides in one segment with its bytes
-    try:
-        while length:
-            if failed:
-                raise failed[0]
-            n = min(frame, length)
-            if not zero_copy:
-                try:
-                    chunk = os.pread(fd, n, offset)
-                except OSError as exc:
-                    raise _unreadable(name, exc) from exc
-                if len(chunk) < n:
-                    raise Changed(f"{name} shrank while it was being sent")
-                await session.send_data(chunk)
-            else:
-                header = head + session.conn.send_data_header(n)
-                head = b""
-                sent = await session.send_file(fd, offset, n, header)
-                if sent < n:  # the file ended, or a read failed: say which after the frame
-                    await session.send_bytes(bytes(n - sent))
-                    raise _short_read(fd, offset + sent, name)
-            offset += n
-            length -= n
-    finally:
-        if zero_copy:
-            session.cork(False)
+    while length:
+        if failed:
+            raise failed[0]
+        n = min(frame, length)
+        if not zero_copy:
+            try:
+                chunk = os.pread(fd, n, offset)
+            except OSError as exc:
+                raise _unreadable(name, exc) from exc
+            if len(chunk) < n:
+                raise Changed(f"{name} shrank while it was being sent")
+            await session.send_data(chunk)
+        else:
+            header = head + session.conn.send_data_header(n)
+            head = b""
+            sent = await session.send_file(fd, offset, n, header)
+            if sent < n:  # the file ended, or a read failed: say which after the frame
+                await session.send_bytes(bytes(n - sent))
+                raise _short_read(fd, offset + sent, name)
+        offset += n
+        length -= n
 
 
 def _short_read(fd: int, position: int, name: str) -> ServerError:

@@ -771,11 +771,6 @@ class _ConnectionHandler:
         rest = self.transport.sendfile(fd, offset + sent, count - sent, timeout, turns, head)
         return sent + await self._sending(rest)
 
-    def cork(self, on: bool) -> None:
-        """Hold partial segments back while sending a file's frames (see
-        :meth:`Transport.cork <musiclib.transport.Transport.cork>`)."""
-        self.transport.cork(on)
-
     async def peer_hung_up(self) -> bool:
         """Wait for the peer during a reply: ``True`` once it closed its end.
 

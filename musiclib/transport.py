@@ -222,16 +222,6 @@ class Transport:
         await trio.lowlevel.checkpoint()  # let the other connections have a turn
         return sent
 
-    def cork(self, on: bool) -> None:
-        """Hold partial segments back while ``on`` (Linux's ``TCP_CORK``), so that a
-        frame header is sent in one segment with the file bytes that follow it,
-        not alone; turning it off sends what is held. Nothing on TLS, memory
-        streams or systems without it; a failure (the peer left) shows at the
-        next send."""
-        if isinstance(self.stream, trio.SocketStream) and _TCP_CORK is not None:
-            with contextlib.suppress(OSError):
-                self.stream.setsockopt(socket.IPPROTO_TCP, _TCP_CORK, int(on))
-
     async def aclose(self, timeout: float = CLOSE_TIMEOUT) -> None:
         """Close the stream: shielded from cancellation, at most ``timeout`` s, never raises."""
         with trio.CancelScope(shield=True), trio.move_on_after(timeout):
@@ -268,10 +258,6 @@ _SOCKET_ERRNOS = frozenset(
         errno.ENETRESET,
     }
 )
-
-
-#: Linux's TCP_CORK (``None`` where the socket module does not name it)
-_TCP_CORK: int | None = getattr(socket, "TCP_CORK", None)
 
 
 async def _sendfile(
