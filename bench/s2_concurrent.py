@@ -67,6 +67,8 @@ class Load:
     #: CPU seconds this (the client's) process used meanwhile: the client shares the
     #: machine's cores with the server, and near one core it is the bottleneck itself
     client_cpu_s: float = 0.0
+    #: p99 of a first round run before the pooled ones and not pooled (scenario 9)
+    first_burst_p99_ms: float | None = None
 
     @classmethod
     def pooled(cls, rounds: list[Load]) -> Load:
@@ -111,6 +113,7 @@ class Load:
             "phases_ms_p50": {k: percentile(v, 50) for k, v in self.phases_ms.items()},
             "phases_ms_p99": {k: percentile(v, 99) for k, v in self.phases_ms.items()},
             "client_cpu_pct": self.client_cpu_pct,
+            "first_burst_p99_ms": self.first_burst_p99_ms,
         }
 
     def p(self, pct: float) -> float | None:
