@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hmac
 import ipaddress
 import logging
@@ -974,6 +975,7 @@ def _peer_of(stream: trio.abc.Stream) -> tuple[str | None, str]:
     return str(host), f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+@functools.lru_cache(maxsize=4096)  # per connection, and the same few clients come back
 def address_key(host: str) -> str:
     """What the per-address limits count a peer by: one key per client machine, roughly.
 
