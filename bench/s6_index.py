@@ -42,6 +42,16 @@ processes throughout (the CLI's own start-up included, as the issue measured):
   itself with one), compared with a server of an empty folder, and every process's peak
   added up (supervisor, workers, tag-reading processes), sampled every 20 ms.
 
+The bytecode cache. A user's install has one (pip compiles what it installs; an editable
+install writes it on first run), but this environment sets ``PYTHONDONTWRITEBYTECODE=1``,
+so without one every process (supervisor, each worker, each tag-reading process, each
+``ls``) would compile musiclib from source, about 0.15 s of every warm start (issue 15,
+measured: warm 10 000 0.80-0.85 s without, 0.65-0.70 s with, alternating). As scenario 8
+does, the whole scenario runs with a private ``PYTHONPYCACHEPREFIX`` (the working tree is
+not written), filled by a warm-up (the in-process rescans' pool processes, a server of an
+empty folder and an ``ls`` against it); one more warm start of the small tree is made
+without it, as this environment runs it, for comparison.
+
 A complete listing is asked for once the server logs ``indexed N tracks``, not polled
 for: polling with a handshake every 20 ms slowed the warm server's rescan from 0.07-0.12
 s to 0.10-0.36 s (issue 7; the scan thread and the event loop answering handshakes
@@ -50,6 +60,7 @@ share one GIL).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -59,7 +70,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Literal
@@ -407,7 +418,7 @@ def start_server(
 
 def empty_server_rss(workers: int) -> float | None:
     """Peak RSS of the largest serving process of a server of an empty folder, after its
-    (empty) scan and one list."""
+    (empty) scan and one list (an ``ls --json``, which also fills the bytecode cache)."""
     with tempfile.TemporaryDirectory(prefix="bench-empty-") as tmp:
         root = Path(tmp) / "library"
         root.mkdir()
@@ -415,23 +426,74 @@ def empty_server_rss(workers: int) -> float | None:
         with musiclib_server(root, *options) as server:
             peaks = Peaks(server.pid)
             trio.run(wait_indexed, server.address, 0)
+            run_cli([MUSICLIB, "ls", "--json", "--server", server.address])
             peaks.sample()
             return max(peaks.serving(), default=None)
 
 
+@contextlib.contextmanager
+def bytecode_cache(where: Path) -> Iterator[None]:
+    """Every process started meanwhile reads and writes its bytecode under ``where``
+    (see the module's docstring); the environment is restored afterwards."""
+    names = ("PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")
+    saved = {name: os.environ.get(name) for name in names}
+    os.environ["PYTHONPYCACHEPREFIX"] = str(where)
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str | None]) -> Iterator[None]:
+    """``values`` in the environment meanwhile (``None``: unset), restored afterwards."""
+    saved = {name: os.environ.get(name) for name in values}
+    try:
+        for name, value in values.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def serve_pairs(
-    root: Path, n: int, workers: int, pairs: int, ls_runs: int, *, table: bool
-) -> list[tuple[Start, Start]]:
+    root: Path,
+    n: int,
+    workers: int,
+    pairs: int,
+    ls_runs: int,
+    *,
+    table: bool,
+    uncached: dict[str, str | None] | None = None,
+) -> tuple[list[tuple[Start, Start]], Start | None]:
     """``pairs`` cold starts (each on a fresh index, its sha256 pass awaited) each
-    followed by a warm restart on the same index, against which ``ls`` runs."""
+    followed by a warm restart on the same index, against which ``ls`` runs; then, if
+    ``uncached`` (the environment without the bytecode cache) is given, one more warm
+    restart on the last index in that environment."""
     out = []
-    for _ in range(pairs):
+    extra = None
+    for i in range(pairs):
         with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
             index = Path(tmp) / "index.sqlite3"
             cold = start_server(root, index, n, workers, await_hashes=True)
             warm = start_server(root, index, n, workers, ls_runs=ls_runs, table=table)
+            if uncached is not None and i == pairs - 1:
+                with environment(uncached):
+                    extra = start_server(root, index, n, workers)
         out.append((cold, warm))
-    return out
+    return out, extra
 
 
 # ---- the scenario ------------------------------------------------------------
@@ -582,7 +644,6 @@ def server_rows(
 
 
 def run(sizes: Sizes) -> Scenario:
-    from musiclib.library import default_workers
     from musiclib.workers import default_workers as default_server_workers
 
     n = sizes.tree_files
@@ -592,6 +653,24 @@ def run(sizes: Sizes) -> Scenario:
     sc = Scenario("6", f"Persistent index of {n} and {big} files")
     root = data.tree(n)
     big_root = data.tree(big)
+    as_here = {
+        name: os.environ.get(name) for name in ("PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-pycache-") as cache, bytecode_cache(Path(cache)):
+        return _run(sc, n, big, counts, servers, root, big_root, as_here)
+
+
+def _run(
+    sc: Scenario,
+    n: int,
+    big: int,
+    counts: Counts,
+    servers: int,
+    root: Path,
+    big_root: Path,
+    as_here: dict[str, str | None],
+) -> Scenario:
+    from musiclib.library import default_workers
 
     # in process
     walk = median([timed(lambda: walk_and_stat(root)) for _ in range(counts.warm)])
@@ -612,8 +691,10 @@ def run(sizes: Sizes) -> Scenario:
 
     # the real server, as a user meets it: `serve` with its default --workers
     empty_rss = empty_server_rss(servers)
-    small_pairs = serve_pairs(root, n, servers, counts.pairs, counts.ls, table=True)
-    big_pairs = serve_pairs(big_root, big, servers, counts.big_pairs, counts.big_ls, table=False)
+    small_pairs, uncached = serve_pairs(
+        root, n, servers, counts.pairs, counts.ls, table=True, uncached=as_here
+    )
+    big_pairs, _ = serve_pairs(big_root, big, servers, counts.big_pairs, counts.big_ls, table=False)
 
     serial = median(cold[variants[0][0]])
     walk_label = "os.walk + stat"
@@ -650,6 +731,17 @@ def run(sizes: Sizes) -> Scenario:
         },
         empty_rss,
     )
+    if uncached is not None:
+        small_rows.append(
+            Row(
+                f"{n} files: server warm, launch to a complete ls --json, no bytecode cache "
+                "(musiclib compiled at each launch, as this environment runs it)",
+                uncached.listed,
+                "s",
+                med([w.listed for _, w in small_pairs]),
+                "with the cache",
+            )
+        )
     for row in rows + small_rows + big_rows:
         sc.add(row)
 
@@ -659,7 +751,9 @@ def run(sizes: Sizes) -> Scenario:
         f"{counts.rounds} round(s) of in-process cold rescans; {counts.pairs} cold/warm "
         f"server pair(s) of {n} files and {counts.big_pairs} of {big}; "
         f"{counts.ls * counts.pairs} and {counts.big_ls * counts.big_pairs} runs of each ls; "
-        f"medians shown; tag-reading processes per scan: {default} ({CPUS} CPUs)"
+        f"medians shown; tag-reading processes per scan: {default} ({CPUS} CPUs); every "
+        "process reads musiclib's bytecode from a private cache (PYTHONPYCACHEPREFIX), as "
+        "a user's install does, but for the one row that says otherwise"
     )
     sc.notes.append(
         "cold rescans, s: "
@@ -674,6 +768,8 @@ def run(sizes: Sizes) -> Scenario:
         "cold_rescan_s": cold,
         "warm": vars(warm),
         "empty_server_rss_mib": empty_rss,
+        "bytecode_cache": True,
+        "uncached_warm": None if uncached is None else dataclasses.asdict(uncached),
         "servers": {
             str(size): [
                 {"cold": dataclasses.asdict(c), "warm": dataclasses.asdict(w)} for c, w in pairs

@@ -60,37 +60,14 @@ import subprocess
 import tempfile
 import threading
 import time
+import types
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal
 
-import mutagen
-from mutagen.aac import AAC
-from mutagen.ac3 import AC3
-from mutagen.aiff import AIFF
-from mutagen.asf import ASF, ASFTags
-from mutagen.dsdiff import DSDIFF
-from mutagen.dsf import DSF
-from mutagen.flac import FLAC
-from mutagen.id3 import ID3
-from mutagen.monkeysaudio import MonkeysAudio
-from mutagen.mp3 import MP3
-from mutagen.mp4 import MP4, MP4Tags
-from mutagen.musepack import Musepack
-from mutagen.oggflac import OggFLAC
-from mutagen.oggopus import OggOpus
-from mutagen.oggspeex import OggSpeex
-from mutagen.oggvorbis import OggVorbis
-from mutagen.optimfrog import OptimFROG
-from mutagen.tak import TAK
-from mutagen.trueaudio import TrueAudio
-from mutagen.wave import WAVE
-from mutagen.wavpack import WavPack
-
 from .errors import Ambiguous, Busy, NotFound, Unreadable
 from .index import TRACK_FIELDS, Index, Listing, ListQuery, Row, match_condition, row_of
 from .protocol import TrackInfo
-from .tags import BoundedMP4, BoundedOggOpus, BoundedOggVorbis, open_for_tags
 from .text import fold
 
 __all__ = [
@@ -108,43 +85,108 @@ __all__ = [
 
 log = logging.getLogger("musiclib.library")
 
-# The mutagen class that reads each extension (tried first; sniffing follows if it fails).
-_CLASS_BY_EXT: dict[str, Any] = {
-    "mp3": MP3,
-    "mp2": MP3,  # MPEG layer II: mutagen's MP3 reads every layer
-    "ogg": BoundedOggVorbis,
-    "oga": BoundedOggVorbis,
-    "opus": BoundedOggOpus,
-    "spx": OggSpeex,
-    "oggflac": OggFLAC,
-    "flac": FLAC,
-    "m4a": BoundedMP4,
-    "m4b": BoundedMP4,  # audiobooks
-    "m4p": BoundedMP4,  # iTunes' protected AAC: listed and served; ffmpeg cannot decode it
-    "m4r": BoundedMP4,  # ringtones
-    "mp4": BoundedMP4,
-    "3gp": BoundedMP4,
-    "3g2": BoundedMP4,
-    "aac": AAC,
-    "ac3": AC3,
-    "eac3": AC3,
-    "wav": WAVE,
-    "wave": WAVE,
-    "aif": AIFF,
-    "aiff": AIFF,
-    "aifc": AIFF,
-    "wv": WavPack,
-    "wma": ASF,
-    "asf": ASF,
-    "ape": MonkeysAudio,
-    "mpc": Musepack,
-    "tta": TrueAudio,
-    "ofr": OptimFROG,  # ffmpeg has no OptimFROG decoder: served, never decoded
-    "ofs": OptimFROG,
-    "tak": TAK,
-    "dsf": DSF,
-    "dff": DSDIFF,
+# The mutagen class that reads each extension (tried first; sniffing follows if it fails),
+# by its name in _mutagen()
+_CLASS_BY_EXT: dict[str, str] = {
+    "mp3": "MP3",
+    "mp2": "MP3",  # MPEG layer II: mutagen's MP3 reads every layer
+    "ogg": "BoundedOggVorbis",
+    "oga": "BoundedOggVorbis",
+    "opus": "BoundedOggOpus",
+    "spx": "OggSpeex",
+    "oggflac": "OggFLAC",
+    "flac": "FLAC",
+    "m4a": "BoundedMP4",
+    "m4b": "BoundedMP4",  # audiobooks
+    "m4p": "BoundedMP4",  # iTunes' protected AAC: listed and served; ffmpeg cannot decode it
+    "m4r": "BoundedMP4",  # ringtones
+    "mp4": "BoundedMP4",
+    "3gp": "BoundedMP4",
+    "3g2": "BoundedMP4",
+    "aac": "AAC",
+    "ac3": "AC3",
+    "eac3": "AC3",
+    "wav": "WAVE",
+    "wave": "WAVE",
+    "aif": "AIFF",
+    "aiff": "AIFF",
+    "aifc": "AIFF",
+    "wv": "WavPack",
+    "wma": "ASF",
+    "asf": "ASF",
+    "ape": "MonkeysAudio",
+    "mpc": "Musepack",
+    "tta": "TrueAudio",
+    "ofr": "OptimFROG",  # ffmpeg has no OptimFROG decoder: served, never decoded
+    "ofs": "OptimFROG",
+    "tak": "TAK",
+    "dsf": "DSF",
+    "dff": "DSDIFF",
 }
+
+
+@functools.cache
+def _mutagen() -> types.SimpleNamespace:
+    """mutagen's format classes (and :mod:`musiclib.tags`, built on them), imported at
+    the first file read rather than with this module: some 15 ms of start-up that a
+    server whose index is current (a warm start), the supervisor of ``serve
+    --workers`` and its secondary workers never need (BENCHMARKS.md, scenario 6)."""
+    import mutagen
+    from mutagen.aac import AAC
+    from mutagen.ac3 import AC3
+    from mutagen.aiff import AIFF
+    from mutagen.asf import ASF, ASFTags
+    from mutagen.dsdiff import DSDIFF
+    from mutagen.dsf import DSF
+    from mutagen.flac import FLAC
+    from mutagen.id3 import ID3
+    from mutagen.monkeysaudio import MonkeysAudio
+    from mutagen.mp3 import MP3
+    from mutagen.mp4 import MP4, MP4Tags
+    from mutagen.musepack import Musepack
+    from mutagen.oggflac import OggFLAC
+    from mutagen.oggopus import OggOpus
+    from mutagen.oggspeex import OggSpeex
+    from mutagen.oggvorbis import OggVorbis
+    from mutagen.optimfrog import OptimFROG
+    from mutagen.tak import TAK
+    from mutagen.trueaudio import TrueAudio
+    from mutagen.wave import WAVE
+    from mutagen.wavpack import WavPack
+
+    from .tags import BoundedMP4, BoundedOggOpus, BoundedOggVorbis, open_for_tags
+
+    return types.SimpleNamespace(
+        File=mutagen.File,
+        open_for_tags=open_for_tags,
+        AAC=AAC,
+        AC3=AC3,
+        AIFF=AIFF,
+        ASF=ASF,
+        ASFTags=ASFTags,
+        BoundedMP4=BoundedMP4,
+        BoundedOggOpus=BoundedOggOpus,
+        BoundedOggVorbis=BoundedOggVorbis,
+        DSDIFF=DSDIFF,
+        DSF=DSF,
+        FLAC=FLAC,
+        ID3=ID3,
+        MonkeysAudio=MonkeysAudio,
+        MP3=MP3,
+        MP4=MP4,
+        MP4Tags=MP4Tags,
+        Musepack=Musepack,
+        OggFLAC=OggFLAC,
+        OggOpus=OggOpus,
+        OggSpeex=OggSpeex,
+        OggVorbis=OggVorbis,
+        OptimFROG=OptimFROG,
+        TAK=TAK,
+        TrueAudio=TrueAudio,
+        WAVE=WAVE,
+        WavPack=WavPack,
+    )
+
 
 #: Extensions mutagen cannot read but ffmpeg can: their facts and tags come from an
 #: ffmpeg probe (:func:`_probe`), run by the scan like any tag read.
@@ -158,19 +200,19 @@ SUPPORTED_EXTENSIONS: frozenset[str] = frozenset(_CLASS_BY_EXT) | FFMPEG_EXTENSI
 FollowSymlinks = Literal["inside", "all", "none"]
 
 # codec names as ffmpeg spells them (``ffmpeg -decoders``), except OptimFROG's (none)
-_CODEC_BY_CLASS: tuple[tuple[Any, str], ...] = (
-    (OggVorbis, "vorbis"),
-    (OggOpus, "opus"),
-    (FLAC, "flac"),
-    (OggFLAC, "flac"),
-    (OggSpeex, "speex"),
-    (WavPack, "wavpack"),
-    (AAC, "aac"),
-    (MonkeysAudio, "ape"),
-    (TrueAudio, "tta"),
-    (OptimFROG, "optimfrog"),
-    (TAK, "tak"),
-    (DSF, "dsd_lsbf_planar"),
+_CODEC_BY_CLASS: tuple[tuple[str, str], ...] = (
+    ("OggVorbis", "vorbis"),
+    ("OggOpus", "opus"),
+    ("FLAC", "flac"),
+    ("OggFLAC", "flac"),
+    ("OggSpeex", "speex"),
+    ("WavPack", "wavpack"),
+    ("AAC", "aac"),
+    ("MonkeysAudio", "ape"),
+    ("TrueAudio", "tta"),
+    ("OptimFROG", "optimfrog"),
+    ("TAK", "tak"),
+    ("DSF", "dsd_lsbf_planar"),
 )
 
 # ASF codec names (mutagen's) -> ffmpeg's
@@ -294,10 +336,12 @@ def _load(path: str, ext: str) -> Any:
     mutagen reads the file through :func:`musiclib.tags.open_for_tags`, which
     shows it only the tags the index uses and bounds what it may read.
     """
+    m = _mutagen()
     errors: list[Exception] = []
-    cls = _CLASS_BY_EXT.get(ext)
+    name = _CLASS_BY_EXT.get(ext)
+    cls = getattr(m, name) if name is not None else None
     with open(path, "rb") as raw:
-        view = open_for_tags(raw, path, ext)
+        view = m.open_for_tags(raw, path, ext)
         if cls is not None:
             try:
                 return cls(view)
@@ -305,7 +349,7 @@ def _load(path: str, ext: str) -> Any:
                 errors.append(exc)
         try:
             view.seek(0)
-            audio = mutagen.File(view)
+            audio = m.File(view)
         except Exception as exc:
             errors.append(exc)
             audio = None
@@ -331,7 +375,7 @@ def _stream_facts(audio: Any, size: int) -> dict[str, Any]:
     if not isinstance(duration, (int, float)) or not math.isfinite(duration) or duration < 0:
         duration = None
     sample_rate = _positive_int(getattr(info, "sample_rate", None))
-    if sample_rate is None and isinstance(audio, OggOpus):
+    if sample_rate is None and isinstance(audio, _mutagen().OggOpus):
         sample_rate = 48000  # Opus always decodes at 48 kHz; mutagen has no field for it
     bitrate = _positive_int(getattr(info, "bitrate", None))
     if bitrate is None and duration:
@@ -369,33 +413,34 @@ def _positive_int(value: object) -> int | None:
 
 
 def _codec(audio: Any) -> str | None:
+    m = _mutagen()
     info = audio.info
     bits = getattr(info, "bits_per_sample", 0) or 16
-    if isinstance(audio, MP3):
+    if isinstance(audio, m.MP3):
         layer = getattr(info, "layer", 3)
         return "mp3" if layer == 3 else f"mp{layer}"
-    if isinstance(audio, MP4):
+    if isinstance(audio, m.MP4):
         codec = str(getattr(info, "codec", "") or "").lower()
         if codec.startswith("mp4a.40"):
             return "aac"
         return _MP4_CODECS.get(codec, codec) or None
-    if isinstance(audio, ASF):
+    if isinstance(audio, m.ASF):
         return _WMA_CODECS.get(str(getattr(info, "codec_type", "")), "wma")
-    if isinstance(audio, AC3):
+    if isinstance(audio, m.AC3):
         return "eac3" if getattr(info, "codec", "") == "ec-3" else "ac3"
-    if isinstance(audio, Musepack):
+    if isinstance(audio, m.Musepack):
         return "mpc8" if getattr(info, "version", 7) >= 8 else "mpc7"
-    if isinstance(audio, DSDIFF):
+    if isinstance(audio, m.DSDIFF):
         return "dst" if getattr(info, "compression", "DSD") == "DST" else "dsd_msbf"
-    if isinstance(audio, WAVE):
+    if isinstance(audio, m.WAVE):
         fmt = getattr(info, "audio_format", 1)
         if fmt in (1, 0xFFFE):  # PCM, WAVE_FORMAT_EXTENSIBLE (almost always PCM)
             return "pcm_u8" if bits == 8 else f"pcm_s{bits}le"
         return _WAVE_FORMATS.get(fmt, "pcm").format(bits=bits)
-    if isinstance(audio, AIFF):
+    if isinstance(audio, m.AIFF):
         return f"pcm_s{bits}be"
     for cls, name in _CODEC_BY_CLASS:
-        if isinstance(audio, cls):
+        if isinstance(audio, getattr(m, cls)):
             return name
     return type(audio).__name__.lower()
 
@@ -404,11 +449,12 @@ def _tag_fields(tags: Any) -> dict[str, Any]:
     """title/artist/album/track from any mutagen tag object (``None``: no tags)."""
     if tags is None:
         return {}
-    if isinstance(tags, ID3):
+    m = _mutagen()
+    if isinstance(tags, m.ID3):
         keys: tuple[str, ...] = _ID3_KEYS
-    elif isinstance(tags, MP4Tags):
+    elif isinstance(tags, m.MP4Tags):
         keys = _MP4_KEYS
-    elif isinstance(tags, ASFTags):
+    elif isinstance(tags, m.ASFTags):
         keys = _ASF_KEYS
     else:
         keys = _VORBIS_KEYS
@@ -772,7 +818,11 @@ def _surrogates(name: str) -> bool:
     return False
 
 
-def walk(root: Path, follow: FollowSymlinks = "inside") -> Iterator[tuple[str, os.stat_result]]:
+def walk(
+    root: Path,
+    follow: FollowSymlinks = "inside",
+    on_folder: Callable[[str], None] | None = None,
+) -> Iterator[tuple[str, os.stat_result]]:
     """Yield ``(relative path, stat)`` for every supported file under ``root``.
 
     Hidden names (leading ``.``), ``*.part`` files, names that are not UTF-8
@@ -785,6 +835,9 @@ def walk(root: Path, follow: FollowSymlinks = "inside") -> Iterator[tuple[str, o
     their canonical path. Unreadable directories are skipped.
     Within a directory, files come in name order, then subdirectories. The
     stat is the target's (symlinks followed), taken before any tag is read.
+    ``on_folder`` is called with each directory not reached through a
+    symlink just before it is listed: the server's change watcher watches it
+    there.
     """
     real_root = os.path.realpath(root)
     visited: set[str] = set()
@@ -796,40 +849,57 @@ def walk(root: Path, follow: FollowSymlinks = "inside") -> Iterator[tuple[str, o
         if real in visited or not _may_follow(follow, real, real_root):
             continue
         visited.add(real)
+        if on_folder is not None and real == directory:  # not reached through a symlink
+            on_folder(directory)
+        # listed and stat'ed through a descriptor of the directory: the kernel then looks
+        # up one name per stat, not the whole path (0.26 -> 0.21 s for 100 000 files)
         try:
-            with os.scandir(directory) as it:
-                entries = sorted(it, key=lambda e: e.name)
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             log.debug("skipping unreadable directory %s: %s", directory, exc)
             continue
-        subdirs: list[tuple[str, str]] = []
-        for entry in entries:
-            if entry.name.startswith(".") or entry.name.endswith(".part"):
-                continue
-            # printable ASCII (most names) needs neither check (0.04-0.08 s of 100 000 names)
-            if not (entry.name.isascii() and entry.name.isprintable()) and (
-                _surrogates(entry.name) or _CONTROL.search(entry.name)
-            ):
-                log.debug("skipping %r: not UTF-8, or a control character", entry.path)
-                continue
-            relpath = prefix + entry.name
+        try:
             try:
-                is_link = entry.is_symlink()
-                if is_link and follow == "none":
-                    continue
-                if entry.is_dir():
-                    (linked if is_link else subdirs).append((entry.path, relpath + "/"))
-                    continue
-                if not entry.is_file() or _extension(entry.name) not in SUPPORTED_EXTENSIONS:
-                    continue
-                if is_link and not _may_follow(follow, os.path.realpath(entry.path), real_root):
-                    continue
-                st = entry.stat()
-            except OSError as exc:  # vanished or unreadable meanwhile
-                log.debug("skipping %s: %s", entry.path, exc)
+                with os.scandir(fd) as it:
+                    entries = sorted(it, key=lambda e: e.name)
+            except OSError as exc:
+                log.debug("skipping unreadable directory %s: %s", directory, exc)
                 continue
-            yield relpath, st
-        plain.extend(reversed(subdirs))
+            subdirs: list[tuple[str, str]] = []
+            for entry in entries:
+                name = entry.name
+                if name.startswith(".") or name.endswith(".part"):
+                    continue
+                # printable ASCII (most names) needs neither check (0.04-0.08 s of 100 000)
+                if not (name.isascii() and name.isprintable()) and (
+                    _surrogates(name) or _CONTROL.search(name)
+                ):
+                    where = os.path.join(directory, name)
+                    log.debug("skipping %r: not UTF-8, or a control character", where)
+                    continue
+                relpath = prefix + name
+                try:
+                    is_link = entry.is_symlink()
+                    if is_link and follow == "none":
+                        continue
+                    if entry.is_dir():
+                        where = os.path.join(directory, name)
+                        (linked if is_link else subdirs).append((where, relpath + "/"))
+                        continue
+                    if not entry.is_file() or _extension(name) not in SUPPORTED_EXTENSIONS:
+                        continue
+                    if is_link:
+                        real_file = os.path.realpath(os.path.join(directory, name))
+                        if not _may_follow(follow, real_file, real_root):
+                            continue
+                    st = entry.stat()
+                except OSError as exc:  # vanished or unreadable meanwhile
+                    log.debug("skipping %s: %s", os.path.join(directory, name), exc)
+                    continue
+                yield relpath, st
+            plain.extend(reversed(subdirs))
+        finally:
+            os.close(fd)
 
 
 def scan(root: Path, follow: FollowSymlinks = "inside") -> Iterator[TrackInfo]:
@@ -1126,7 +1196,13 @@ class Library:
     #: at most this many unsettled files are remembered; beyond, the next look is a rescan
     MAX_UNSETTLED = 4096
 
-    def rescan(self, stop: threading.Event | None = None, *, settle: float = 0.0) -> int:
+    def rescan(
+        self,
+        stop: threading.Event | None = None,
+        *,
+        settle: float = 0.0,
+        on_folder: Callable[[str], None] | None = None,
+    ) -> int:
         """Bring the index up to date with the disk (blocking); return the track count.
 
         Files whose size and mtime match the index are not opened. New and
@@ -1140,6 +1216,7 @@ class Library:
         in the future) may still be being written, by a copy in progress: it is
         indexed as found, so it is listed at once, and remembered as
         :attr:`unsettled` until :meth:`recheck` finds it unchanged.
+        ``on_folder`` is called with each folder the walk lists (see :func:`walk`).
         """
         stop = stop or threading.Event()
         with self._scan_lock:
@@ -1148,26 +1225,27 @@ class Library:
                 if stop.is_set():
                     raise ScanStopped
                 fresh_after = time.time_ns() - int(settle * 1e9)
+                # what the walk finds is taken out; what is left is gone from the disk
                 known = self.index.versions()
-                seen: set[str] = set()
+                found = 0
                 todo: list[WorkItem] = []
                 with self._readers(todo) as readers:
-                    for relpath, st in walk(self._root, self.follow_symlinks):
-                        seen.add(relpath)
-                        old = known.get(relpath)
+                    for relpath, st in walk(self._root, self.follow_symlinks, on_folder):
+                        found += 1
+                        old = known.pop(relpath, None)
                         if old is None or old[0] != st.st_size or old[1] != st.st_mtime_ns:
                             todo.append((relpath, st.st_size, st.st_mtime_ns, st.st_ino))
                             readers.feed()  # the pool reads while the walk goes on
                             if settle > 0 and st.st_mtime_ns > fresh_after:
                                 self._remember_unsettled(relpath, st.st_size, st.st_mtime_ns)
-                        if len(seen) % 4096 == 0 and stop.is_set():
+                        if found % 4096 == 0 and stop.is_set():
                             raise ScanStopped
                     if stop.is_set():
                         raise ScanStopped
-                    gone = [p for p in known if p not in seen]
-                    carried = {v[:3]: v[3] for p in gone if (v := known[p])[3] is not None}
+                    gone = list(known)
+                    carried = {v[:3]: v[3] for v in known.values() if v[3] is not None}
                     if todo:
-                        log.info("reading %d new or changed files of %d", len(todo), len(seen))
+                        log.info("reading %d new or changed files of %d", len(todo), found)
                     self._read_into_index(readers, carried, stop)
                 if stop.is_set():  # a stopped scan may not have seen every file
                     raise ScanStopped

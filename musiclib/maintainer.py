@@ -71,7 +71,7 @@ from .checksums import ChecksumCache
 from .errors import Changed, NotFound
 from .library import Library, open_confined
 from .protocol import TrackInfo
-from .watch import open_watcher
+from .watch import Watcher, open_watcher
 
 log = logging.getLogger("musiclib.server")
 
@@ -377,6 +377,9 @@ class Maintainer:
         # capacity 1: many requests for a rescan while one is pending ask for one rescan
         self._scan_kick, self._scan_kicked = trio.open_memory_channel[None](1)
         self._hash_kick, self._hash_kicked = trio.open_memory_channel[None](1)
+        #: the change watcher (``watch``, where inotify exists), whose folders the
+        #: scans' walks add (see :meth:`watch_for_changes`)
+        self._watcher: Watcher | None = None
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Scan now and keep scanning, watching and hashing until cancelled
@@ -385,13 +388,20 @@ class Maintainer:
             task_status.started()
             return
         self.library.scanning = True  # the first scan starts in a moment
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self.rescan_periodically)
-            if self.config.background_checksums:
-                nursery.start_soon(self.hash_in_background)
-            if self.config.watch:
-                nursery.start_soon(self.watch_for_changes)
-            task_status.started()
+        # before the first scan, whose walk adds its folders (no tree walked here)
+        self._watcher = open_watcher(self.library.root, tree=False) if self.config.watch else None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.rescan_periodically)
+                if self.config.background_checksums:
+                    nursery.start_soon(self.hash_in_background)
+                if self._watcher is not None:
+                    nursery.start_soon(self.watch_for_changes, self._watcher)
+                task_status.started()
+        finally:  # closed once no scan runs (one may be adding a folder to it until then)
+            if self._watcher is not None:
+                self._watcher.close()
+                self._watcher = None
 
     @property
     def writes_index(self) -> bool:
@@ -454,7 +464,13 @@ class Maintainer:
     async def rescan(self) -> int:
         """Update the index in a worker thread; the event loop keeps serving meanwhile."""
         settle = self.config.watch_settle
-        count = await run_stoppable(functools.partial(self.library.rescan, settle=settle))
+        watcher = self._watcher
+        scan = functools.partial(
+            self.library.rescan,
+            settle=settle,
+            on_folder=watcher.watch_folder if watcher is not None else None,
+        )
+        count = await run_stoppable(scan)
         log.info("indexed %d tracks under %s", count, self.library.root)
         with contextlib.suppress(trio.WouldBlock):
             self._hash_kick.send_nowait(None)
@@ -525,33 +541,32 @@ class Maintainer:
         while wait and self.scans_done < target:
             await self._scan_finished.wait()
 
-    async def watch_for_changes(self) -> None:
+    async def watch_for_changes(self, watcher: Watcher) -> None:
         """Ask for a rescan once the library has changed and then been quiet for
         ``watch_settle`` seconds (at most ten times that after the first change).
 
-        Without inotify this returns at once; periodic rescans remain.
+        Every scan's walk watches each folder just before it lists it
+        (:meth:`Watcher.watch_folder <musiclib.watch.Watcher.watch_folder>`), so
+        the tree is walked once at start, not once more by the watcher, and a
+        change is either seen by the listing or reported by the watch. A change
+        during the first scan is read once it ends, and asks for the next one.
         """
-        watcher = await trio.to_thread.run_sync(open_watcher, self.library.root)
-        if watcher is None:
-            return
+        await self.wait_for_first_scan()
         log.info("watching %d folders for changes", watcher.watched)
         settle = self.config.watch_settle
-        try:
-            while True:
-                await trio.lowlevel.wait_readable(watcher.fd)
-                if not watcher.changes():
-                    continue
-                give_up = trio.current_time() + 10 * settle
-                while trio.current_time() < give_up:
-                    with trio.move_on_after(settle) as quiet:
-                        await trio.lowlevel.wait_readable(watcher.fd)
-                    if quiet.cancelled_caught:
-                        break
-                    watcher.changes()
-                log.debug("the library changed; rescanning")
-                await self.request_rescan(wait=False)
-        finally:
-            watcher.close()
+        while True:
+            await trio.lowlevel.wait_readable(watcher.fd)
+            if not watcher.changes():
+                continue
+            give_up = trio.current_time() + 10 * settle
+            while trio.current_time() < give_up:
+                with trio.move_on_after(settle) as quiet:
+                    await trio.lowlevel.wait_readable(watcher.fd)
+                if quiet.cancelled_caught:
+                    break
+                watcher.changes()
+            log.debug("the library changed; rescanning")
+            await self.request_rescan(wait=False)
 
     async def hash_in_background(self) -> None:
         """After each scan, store the sha256 of every indexed file that has none yet.

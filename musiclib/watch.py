@@ -14,6 +14,13 @@ forbids it) :func:`open_watcher` returns ``None`` and the server carries on
 with periodic rescans. Folders beyond the kernel's watch limit
 (``fs.inotify.max_user_watches``) are left to the periodic rescans, with a
 warning. Folders reached through symlinks are not watched.
+
+The server adds no tree of its own: the scan's walk (:func:`musiclib.library.walk`)
+hands each folder to :meth:`Watcher.watch_folder` just before listing it, so
+the tree is walked once, not twice at start (a second walk of 100 000 files
+held the interpreter's lock 0.25 s of a 1.3 s warm start: BENCHMARKS.md,
+scenario 6), and nothing changed in a folder between its listing and its
+watch can be missed: the watch comes first.
 """
 
 from __future__ import annotations
@@ -58,7 +65,9 @@ class Watcher:
     """An inotify instance watching every plain folder under a root.
 
     :attr:`fd` is non-blocking: wait until it is readable, then call
-    :meth:`changes`. Not thread-safe; the server uses it from one task.
+    :meth:`changes`. The server reads it from one task; :meth:`watch_folder`
+    may meanwhile be called from the scanning thread (each call is one
+    system call and one dict store, which the interpreter's lock keeps whole).
     """
 
     def __init__(self, libc: ctypes.CDLL, fd: int, root: Path) -> None:
@@ -74,6 +83,12 @@ class Watcher:
             subfolders[:] = [d for d in subfolders if not d.startswith(".")]
             if not self._add(folder):
                 return
+
+    def watch_folder(self, folder: str) -> None:
+        """Watch ``folder`` itself (not what is below it); again is harmless (the
+        kernel keeps one watch per folder). Nothing once the kernel's limit is reached."""
+        if not self._full:
+            self._add(folder)
 
     def _add(self, folder: str) -> bool:
         wd = self._libc.inotify_add_watch(self.fd, os.fsencode(folder), _MASK)
@@ -139,10 +154,12 @@ class Watcher:
         os.close(self.fd)
 
 
-def open_watcher(root: Path) -> Watcher | None:
+def open_watcher(root: Path, *, tree: bool = True) -> Watcher | None:
     """A :class:`Watcher` of ``root``, or ``None`` where inotify is not available.
 
-    Walks the whole tree to add the watches: run it in a worker thread.
+    ``tree``: walk the whole tree to add the watches (run it in a worker
+    thread); without it, nothing is watched until folders are added
+    (:meth:`Watcher.watch_folder`, as the server's scans do).
     """
     try:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -157,6 +174,8 @@ def open_watcher(root: Path) -> Watcher | None:
         log.warning("cannot watch the library (%s); relying on periodic rescans", reason)
         return None
     watcher = Watcher(libc, fd, root)
+    if not tree:
+        return watcher
     try:
         watcher.add_tree(os.path.realpath(root))
     except BaseException:

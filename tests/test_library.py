@@ -368,14 +368,15 @@ def test_unreadable_directory_is_skipped(
 ) -> None:
     put(media / "tagged.mp3", tmp_path / "locked" / "x.mp3")
     put(media / "tagged.mp3", tmp_path / "open" / "y.mp3")
-    real_scandir = os.scandir
+    real_open = os.open
 
-    def scandir(path: str) -> object:
+    def open_(path: str, flags: int, *args: object, **kwargs: object) -> int:
+        # the walk opens each directory to list it (tests run as root: no chmod 000)
         if os.path.basename(path) == "locked":
             raise PermissionError(13, "Permission denied", path)
-        return real_scandir(path)
+        return real_open(path, flags, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(os, "scandir", scandir)
+    monkeypatch.setattr(os, "open", open_)
     assert paths(scan(tmp_path)) == ["open/y.mp3"]
 
 
@@ -524,7 +525,9 @@ def test_rescan_publishes_progress_and_sets_scanning(
 def test_scanning_is_reset_when_the_scan_fails(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    def failing_walk(root: Path, follow: str = "inside") -> Iterator[tuple[str, object]]:
+    def failing_walk(
+        root: Path, follow: str = "inside", on_folder: object = None
+    ) -> Iterator[tuple[str, object]]:
         raise RuntimeError("boom")
         yield  # pragma: no cover
 

@@ -80,6 +80,53 @@ def test_a_new_folder_is_watched_at_once(watched: tuple[Path, Watcher]) -> None:
     assert changed(watcher)
 
 
+def test_a_scan_watches_each_folder_it_lists(tmp_path: Path) -> None:
+    """The server walks the tree once: the scan's walk adds the watches (before each
+    listing), none through a symlink, none hidden; a later scan adds none twice."""
+    from musiclib.library import Library
+
+    root = tmp_path / "root"
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "c").mkdir()
+    (root / ".hidden").mkdir()
+    (root / "link").symlink_to(root / "a")  # inside the root: walked, not watched
+    watcher = open_watcher(root, tree=False)
+    assert watcher is not None
+    try:
+        assert watcher.watched == 0
+        with Library(root, tmp_path / "index.sqlite3", workers=0) as library:
+            library.rescan(on_folder=watcher.watch_folder)
+            assert watcher.watched == 4  # root, a, a/b, c
+            library.rescan(on_folder=watcher.watch_folder)
+            assert watcher.watched == 4
+        (root / "a" / "b" / "song.ogg").write_bytes(b"x")
+        assert changed(watcher)
+    finally:
+        watcher.close()
+
+
+@pytest.mark.e2e
+def test_the_server_sees_changes_in_folders_it_found_at_start(
+    start_server: object, tmp_path: Path
+) -> None:
+    first, second = (Path(t) for t in media_files(LIBRARY)[:2])
+    root = tmp_path / "root"
+    (root / "old" / "deep").mkdir(parents=True)
+    shutil.copyfile(LIBRARY / first, root / "old" / "deep" / first.name)
+    srv = start_server(root, "--rescan-interval", "0")  # type: ignore[operator]
+    shutil.copyfile(LIBRARY / second, root / "old" / "deep" / second.name)
+    wanted = sorted([f"old/deep/{first.name}", f"old/deep/{second.name}"])
+    deadline = time.monotonic() + 15
+    while True:
+        listed = run_cli("ls", "--json", server=srv.address)
+        assert listed.returncode == 0, listed.stderr
+        paths = sorted(t["path"] for t in json.loads(listed.stdout))
+        if paths == wanted:
+            break
+        assert time.monotonic() < deadline, f"the watcher never brought {wanted}: {paths}"
+        time.sleep(0.2)
+
+
 @pytest.mark.e2e
 def test_the_server_rescans_when_files_arrive_without_being_asked(
     start_server: object, tmp_path: Path
