@@ -12,6 +12,9 @@ byte, next to the bare interpreter measured in the same run:
   its standard input. CMD is bash running ``head -c 1`` and stamping ``$EPOCHREALTIME`` into a
   file (scenario 4's player); ``--pipe`` so the figure is musiclib's path to the player's
   stdin, not an HTTP player's start-up. Target at most 120 ms;
+* the same ``play`` with a player that does not exist: it exits (status 6) right where it
+  would connect, after every import and the parse, so the difference to the row above is
+  what the network, the server and the player's start take;
 * ``musiclib ls`` once more without a bytecode cache, for information.
 
 The bytecode cache. Users' installs have one (pip compiles what it installs; an editable
@@ -46,12 +49,12 @@ TRACK = "Brume"
 TRACKS = 10
 
 
-def run_ms(argv: list[str], env: dict[str, str]) -> float:
-    """Launch ``argv``, wait for it, ms from launch to exit; it must succeed."""
+def run_ms(argv: list[str], env: dict[str, str], status: int = 0) -> float:
+    """Launch ``argv``, wait for it, ms from launch to exit; it must exit with ``status``."""
     began = time.time()
     done = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, timeout=60)
     elapsed = (time.time() - began) * 1000
-    if done.returncode != 0:
+    if done.returncode != status:
         raise RuntimeError(f"{argv[:3]} exited {done.returncode}: {done.stderr.decode()[-300:]}")
     return elapsed
 
@@ -82,9 +85,9 @@ def run(sizes: Sizes) -> Scenario:
         as_here = {k: v for k, v in os.environ.items() if k != "PYTHONPYCACHEPREFIX"}
         as_here["PYTHONDONTWRITEBYTECODE"] = "1"  # musiclib compiled at every launch
 
-        def med(argv: list[str], e: dict[str, str] = measured) -> float:
-            run_ms(argv, env if e is measured else e)  # warm-up: caches, not the figure
-            return median([run_ms(argv, e) for _ in range(n)])
+        def med(argv: list[str], e: dict[str, str] = measured, status: int = 0) -> float:
+            run_ms(argv, env if e is measured else e, status)  # warm-up: caches, not the figure
+            return median([run_ms(argv, e, status) for _ in range(n)])
 
         interp = med([PYTHON, "-c", "pass"])
         trio_ms = med([PYTHON, "-c", "import trio"])
@@ -94,6 +97,9 @@ def run(sizes: Sizes) -> Scenario:
             addr = ["--server", server.address]
             ls = med([MUSICLIB, "ls", *addr])
             ls_compiling = med([MUSICLIB, "ls", *addr], as_here)
+            no_player = [MUSICLIB, "play", TRACK, "--pipe", "-q", *addr]
+            no_player += ["--player", str(Path(tmp) / "no-such-player")]
+            started = med(no_player, status=6)  # PlayerNotFound: just before connecting
             play = None
             if shutil.which("bash"):
                 stamp = Path(tmp) / "first-byte"
@@ -111,6 +117,13 @@ def run(sizes: Sizes) -> Scenario:
         Row("musiclib ls, shipped library: launch to exit", ls, "ms", interp, base, LS),
         Row("play --pipe: launch to the player's first byte", play, "ms", interp, base, FIRST_BYTE),
         Row(
+            "play, no such player: launch to exit, just before connecting",
+            started,
+            "ms",
+            interp,
+            base,
+        ),
+        Row(
             "musiclib ls, compiling musiclib at launch (no .pyc)",
             ls_compiling,
             "ms",
@@ -123,5 +136,10 @@ def run(sizes: Sizes) -> Scenario:
         f"musiclib ls costs {ls - interp:.0f} ms over the interpreter; import trio alone "
         f"{trio_ms - interp:.0f} ms of it"
     )
+    if play is not None:
+        sc.notes.append(
+            f"play's first byte comes {play - started:.0f} ms after its start-up is over "
+            f"(imports and parse: {started - interp:.0f} ms over the interpreter)"
+        )
     sc.raw = {"runs": n, "pycache_prefix": True}
     return sc

@@ -473,8 +473,8 @@ async def _retrying(retry: Retry, attempt: Callable[[], Awaitable[None]], what: 
 async def first_reply(
     connect: Connector, retry: Retry, what: str, ask: Callable[[Client], Awaitable[_T]]
 ) -> AsyncIterator[tuple[Client, _T]]:
-    """Connect and ask a first question (``get``'s ``info``), retrying RETRYABLE failures
-    as a transfer does; yields the open client and the answer.
+    """Connect and ask a first question (``get``'s ``info``, ``play``'s queue), retrying
+    RETRYABLE failures as a transfer does; yields the open client and the answer.
 
     Behind a load balancer a new connection can land on a replica in the very
     moment it stops (accepted by its kernel, never answered): that is a
