@@ -34,9 +34,11 @@ from .errors import (
     UsageError,
     collapse,
 )
+from .logs import JsonLogFormatter, TerminalLogFormatter  # noqa: F401 - part of the CLI's API
+from .logs import server_tls as _server_tls
+from .logs import setup_logging as _setup_logging
 
 if TYPE_CHECKING:
-    import ssl
     from collections.abc import AsyncIterator, Iterator
 
     from . import fetch, playing
@@ -291,38 +293,6 @@ class DecodeOptions(WavDecodeOptions):
 _DEFAULT_DECODE = DecodeOptions()
 #: for ``play``, which feeds players WAV only: no ``--format`` to offer
 _DEFAULT_WAV_DECODE = WavDecodeOptions()
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per record and line: time, level, logger, message (and exception)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(data, ensure_ascii=False)
-
-
-class TerminalLogFormatter(logging.Formatter):
-    """Log lines as text, with control characters escaped and very long lines shortened:
-    messages carry names and words from the other side (a title, an error message)."""
-
-    def formatMessage(self, record: logging.LogRecord) -> str:
-        from .ui import shown
-
-        return shown(super().formatMessage(record), 2000)
-
-
-def _setup_logging(level: str, server: bool, fmt: str = "text") -> None:
-    text = "%(asctime)s %(levelname)s %(name)s: %(message)s" if server else "musiclib: %(message)s"
-    logging.basicConfig(level=level.upper(), format=text, stream=sys.stderr, force=True)
-    for handler in logging.getLogger().handlers:
-        handler.setFormatter(JsonLogFormatter() if fmt == "json" else TerminalLogFormatter(text))
 
 
 #: the levels --log-level (and MUSICLIB_LOG_LEVEL) take
@@ -1685,21 +1655,6 @@ async def devices(
     else:
         print(format_devices(found))
     return 0
-
-
-def _server_tls(cert: Path | None, key: Path | None) -> ssl.SSLContext | None:
-    if cert is None and key is None:
-        return None
-    if cert is None or key is None:
-        raise UsageError("--tls-cert and --tls-key go together")
-    import ssl  # only TLS needs it: 12 ms of start-up
-
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    try:
-        context.load_cert_chain(cert, key)
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load --tls-cert/--tls-key: {exc}") from None
-    return context
 
 
 def _destination(
