@@ -302,7 +302,6 @@ async def _stream_original(session: Session, services: Services, request: Stream
         st = os.fstat(f.fileno())
         offset = min(request.offset, st.st_size)
         known = await _known_sha256(services, track, st)
-        log.info("%s: stream %s from byte %d", session.peer, track.path, offset)
         # sent with the first frame's header (see _send_file's ``head``)
         start = session.conn.send(
             StreamStart(
@@ -336,6 +335,12 @@ async def _stream_original(session: Session, services: Services, request: Stream
             track.path,
             failed,
             head=start,
+            # logged once the first bytes are out: a line costs about as much as a
+            # tenth of a new stream's start, and under a burst of new clients every
+            # start waits for those before it (BENCHMARKS.md, scenario 9)
+            started=lambda: log.info(
+                "%s: stream %s from byte %d", session.peer, track.path, offset
+            ),
         )
         if known is not None:  # nothing to compute: no task for it
             digest.append(known)
@@ -363,9 +368,11 @@ async def _send_file(
     failed: Sequence[ServerError] = (),
     *,
     head: bytes = b"",
+    started: Callable[[], object] | None = None,
 ) -> None:
     """Send ``head`` (the ``stream_start`` already encoded), then ``length`` bytes of
-    ``fd`` from ``offset`` as data frames.
+    ``fd`` from ``offset`` as data frames; call ``started`` once the first frame (or,
+    for nothing to send, ``head``) has gone out, whatever became of it.
 
     ``head`` goes out in the same send as the first frame's header: every send
     is a turn of the event loop, and with hundreds of streams running a turn
@@ -387,6 +394,8 @@ async def _send_file(
     if head and (failed or not zero_copy or not length):  # nothing to join it with
         await session.send_bytes(head)
         head = b""
+    if started is not None and not length:
+        started()
     while length:
         if failed:
             raise failed[0]
@@ -399,10 +408,16 @@ async def _send_file(
             if len(chunk) < n:
                 raise Changed(f"{name} shrank while it was being sent")
             await session.send_data(chunk)
+            if started is not None:
+                started()
+                started = None
         else:
             header = head + session.conn.send_data_header(n)
             head = b""
             sent = await session.send_file(fd, offset, n, header)
+            if started is not None:
+                started()
+                started = None
             if sent < n:  # the file ended, or a read failed: say which after the frame
                 await session.send_bytes(bytes(n - sent))
                 raise _short_read(fd, offset + sent, name)
