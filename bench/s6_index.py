@@ -431,22 +431,10 @@ def empty_server_rss(workers: int) -> float | None:
             return max(peaks.serving(), default=None)
 
 
-@contextlib.contextmanager
-def bytecode_cache(where: Path) -> Iterator[None]:
+def bytecode_cache(where: Path) -> contextlib.AbstractContextManager[None]:
     """Every process started meanwhile reads and writes its bytecode under ``where``
     (see the module's docstring); the environment is restored afterwards."""
-    names = ("PYTHONPYCACHEPREFIX", "PYTHONDONTWRITEBYTECODE")
-    saved = {name: os.environ.get(name) for name in names}
-    os.environ["PYTHONPYCACHEPREFIX"] = str(where)
-    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
+    return environment({"PYTHONPYCACHEPREFIX": str(where), "PYTHONDONTWRITEBYTECODE": None})
 
 
 @contextlib.contextmanager
