@@ -65,6 +65,21 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         os.environ["XDG_CACHE_HOME"] = previous
 
 
+def library_server(root: Path, files: dict[str, bytes], **config: Any) -> Any:
+    """A ``musiclib.server.Server`` (not listening: tests hand its ``handle`` a stream)
+    of ``files`` written under ``root`` and scanned, with ``config`` for its settings."""
+    from musiclib.library import Library
+    from musiclib.server import Server, ServerConfig
+
+    for rel, data in files.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    library = Library(root)
+    library.rescan()
+    return Server(library, ServerConfig(root=root, **config))
+
+
 def media_files(root: Path) -> list[str]:
     """Every media file under ``root`` as a sorted list of relative posix paths."""
     found = [

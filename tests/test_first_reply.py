@@ -18,15 +18,16 @@ import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import msgpack
 import pytest
 import trio
 import trio.testing
+from conftest import library_server
 
 from musiclib.client import open_client
 from musiclib.errors import ConnectionLost
-from musiclib.library import Library
 from musiclib.protocol import (
     HEADER,
     KIND_MESSAGE,
@@ -39,7 +40,7 @@ from musiclib.protocol import (
     StreamRequest,
     encode_message,
 )
-from musiclib.server import Server, ServerConfig, serve
+from musiclib.server import Server, serve
 from musiclib.transport import Transport
 
 TRACKS = {"a/one.mp3": os.urandom(300_000), "a/two.flac": os.urandom(5000)}
@@ -47,18 +48,12 @@ TRACKS = {"a/one.mp3": os.urandom(300_000), "a/two.flac": os.urandom(5000)}
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    for rel, data in TRACKS.items():
-        path = tmp_path / "lib" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
     return tmp_path / "lib"
 
 
 @pytest.fixture
 def server(root: Path) -> Server:
-    library = Library(root)
-    library.rescan()
-    return Server(library, ServerConfig(root=root, chunk_size=64 * 1024))
+    return cast(Server, library_server(root, TRACKS, chunk_size=64 * 1024))
 
 
 class RecordingStream(trio.abc.Stream):
@@ -228,10 +223,8 @@ async def test_the_nowait_calls_do_nothing_on_a_memory_stream() -> None:
 async def test_streams_taking_one_turn_at_a_time_all_arrive_whole(root: Path) -> None:
     """With a single send turn, twenty concurrent downloads over TCP still arrive byte
     for byte (the turns order the sendfile calls; they never drop or mix a byte)."""
-    library = Library(root)
-    library.rescan()
-    config = ServerConfig(root=root, port=0, host="127.0.0.1", watch=False)
-    server = Server(library, config)
+    server = cast(Server, library_server(root, TRACKS, port=0, host="127.0.0.1", watch=False))
+    config = server.config
     server.send_turns = trio.CapacityLimiter(1)
     name = "a/one.mp3"
     want = hashlib.sha256(TRACKS[name]).hexdigest()

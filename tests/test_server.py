@@ -17,11 +17,13 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import cast
 
 import msgpack
 import pytest
 import trio
 import trio.testing
+from conftest import library_server
 
 from musiclib.client import Client
 from musiclib.decode import AudioFormat, decode_command, ffmpeg_executable
@@ -60,18 +62,12 @@ CONTENT = {
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    for rel, data in CONTENT.items():
-        path = tmp_path / "lib" / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
     return tmp_path / "lib"
 
 
 @pytest.fixture
 def server(root: Path) -> Server:
-    library = Library(root)
-    library.rescan()
-    return Server(library, ServerConfig(root=root, chunk_size=64 * 1024))
+    return cast(Server, library_server(root, CONTENT, chunk_size=64 * 1024))
 
 
 @pytest.fixture
