@@ -46,9 +46,12 @@ def serve_framed(conn: socket.socket, path: Path, sha256: str) -> None:
                 return event
             proto.receive_data(conn.recv(65536))
 
-    if not isinstance(next_event(), p.Hello):
+    hello = next_event()
+    if not isinstance(hello, p.Hello):
         return
-    conn.sendall(proto.send(p.Welcome(version=p.PROTOCOL_VERSION, server="bench-sendfile")))
+    # the hello's version, as a musiclib server answers a client of file requests (version 1)
+    version = min(hello.version, p.PROTOCOL_VERSION)
+    conn.sendall(proto.send(p.Welcome(version=version, server="bench-sendfile")))
     while isinstance(next_event(), p.StreamRequest):  # the request's fields do not matter
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
