@@ -14,7 +14,7 @@ import subprocess
 import threading
 import time
 import tracemalloc
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import imageio_ffmpeg
@@ -216,7 +216,13 @@ class SlowScans:
         #: set once the first scan is running
         self.running = trio.Event()
 
-    def __call__(self, stop: threading.Event | None = None, *, settle: float = 0.0) -> int:
+    def __call__(
+        self,
+        stop: threading.Event | None = None,
+        *,
+        settle: float = 0.0,
+        on_folder: Callable[[str], object] | None = None,
+    ) -> int:
         self.started.append(trio.from_thread.run_sync(trio.current_time))
         trio.from_thread.run_sync(self.running.set)
         trio.from_thread.run(trio.sleep, self.seconds)
