@@ -756,18 +756,17 @@ class _ConnectionHandler:
         sends much.
         """
         timeout = self.config.send_timeout
+        head = self._with_held(head)
         sent = 0
         if self._first_file:
             self._first_file = False
-            if self._held or head:
-                await self._send_bytes(head)  # with the held welcome; tried at once
+            if head:
+                await self._send_bytes(head)  # tried at once (the connection's first sends)
                 head = b""
             piece = min(count, FIRST_PIECE)
             sent = await self._sending(self.transport.sendfile(fd, offset, piece, timeout))
             if sent < piece or sent == count:  # (short: the file ended; the caller says why)
                 return sent
-        elif self._held:
-            await self._flush()
         turns = self.server.send_turns
         rest = self.transport.sendfile(fd, offset + sent, count - sent, timeout, turns, head)
         return sent + await self._sending(rest)
@@ -831,9 +830,16 @@ class _ConnectionHandler:
         """Send what is held (the ``welcome``) now."""
         await self._send_bytes(b"")
 
-    async def _send_bytes(self, data: bytes | memoryview) -> None:
-        if self._held:
-            data, self._held = self._held + data, b""
+    def _with_held(self, data: bytes) -> bytes:
+        """``data`` behind what is held (the ``welcome``), which is then no longer held."""
+        if not self._held:
+            return data
+        held, self._held = self._held, b""
+        return held + data
+
+    async def _send_bytes(self, data: bytes) -> None:
+        data = self._with_held(data)
+        view: bytes | memoryview = data
         if self._eager_sends:
             self._eager_sends -= 1
             try:
@@ -842,8 +848,8 @@ class _ConnectionHandler:
                 raise _PeerGone(str(exc)) from exc
             if taken == len(data):
                 return
-            data = memoryview(data)[taken:]
-        await self._sending(self.transport.send(data, self.config.send_timeout))
+            view = memoryview(data)[taken:]
+        await self._sending(self.transport.send(view, self.config.send_timeout))
 
     def _read_nowait(self) -> bytes | None:
         """What the peer sent that is already here, while this connection is new.
@@ -888,8 +894,7 @@ class _ConnectionHandler:
     async def try_send(self, msg: Message) -> None:
         """Send a last message if the connection still allows it; never raises."""
         with contextlib.suppress(Exception):  # best effort: the peer or the state may be gone
-            held, self._held = self._held, b""
-            await self.transport.send(held + self.conn.send(msg), 1)
+            await self.transport.send(self._with_held(self.conn.send(msg)), 1)
 
 
 def _answered_at_once(event: Event) -> bool:
