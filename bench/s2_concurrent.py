@@ -239,13 +239,22 @@ class AcceptQueueWatch:
         self._stop.set()
         self._thread.join()
 
+    def note(self, load: Load) -> None:
+        """Put what was seen into ``load`` (its accept-queue figures)."""
+        load.max_accept_queue = self.max
+        if self.max is not None:
+            load.accept_wait, load.accept_stretch = self.integral, self.longest
+
+
+def http_get(name: str) -> bytes:
+    """The HTTP/1.0 request nginx is sent for the file ``name`` (it closes at the end)."""
+    return f"GET /{name} HTTP/1.0\r\nHost: bench\r\n\r\n".encode()
+
 
 def _rounds(rounds: int, n: int, address: str, one: Download, *args: object) -> Load:
     with AcceptQueueWatch(address) as watch:
         load = Load.pooled([trio.run(run_load, n, one, address, *args) for _ in range(rounds)])
-    load.max_accept_queue = watch.max
-    if watch.max is not None:
-        load.accept_wait, load.accept_stretch = watch.integral, watch.longest
+    watch.note(load)
     return load
 
 
@@ -265,7 +274,7 @@ def _sendfile(rounds: int, n: int, medium: DataFile) -> Load:
 
 
 def _nginx(rounds: int, n: int, medium: DataFile) -> Load | None:
-    request = f"GET /{medium.name} HTTP/1.0\r\nHost: bench\r\n\r\n".encode()
+    request = http_get(medium.name)
     with nginx_server(medium.root) as nginx:
         if nginx is None:
             return None

@@ -32,7 +32,7 @@ import trio
 from bench import data, loadgen
 from bench.common import Row, Scenario, Sizes, Target, child_pids, peak_rss_mib, percentile
 from bench.data import DataFile
-from bench.s2_concurrent import AcceptQueueWatch, Load, _musiclib_one, _rounds
+from bench.s2_concurrent import AcceptQueueWatch, Load, _musiclib_one, _rounds, http_get
 from bench.servers import musiclib_server, nginx_server, wait_indexed
 from musiclib.protocol import Hello, StreamRequest, encode_message
 
@@ -76,9 +76,7 @@ def _lean_rounds(
             )
     load = Load.pooled(loads)
     load.first_burst_p99_ms = percentile(first.ttfb_ms, 99) if first.ttfb_ms else None
-    load.max_accept_queue = watch.max
-    if watch.max is not None:
-        load.accept_wait, load.accept_stretch = watch.integral, watch.longest
+    watch.note(load)
     return load
 
 
@@ -98,7 +96,7 @@ def _musiclib(rounds: int, n: int, medium: DataFile, workers: int) -> tuple[Load
 
 
 def _nginx(rounds: int, n: int, medium: DataFile) -> Load | None:
-    request = f"GET /{medium.name} HTTP/1.0\r\nHost: bench\r\n\r\n".encode()
+    request = http_get(medium.name)
     with nginx_server(medium.root) as nginx:
         if nginx is None:
             return None
