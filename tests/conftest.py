@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -78,6 +79,26 @@ def library_server(root: Path, files: dict[str, bytes], **config: Any) -> Any:
     library = Library(root)
     library.rescan()
     return Server(library, ServerConfig(root=root, **config))
+
+
+def serve_on_taken_port(
+    args: Callable[[int], Sequence[str | os.PathLike[str]]],
+) -> subprocess.CompletedProcess[str]:
+    """Run ``musiclib serve`` with ``args(port)`` while ``port`` is held by a plain
+    listener of this process (a server it must not share the port with); its result."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        return subprocess.run(
+            [sys.executable, "-m", "musiclib", "serve", *args(port)],
+            cwd=REPO,
+            env=client_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
 
 
 def media_files(root: Path) -> list[str]:

@@ -19,7 +19,6 @@ import socket
 import ssl
 import struct
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from conftest import REPO, client_env, run_cli, running_server
+from conftest import run_cli, running_server, serve_on_taken_port
 
 from musiclib.client import Client, open_client
 from musiclib.decode import DecodeSlots, ffmpeg_executable
@@ -446,19 +445,7 @@ def test_serve_with_an_unknown_log_level_is_a_usage_error(tmp_path: Path) -> Non
 
 
 def test_a_second_server_on_a_used_port_says_so_and_hints_at_port(tmp_path: Path) -> None:
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "musiclib", "serve", "--root", tmp_path, "--port", str(port)],
-            cwd=REPO,
-            env=client_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+    result = serve_on_taken_port(lambda port: ["--root", str(tmp_path), "--port", str(port)])
     assert result.returncode == 2, result.stderr
     line = one_line(result.stderr)
     assert "address already in use" in line and "--port" in line, line

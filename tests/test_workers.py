@@ -24,7 +24,14 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import LIBRARY, REPO, ServerProcess, children_of, client_env, running_server
+from conftest import (
+    LIBRARY,
+    ServerProcess,
+    children_of,
+    client_env,
+    running_server,
+    serve_on_taken_port,
+)
 from live_support import IO_TIMEOUT, Heard, alive, assert_same_bytes, check_cover, frames
 from test_e2e_live import NOISE, NOISE_CHANNEL, noise_reference
 
@@ -342,19 +349,9 @@ async def test_a_killed_worker_is_logged_restarted_and_serves_again(
 def test_a_port_in_use_is_a_usage_error_with_workers(tmp_path: Path) -> None:
     """The supervisor binds once without SO_REUSEPORT first: a taken port is exit 2 and
     one line, not a silent share with the other server."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        result = subprocess.run(
-            [*SERVE, "--root", tmp_path, "--port", str(port), "--workers", "2"],
-            cwd=REPO,
-            env=client_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+    result = serve_on_taken_port(
+        lambda port: ["--root", str(tmp_path), "--port", str(port), "--workers", "2"]
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "address already in use" in lines[0], result.stderr
@@ -364,20 +361,12 @@ def test_a_wyoming_port_in_use_is_a_usage_error_with_workers(tmp_path: Path) -> 
     """``--wyoming`` on a taken port: one line naming the option, exit 2, at once (the
     supervisor probes it before any worker starts; the primary used to die with a
     traceback and stop the server with exit status 1)."""
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        wyoming = ["--wyoming", f"127.0.0.1:{port}", "--index", tmp_path / "index.sqlite"]
-        result = subprocess.run(
-            [*SERVE, "--root", tmp_path, "--port", "0", "--workers", "2", *wyoming],
-            cwd=REPO,
-            env=client_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
+    result = serve_on_taken_port(
+        lambda port: [
+            *("--root", str(tmp_path), "--port", "0", "--workers", "2"),
+            *("--wyoming", f"127.0.0.1:{port}", "--index", str(tmp_path / "index.sqlite")),
+        ]
+    )
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
